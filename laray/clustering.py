@@ -1,0 +1,135 @@
+"""Seeded k-means and top-k neighbour search: pure functions on tensors, CPU or CUDA.
+
+Both work in chunks of rows so that the (rows x centroids) or (queries x keys)
+score matrix stays bounded whatever the data set size.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Upper bound on the elements of one score matrix chunk (64 Mi floats = 256 MiB in float32).
+CHUNK_ELEMENTS = 1 << 26
+
+
+class KMeansResult(NamedTuple):
+    labels: torch.Tensor  # (N,) long
+    centroids: torch.Tensor  # (C, d)
+    inertia: float  # sum of squared distances to the assigned centroid
+    n_iter: int
+
+
+def _rows_per_chunk(n_cols: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, n_cols))
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row and the squared distance to it."""
+    c_sq = (centroids * centroids).sum(1)  # (C,)
+    labels, dists = [], []
+    step = _rows_per_chunk(len(centroids))
+    for start in range(0, len(x), step):
+        xs = x[start:start + step]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms.
+        part = torch.addmm(c_sq, xs, centroids.T, alpha=-2.0)  # (chunk, C)
+        d, lab = part.min(1)
+        labels.append(lab)
+        dists.append((d + (xs * xs).sum(1)).clamp_min_(0))
+    return torch.cat(labels), torch.cat(dists)
+
+
+def _kmeans_plus_plus(x: torch.Tensor, n_clusters: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ~ D(x)^2."""
+    n = len(x)
+    first = torch.randint(n, (1,), generator=gen, device=gen.device)
+    centroids = x.new_empty(n_clusters, x.shape[1])
+    centroids[0] = x[first]
+    x_sq = (x * x).sum(1)  # (N,)
+
+    def sq_dist(c: torch.Tensor) -> torch.Tensor:  # (N,), without an (N, d) temporary
+        return (x_sq - 2 * (x @ c) + c @ c).clamp_min_(0)
+
+    closest = sq_dist(centroids[0])
+    for c in range(1, n_clusters):
+        weights = closest.double()
+        if weights.sum() <= 0:  # fewer distinct points than clusters: any point will do
+            weights = torch.ones_like(weights)
+        pick = torch.multinomial(weights, 1, generator=gen)
+        centroids[c] = x[pick]
+        closest = torch.minimum(closest, sq_dist(centroids[c]))
+    return centroids
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means++",
+           max_iter: int = 100, tol: float = 1e-6) -> KMeansResult:
+    """Lloyd's k-means on the rows of `x` (N, d), deterministic for a given seed and device.
+
+    Stops when no label changes, when the relative drop of inertia falls below `tol`,
+    or after `max_iter` iterations. A cluster that empties is re-seeded with the point
+    farthest from its centroid.
+    """
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty (N, d) tensor, got shape {tuple(x.shape)}")
+    n = len(x)
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}] for {n} points, got {n_clusters}")
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"unknown init {init!r}; valid: 'k-means++', 'random'")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if init == "k-means++":
+        centroids = _kmeans_plus_plus(x, n_clusters, gen)
+    else:
+        centroids = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]].clone()
+
+    labels, dists = _assign(x, centroids)
+    inertia = dists.sum().item()
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        # Update step: mean of each cluster's members.
+        counts = torch.bincount(labels, minlength=n_clusters)  # (C,)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)  # (C, d)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+        empty = (~filled).nonzero().flatten()
+        if len(empty):
+            far = dists.topk(len(empty)).indices
+            centroids[empty] = x[far]
+        new_labels, dists = _assign(x, centroids)
+        new_inertia = dists.sum().item()
+        unchanged = torch.equal(new_labels, labels) and not len(empty)
+        converged = abs(inertia - new_inertia) <= tol * max(inertia, 1e-30)
+        labels, inertia = new_labels, new_inertia
+        if unchanged or converged:
+            break
+    return KMeansResult(labels, centroids, inertia, n_iter)
+
+
+def topk_of_scores(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Column indices (b, k) of the `k` largest scores per row of `scores` (b, N).
+
+    `exclude` (b,) optionally names one column per row that may not be chosen
+    (the query's own entry in a memory bank).
+    """
+    n_keys = scores.shape[1]
+    available = n_keys - (exclude is not None)
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for {n_keys} keys, got {k}")
+    with torch.no_grad():
+        if exclude is not None:
+            scores = scores.detach().clone()
+            scores[torch.arange(len(scores), device=scores.device), exclude] = float("-inf")
+        return scores.topk(k, dim=1).indices
+
+
+def topk_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int,
+                    exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (b, k) of the `k` keys with the largest dot product with each query, excluding `exclude` (b,)."""
+    out = []
+    step = _rows_per_chunk(len(keys))
+    with torch.no_grad():
+        for start in range(0, len(queries), step):
+            sims = queries[start:start + step] @ keys.T  # (chunk, N)
+            ex = None if exclude is None else exclude[start:start + step]
+            out.append(topk_of_scores(sims, k, ex))
+    return torch.cat(out)

@@ -1,0 +1,111 @@
+"""Local Aggregation: memory bank and loss (Zhuang, Zhai, Yamins 2019, arXiv:1903.12355).
+
+Notation as in the paper and ALGORITHM.md: v_i the unit code of image i, M the
+memory bank (N, d), B_i the background neighbours, C_i the close neighbours,
+tau the temperature. Both classes are nn.Modules whose state (bank vectors,
+cluster labels, reclustering count) are buffers, so a state_dict checkpoints them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laray.clustering import kmeans, topk_of_scores
+
+
+class MemoryBank(nn.Module):
+    """N unit vectors of dimension d, one per image, updated as a running mix.
+
+    update: M[i] <- normalize(m * v_i + (1 - m) * M[i]) with v_i the detached unit code.
+    """
+
+    def __init__(self, n_vectors: int, dim: int, mixing_rate: float, seed: int = 0, device=None):
+        super().__init__()
+        if n_vectors < 1:
+            raise ValueError(f"n_vectors must be >= 1, got {n_vectors}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if not 0 < mixing_rate <= 1:
+            raise ValueError(f"mixing_rate must be in (0, 1], got {mixing_rate}")
+        self.mixing_rate = mixing_rate
+        # Uniform on the sphere: normalised Gaussian rows (Marsaglia 1972).
+        gen = torch.Generator().manual_seed(seed)
+        vectors = F.normalize(torch.randn(n_vectors, dim, generator=gen), dim=1)
+        self.register_buffer("vectors", vectors.to(device))  # (N, d)
+
+    @torch.no_grad()
+    def fill(self, codes: torch.Tensor) -> None:
+        """Set every row from the codes of the whole data set, in index order."""
+        if codes.shape != self.vectors.shape:
+            raise ValueError(f"codes must have shape {tuple(self.vectors.shape)}, got {tuple(codes.shape)}")
+        self.vectors.copy_(F.normalize(codes.to(self.vectors), dim=1))
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, codes: torch.Tensor) -> None:
+        m = self.mixing_rate
+        v = F.normalize(codes.detach().to(self.vectors), dim=1)  # (b, d)
+        indices = indices.to(self.vectors.device)
+        mixed = m * v + (1 - m) * self.vectors[indices]  # (b, d)
+        self.vectors[indices] = F.normalize(mixed, dim=1)
+
+
+class LocalAggregationLoss(nn.Module):
+    """Local Aggregation loss over a memory bank.
+
+    l_i = log sum_{j in B_i} exp(v_i.M_j / tau) - log sum_{j in B_i & C_i} exp(v_i.M_j / tau)
+
+    B_i = {i} + the k_neighbours entries j != i of M closest to v_i; C_i = the entries
+    sharing a cluster with i in any of the R k-means runs of the last `recluster()`.
+    Calling the loss never changes the bank; gradients flow only through the codes.
+    """
+
+    def __init__(self, bank: MemoryBank, temperature: float, k_neighbours: int,
+                 clustering_repeats: int, n_centroids: int, seed: int = 0):
+        super().__init__()
+        n = len(bank.vectors)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 1 <= k_neighbours <= n - 1:
+            raise ValueError(f"k_neighbours must be in [1, N-1 = {n - 1}], got {k_neighbours}")
+        if clustering_repeats < 1:
+            raise ValueError(f"clustering_repeats must be >= 1, got {clustering_repeats}")
+        if not 1 <= n_centroids <= n:
+            raise ValueError(f"n_centroids must be in [1, N = {n}], got {n_centroids}")
+        self.bank = bank
+        self.tau = temperature
+        self.k = k_neighbours
+        self.R = clustering_repeats
+        self.C = n_centroids
+        self.seed = seed
+        # Until the first recluster(), every entry is its own cluster: C_i = {i}.
+        labels = torch.arange(n, device=bank.vectors.device).expand(clustering_repeats, n).clone()
+        self.register_buffer("cluster_labels", labels)  # (R, N)
+        self.register_buffer("n_reclusters", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def recluster(self) -> None:
+        """Run the R k-means repeats on the bank, each with its own seed, and keep the labels (R, N)."""
+        t = int(self.n_reclusters)
+        for r in range(self.R):
+            seed = self.seed * 1_000_003 + t * self.R + r
+            self.cluster_labels[r] = kmeans(self.bank.vectors, self.C, seed=seed).labels
+        self.n_reclusters += 1
+
+    def forward(self, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        M = self.bank.vectors  # (N, d)
+        indices = indices.to(M.device)
+        v = F.normalize(codes.to(M.dtype), dim=1)  # (b, d)
+        # One (b, N) product with gradient serves both the neighbour search (detached)
+        # and the chosen logits: on CPU, gathering the (b, 1+k, d) rows of M to
+        # recompute them costs ~10x more than this product and its backward.
+        sims = v @ M.T  # (b, N)
+        nearest = topk_of_scores(sims, self.k, exclude=indices)  # (b, k), other entries only
+        B = torch.cat([indices[:, None], nearest], dim=1)  # (b, 1+k), self first
+        # Close-set membership of each background entry: same cluster in some run r.
+        L = self.cluster_labels  # (R, N)
+        close = (L[:, B] == L[:, indices][:, :, None]).any(0)  # (b, 1+k); column 0 always True
+        logits = sims.gather(1, B) / self.tau  # (b, 1+k)
+        log_B = torch.logsumexp(logits, dim=1)  # (b,)
+        log_BC = torch.logsumexp(logits.masked_fill(~close, float("-inf")), dim=1)  # (b,)
+        return (log_B - log_BC).mean()

@@ -24,28 +24,26 @@ def _rows_per_chunk(n_cols: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, n_cols))
 
 
-def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every row and the squared distance to it."""
+def _assign(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row of x and the squared distance to it (x_sq: the rows' squared norms)."""
     c_sq = (centroids * centroids).sum(1)  # (C,)
     labels, dists = [], []
     step = _rows_per_chunk(len(centroids))
     for start in range(0, len(x), step):
-        xs = x[start:start + step]
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms.
-        part = torch.addmm(c_sq, xs, centroids.T, alpha=-2.0)  # (chunk, C)
+        part = torch.addmm(c_sq, x[start:start + step], centroids.T, alpha=-2.0)  # (chunk, C)
         d, lab = part.min(1)
         labels.append(lab)
-        dists.append((d + (xs * xs).sum(1)).clamp_min_(0))
-    return torch.cat(labels), torch.cat(dists)
+        dists.append(d)
+    return torch.cat(labels), (torch.cat(dists) + x_sq).clamp_min_(0)
 
 
-def _kmeans_plus_plus(x: torch.Tensor, n_clusters: int, gen: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, n_clusters: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ~ D(x)^2."""
     n = len(x)
     first = torch.randint(n, (1,), generator=gen, device=gen.device)
     centroids = x.new_empty(n_clusters, x.shape[1])
     centroids[0] = x[first]
-    x_sq = (x * x).sum(1)  # (N,)
 
     def sq_dist(c: torch.Tensor) -> torch.Tensor:  # (N,), without an (N, d) temporary
         return (x_sq - 2 * (x @ c) + c @ c).clamp_min_(0)
@@ -77,12 +75,13 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means
     if init not in ("k-means++", "random"):
         raise ValueError(f"unknown init {init!r}; valid: 'k-means++', 'random'")
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    x_sq = (x * x).sum(1)  # (N,)
     if init == "k-means++":
-        centroids = _kmeans_plus_plus(x, n_clusters, gen)
+        centroids = _kmeans_plus_plus(x, x_sq, n_clusters, gen)
     else:
         centroids = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]].clone()
 
-    labels, dists = _assign(x, centroids)
+    labels, dists = _assign(x, x_sq, centroids)
     inertia = dists.sum().item()
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
@@ -95,7 +94,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means
         if len(empty):
             far = dists.topk(len(empty)).indices
             centroids[empty] = x[far]
-        new_labels, dists = _assign(x, centroids)
+        new_labels, dists = _assign(x, x_sq, centroids)
         new_inertia = dists.sum().item()
         unchanged = torch.equal(new_labels, labels) and not len(empty)
         converged = abs(inertia - new_inertia) <= tol * max(inertia, 1e-30)

@@ -1,0 +1,41 @@
+"""The README's commands, the CI script, the CLI and the benchmark's small mode."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"^```(?:bash|sh)\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.M | re.S)
+
+
+def test_readme_opens_with_demo_and_test_commands_and_ci_runs_the_test_command():
+    demo, tests = readme_commands()[:2]
+    assert "pip install" in demo and "benchmarks/la_step.py" in demo
+    assert "pip install" in tests and tests.rstrip().endswith("pytest")
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert tests in ci_lines
+
+
+def test_cli_help_and_version():
+    out = subprocess.run([sys.executable, "-m", "laray.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: laray" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "laray.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("laray ")
+
+
+def test_la_step_benchmark_quick_mode_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "la_step.py"), "--quick", "--steps", "3",
+                          "--seed-steps", "1"], capture_output=True, text=True, check=True, timeout=300).stdout
+    speedup = float(re.search(r"speed-up, amortised: (\d+)x", out).group(1))
+    assert speedup > 1  # laray's step must at least beat the per-batch refit at any size
+    rows = re.findall(r"^\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?\d+)", out, flags=re.M)
+    assert [int(r[0].replace(",", "")) for r in rows] == [500, 1000, 2000]
+    assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_readme_python_examples_run():
+    for block in re.findall(r"^```python\n(.+?)```", (ROOT / "README.md").read_text(), flags=re.M | re.S):
+        exec(compile(block, "README.md", "exec"), {})

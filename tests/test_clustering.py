@@ -89,7 +89,7 @@ def test_topk_neighbours_matches_argsort_and_excludes(monkeypatch):
     sims = (queries @ keys.T).numpy()
     for row, ex, chosen in zip(sims, exclude.tolist(), got.tolist()):
         row[ex] = -np.inf
-        assert chosen == np.argsort(-row)[:7].tolist()
+        assert sorted(chosen) == sorted(np.argsort(-row)[:7].tolist())  # the same set, in any order
     monkeypatch.setattr(clustering, "CHUNK_ELEMENTS", 400)  # 2 queries per chunk
     assert torch.equal(topk_neighbours(queries, keys, 7, exclude=exclude), got)
 

@@ -1,0 +1,156 @@
+"""Species-labelled image sets: one string names a data set everywhere.
+
+    digits           scikit-learn's bundled 8x8 digits (1,797 images, 10 labels), upscaled to RGB
+    a folder         one sub-folder per species, images inside (nested deeper allowed)
+    a CSV file       a path column and a label column, as the Danish Fungi 2020 metadata
+
+`load_dataset` returns an `ImageDataset` whose items are
+`{"image": float (3, H, W) normalised with ImageNet statistics, "idx": int, "label": int}`.
+Images are decoded once into a uint8 cache; bad files are skipped with one warning
+naming each of them (or, with strict=True, refused with a DataError listing them).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from laray.cache import decode_cached
+from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError, resolve
+
+__all__ = ["DataError", "ImageDataset", "load_dataset", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+log = logging.getLogger("laray.data")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_LISTED = 50  # bad files named in a warning or error; the rest are counted
+
+
+class DataWarning(UserWarning):
+    """Files were skipped while loading a data set."""
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float, ImageNet-normalised. Works on a batch, on any device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def _augmenter(image_size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
+    ])
+
+
+class ImageDataset(Dataset):
+    """Decoded images (uint8, N x H x W x 3, often memory-mapped) with their labels and sources."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str],
+                 skipped: list[tuple[str, str]] | None = None, original_sizes: np.ndarray | None = None,
+                 augment: bool = False, spec: str = ""):
+        if len(images) != len(labels) or len(images) != len(paths):
+            raise ValueError(f"images ({len(images)}), labels ({len(labels)}) and paths ({len(paths)}) differ in length")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.paths = list(paths)
+        self.skipped = list(skipped or [])
+        self.original_sizes = original_sizes
+        self.image_size = images.shape[1]
+        self.spec = spec
+        self._augment = _augmenter(self.image_size) if augment else None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def uint8_batch(self, indices) -> torch.Tensor:
+        """uint8 (b, 3, H, W) images for a batch of indices: the fast path (normalise on the device)."""
+        batch = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(np.asarray(indices))]))
+        order = np.argsort(np.argsort(np.asarray(indices)))  # undo the sort used for sequential reads
+        return batch[torch.from_numpy(order)].permute(0, 3, 1, 2)
+
+    def __getitem__(self, idx: int) -> dict:
+        image = torch.from_numpy(np.array(self.images[idx])).permute(2, 0, 1)  # (3, H, W) uint8
+        if self._augment is not None:
+            image = self._augment(image)
+        return {"image": normalize(image), "idx": int(idx), "label": int(self.labels[idx])}
+
+    def summary(self) -> str:
+        return f"{len(self)} images loaded, {len(self.skipped)} skipped, {len(self.class_names)} labels"
+
+
+def _digits(image_size: int) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits, 0..16 grey levels, upscaled to RGB uint8."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    grey = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
+    images = np.empty((len(grey), image_size, image_size, 3), dtype=np.uint8)
+    for i, g in enumerate(grey):
+        images[i] = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))[..., None]
+    paths = [f"digits:{i}" for i in range(len(grey))]
+    return ImageDataset(images, bunch.target.astype(np.int64), [str(c) for c in range(10)], paths,
+                        original_sizes=np.full((len(grey), 2), 8), spec="digits")
+
+
+def _listing(items: list[tuple[str, str]]) -> str:
+    lines = [f"  {path}: {reason}" for path, reason in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+        lines.append(f"  ... and {len(items) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_LABEL_COLUMN,
+                 path_column: str = DEFAULT_PATH_COLUMN, image_root: str | None = None, strict: bool = False,
+                 cache_dir: str | os.PathLike | None = None, augment: bool | None = None,
+                 workers: int | None = None) -> ImageDataset:
+    """Load the data set that `spec` names (see the module docstring), decoded at `image_size` pixels square.
+
+    label_column: the CSV column holding the label; when it is the default ("species") and
+    absent, or None, the data loads unlabelled (labels -1, class_names []).
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if spec == "digits":
+        dataset = _digits(image_size)
+        dataset._augment = _augmenter(image_size) if augment else None
+        log.info("digits: %s", dataset.summary())
+        return dataset
+
+    source = resolve(spec, label_column, path_column, image_root)
+    for note in source.notes:
+        log.warning(note)
+    decoded = decode_cached(source.paths, image_size, cache_dir, workers, desc=f"decoding {os.path.basename(spec)}")
+    skipped = source.skipped + decoded.failed
+    if strict and skipped:
+        raise DataError(f"{len(skipped)} unusable file(s) in {spec} (strict mode):\n{_listing(skipped)}")
+    if len(decoded.kept) == 0:
+        raise DataError(f"no usable image in {spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}")
+    labels = source.labels[decoded.kept]
+    dataset = ImageDataset(decoded.images, labels, source.class_names, [source.paths[i] for i in decoded.kept],
+                           skipped, decoded.original_sizes, augment=bool(augment), spec=spec)
+    if dataset.class_names:
+        # A species whose every image failed keeps its index so labels stay stable; say so.
+        present = set(np.unique(labels).tolist())
+        empty = [name for i, name in enumerate(dataset.class_names) if i not in present]
+        if empty:
+            log.warning("labels with no usable image: %s", ", ".join(empty))
+    if skipped:
+        warnings.warn(f"{spec}: skipped {len(skipped)} of {len(skipped) + len(dataset)} file(s):\n{_listing(skipped)}",
+                      DataWarning, stacklevel=2)
+    log.info("%s: %s%s", spec, dataset.summary(), " (from cache)" if decoded.cache_hit else "")
+    return dataset

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from laray.decode import DecodeError, decode_image
 
-DECODER_VERSION = 1  # bump when decode_image's output changes
+DECODER_VERSION = 2  # bump when decode_image's output changes
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DecodedImages:
     original_sizes: np.ndarray  # (n_ok, 2) width, height before resizing
     failed: list[tuple[str, str]]  # (path, reason)
     cache_hit: bool
+    key: str  # fingerprint of the files and the image size
 
 
 def default_cache_dir() -> Path:
@@ -100,12 +101,13 @@ def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | No
         n_ok = len(meta["kept"])
         return DecodedImages(images[:n_ok], np.array(meta["kept"], dtype=np.int64),
                              np.array(meta["original_sizes"], dtype=np.int64).reshape(-1, 2),
-                             [tuple(f) for f in meta["failed"]], cache_hit=True)
+                             [tuple(f) for f in meta["failed"]], cache_hit=True, key=key)
 
     workers = workers or os.cpu_count() or 1
     fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
     tmp_array = Path(tmp_name)
+    os.chmod(tmp_array, 0o644)  # mkstemp makes it private; a cache shared on a cluster must be readable
     try:
         kept, originals, failed = _decode_all(paths, size, workers, tmp_array, desc)
         meta = {"kept": kept.tolist(), "original_sizes": originals.tolist(), "failed": failed, "size": size,
@@ -118,4 +120,4 @@ def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | No
         for leftover in (tmp_array, tmp_array.with_suffix(".json")):
             leftover.unlink(missing_ok=True)
     images = np.load(array_path, mmap_mode="r")
-    return DecodedImages(images[:len(kept)], kept, originals, failed, cache_hit=False)
+    return DecodedImages(images[:len(kept)], kept, originals, failed, cache_hit=False, key=key)

@@ -27,18 +27,25 @@ __all__ = ["DataError", "ImageDataset", "load_dataset", "IMAGENET_MEAN", "IMAGEN
 log = logging.getLogger("laray.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_LISTED = 50  # bad files named in a warning or error; the rest are counted
 
 
 class DataWarning(UserWarning):
     """Files were skipped while loading a data set."""
 
 
+def standardize(images01: torch.Tensor) -> torch.Tensor:
+    """float images in [0, 1] (..., 3, H, W) -> ImageNet-normalised, in place."""
+    std = torch.tensor(IMAGENET_STD, device=images01.device, dtype=images01.dtype).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images01.device, dtype=images01.dtype).view(3, 1, 1)
+    return images01.sub_(mean).div_(std)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float, ImageNet-normalised. Works on a batch, on any device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    """uint8 (..., 3, H, W) -> float, ImageNet-normalised. Works on a batch, on any device, in any memory format."""
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    # (x / 255 - mean) / std as one multiply and one subtract, in place on the new float tensor.
+    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 def _augmenter(image_size: int):
@@ -56,7 +63,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str],
                  skipped: list[tuple[str, str]] | None = None, original_sizes: np.ndarray | None = None,
-                 augment: bool = False, spec: str = ""):
+                 augment: bool = False, spec: str = "", fingerprint: str = ""):
         if len(images) != len(labels) or len(images) != len(paths):
             raise ValueError(f"images ({len(images)}), labels ({len(labels)}) and paths ({len(paths)}) differ in length")
         self.images = images
@@ -67,6 +74,7 @@ class ImageDataset(Dataset):
         self.original_sizes = original_sizes
         self.image_size = images.shape[1]
         self.spec = spec
+        self.fingerprint = fingerprint  # identifies the decoded images: keys the reuse of a trained auto-encoder
         self._augment = _augmenter(self.image_size) if augment else None
 
     @property
@@ -77,10 +85,11 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def uint8_batch(self, indices) -> torch.Tensor:
-        """uint8 (b, 3, H, W) images for a batch of indices: the fast path (normalise on the device)."""
-        batch = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(np.asarray(indices))]))
-        order = np.argsort(np.argsort(np.asarray(indices)))  # undo the sort used for sequential reads
-        return batch[torch.from_numpy(order)].permute(0, 3, 1, 2)
+        """uint8 (b, 3, H, W) images (channels-last in memory) for a batch of indices.
+
+        The fast path for training: read uint8 from the cache and normalise on the device.
+        """
+        return torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
 
     def __getitem__(self, idx: int) -> dict:
         image = torch.from_numpy(np.array(self.images[idx])).permute(2, 0, 1)  # (3, H, W) uint8
@@ -104,14 +113,12 @@ def _digits(image_size: int) -> ImageDataset:
         images[i] = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))[..., None]
     paths = [f"digits:{i}" for i in range(len(grey))]
     return ImageDataset(images, bunch.target.astype(np.int64), [str(c) for c in range(10)], paths,
-                        original_sizes=np.full((len(grey), 2), 8), spec="digits")
+                        original_sizes=np.full((len(grey), 2), 8), spec="digits",
+                        fingerprint=f"digits-{image_size}")
 
 
 def _listing(items: list[tuple[str, str]]) -> str:
-    lines = [f"  {path}: {reason}" for path, reason in items[:MAX_LISTED]]
-    if len(items) > MAX_LISTED:
-        lines.append(f"  ... and {len(items) - MAX_LISTED} more")
-    return "\n".join(lines)
+    return "\n".join(f"  {path}: {reason}" for path, reason in items)
 
 
 def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_LABEL_COLUMN,
@@ -123,7 +130,7 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
     label_column: the CSV column holding the label; when it is the default ("species") and
     absent, or None, the data loads unlabelled (labels -1, class_names []).
     """
-    if not isinstance(image_size, int) or image_size < 1:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     if spec == "digits":
         dataset = _digits(image_size)
@@ -137,12 +144,13 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
     decoded = decode_cached(source.paths, image_size, cache_dir, workers, desc=f"decoding {os.path.basename(spec)}")
     skipped = source.skipped + decoded.failed
     if strict and skipped:
-        raise DataError(f"{len(skipped)} unusable file(s) in {spec} (strict mode):\n{_listing(skipped)}")
+        raise DataError(f"{len(skipped)} unusable file(s) in {spec} (strict mode):\n{_listing(skipped)}", skipped)
     if len(decoded.kept) == 0:
-        raise DataError(f"no usable image in {spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}")
+        raise DataError(f"no usable image in {spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}", skipped)
     labels = source.labels[decoded.kept]
     dataset = ImageDataset(decoded.images, labels, source.class_names, [source.paths[i] for i in decoded.kept],
-                           skipped, decoded.original_sizes, augment=bool(augment), spec=spec)
+                           skipped, decoded.original_sizes, augment=bool(augment), spec=spec,
+                           fingerprint=decoded.key)
     if dataset.class_names:
         # A species whose every image failed keeps its index so labels stay stable; say so.
         present = set(np.unique(labels).tolist())

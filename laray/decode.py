@@ -22,8 +22,11 @@ class DecodeError(Exception):
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # High bit depth: scale to 0..255 instead of letting convert() clip at 255.
+    if img.mode.startswith("I;16"):  # declared 16-bit: scale the full range to 8 bits
+        arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        # 32-bit int or float with no declared range: 16-bit data if any value exceeds 8 bits.
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -53,11 +56,14 @@ def decode_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                original = img.size  # before draft mode shrinks it
                 # JPEG: let the decoder skip detail we would throw away (keeps >= 2x the target).
                 img.draft("RGB", (2 * size, 2 * size))
                 img.load()  # force a full decode: truncated files fail here, not later
-                original = img.size
+                stored = img.size
                 img = ImageOps.exif_transpose(img)
+                if img.size != stored:  # rotated by 90 degrees: report the size as displayed
+                    original = original[::-1]
                 img = _to_rgb(img)
     except DecodeError:
         raise

@@ -19,7 +19,11 @@ DEFAULT_PATH_COLUMN = "image_path"
 
 
 class DataError(ValueError):
-    """A data set that cannot be used, with a one-line reason."""
+    """A data set that cannot be used, with a one-line reason; `.skipped` lists any bad files, all of them."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.skipped = list(skipped or [])
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Source:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _encode(names: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -43,7 +47,9 @@ def _encode(names: list[str]) -> tuple[np.ndarray, list[str]]:
 
 def from_folder(root: Path) -> Source:
     """One sub-folder per species (images nested deeper count), or a flat folder of unlabelled images."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+    # Hidden files and folders (.thumbs/, .DS_Store...) are never species or images.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p)
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise DataError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
     at_root = [p for p in files if p.parent == root]

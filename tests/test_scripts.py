@@ -37,5 +37,14 @@ def test_la_step_benchmark_quick_mode_prints_measured_figures():
 
 
 def test_readme_python_examples_run():
+    # Blocks fenced as "python no-run" need the user's own files and are not run.
     for block in re.findall(r"^```python\n(.+?)```", (ROOT / "README.md").read_text(), flags=re.M | re.S):
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_data_cache_benchmark_quick_mode_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--quick"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert re.search(r"first pass, decode .* ([\d.]+) s\s+(\d+) images/s", out)
+    epochs = re.findall(r"epoch from cache, .*?([\d.]+)x faster than decoding", out)
+    assert len(epochs) == 3 and all(float(x) > 0 for x in epochs)

@@ -20,6 +20,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_data_options(parser) -> None:
+    """How a data spec is read: shared by every command that loads data."""
+    parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="COL",
+                        help="CSV column holding the label (default: %(default)s; when absent, data load unlabelled)")
+    parser.add_argument("--path-column", default=DEFAULT_PATH_COLUMN, metavar="COL",
+                        help="CSV column holding the image path (default: %(default)s)")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder that relative CSV paths resolve against (default: the CSV's folder)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+
+
+def _add_train_command(commands) -> None:
+    train = commands.add_parser(
+        "train", help="one run of both stages with one set of hyperparameters (no Ray)",
+        description="Pretrain the auto-encoder (or reuse one trained before with the same data, stage-1 "
+                    "settings and seed), fine-tune its encoder with Local Aggregation, and score the clusters. "
+                    "Settings: the defaults for the data (CPU-sized for 'digits'), then --config, then flags. "
+                    "Writes metrics.json, assignments.csv, codes.npy and checkpoints/ to --out.")
+    train.add_argument("--data", default="digits", metavar="SPEC",
+                       help="'digits' (default), a folder with one sub-folder per species, or a CSV file")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder for the run's outputs")
+    train.add_argument("--config", metavar="FILE", help="YAML with 'autoencoder:' and 'la:' sections")
+    _add_data_options(train)
+    stage1 = train.add_argument_group("stage 1: auto-encoder")
+    stage1.add_argument("--arch", help="vgg11_bn, vgg13_bn, vgg16_bn or vgg19_bn")
+    stage1.add_argument("--width", type=float, help="channel multiplier (1.0 for pretrained weights)")
+    stage1.add_argument("--pretrained", metavar="WEIGHTS", help="'imagenet' or a local torchvision state_dict file")
+    stage1.add_argument("--image-size", type=_positive_int, metavar="N", help="square image side in pixels")
+    stage1.add_argument("--ae-epochs", type=int, metavar="N")
+    stage2 = train.add_argument_group("stage 2: Local Aggregation")
+    stage2.add_argument("--la-epochs", type=int, metavar="N")
+    stage2.add_argument("--temperature", type=float)
+    stage2.add_argument("--mixing-rate", type=float)
+    stage2.add_argument("--k-neighbours", type=int, metavar="K")
+    stage2.add_argument("--clustering-repeats", type=int, metavar="R")
+    stage2.add_argument("--n-centroids", type=int, metavar="C")
+    stage2.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random crops, flips and colour jitter during LA")
+    train.add_argument("--batch-size", type=int, metavar="B", help="for both stages")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    train.add_argument("--store", metavar="DIR",
+                       help="where trained auto-encoders are kept for reuse (default: ~/.cache/laray/autoencoders)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.set_defaults(run=_train)
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="inspect and validate data sets",
                                description="Inspect and validate data sets.")
@@ -32,18 +79,12 @@ def _add_data_commands(commands) -> None:
                     "is usable, 1 with a one-line reason when it is not (or, with --strict, when any file is bad).")
     check.add_argument("spec", metavar="SPEC",
                        help="'digits', a folder with one sub-folder per species, or a CSV file")
-    check.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="COL",
-                       help="CSV column holding the label (default: %(default)s; when absent, data load unlabelled)")
-    check.add_argument("--path-column", default=DEFAULT_PATH_COLUMN, metavar="COL",
-                       help="CSV column holding the image path (default: %(default)s)")
-    check.add_argument("--image-root", metavar="DIR",
-                       help="folder that relative CSV paths resolve against (default: the CSV's folder)")
+    _add_data_options(check)
     check.add_argument("--image-size", type=_positive_int, default=64, metavar="N",
                        help="decode at N x N pixels (default: %(default)s); a small size is enough to validate, "
                             "and the decode cache is warmed only for this size")
     check.add_argument("--strict", action="store_true", help="exit 1 when any file is bad")
     check.add_argument("--json", action="store_true", help="print only the report as JSON on stdout")
-    check.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     check.add_argument("--workers", type=_positive_int, metavar="N", help="decoding processes (default: all cores)")
     check.set_defaults(run=_data_check)
 
@@ -57,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(parser=parser, run=None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_data_commands(commands)
+    _add_train_command(commands)
     return parser
 
 
@@ -76,6 +118,41 @@ def _data_check(args) -> int:
         return _fail(report["reason"])
     if args.strict and report["bad_files"]:
         return _fail(f"{report['n_skipped']} bad file(s) in {args.spec} (--strict)")
+    return 0
+
+
+def _format_record(record: dict) -> str:
+    scores = " ".join(f"{k} {record[k]:.3f}" for k in ("purity", "nmi", "ari", "acc", "silhouette") if k in record)
+    return (f"{record['stage']:>17} epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {scores}  "
+            f"{record['images_per_s']:.0f} img/s")
+
+
+def _train(args) -> int:
+    from laray.config import ConfigError, load_config, replace
+    from laray.data import DataError, load_dataset
+    from laray.run import default_configs, train_run
+    from laray.train import NonFiniteLossError
+
+    try:
+        ae_cfg, la_cfg = default_configs(args.data)
+        if args.config:
+            ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
+        ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
+                         image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size)
+        la_cfg = replace(la_cfg, epochs=args.la_epochs, temperature=args.temperature, mixing_rate=args.mixing_rate,
+                         k_neighbours=args.k_neighbours, clustering_repeats=args.clustering_repeats,
+                         n_centroids=args.n_centroids, augment=args.augment, batch_size=args.batch_size)
+        dataset = load_dataset(args.data, ae_cfg.image_size, label_column=args.label_column,
+                               path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
+        metrics = train_run(dataset, args.out, ae_cfg, la_cfg, seed=args.seed, device=args.device,
+                            resume=args.resume, store_dir=args.store, callback=lambda r: print(_format_record(r)))
+    except (ConfigError, DataError, NonFiniteLossError, ValueError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    final = " ".join(f"{k} {metrics[k]:.3f}" for k in ("purity", "nmi", "ari", "acc", "silhouette") if k in metrics)
+    print(f"final: {final}")
+    for name, scores in metrics["baselines"].items():
+        print(f"baseline {name}: " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"wrote {args.out}/metrics.json, assignments.csv, codes.npy")
     return 0
 
 

@@ -152,6 +152,15 @@ class EncoderVGGMerged(nn.Module):
         self.merger = merger
         self.encoder = EncoderVGG(arch, pretrained, width)
 
+    @classmethod
+    def from_encoder(cls, encoder: EncoderVGG, merger: str | None = "mean") -> "EncoderVGGMerged":
+        """Wrap an existing encoder (shared, not copied), e.g. the auto-encoder's for evaluation."""
+        _check_choice("merger", merger, MERGERS)
+        merged = cls.__new__(cls)
+        nn.Module.__init__(merged)
+        merged.merger, merged.encoder = merger, encoder
+        return merged
+
     def code_dim(self, image_size: int) -> int:
         """Length of the merged code for a square input of `image_size` pixels (sizes the memory bank)."""
         c, h, w = self.encoder.code_shape(image_size)

@@ -1,0 +1,221 @@
+"""The two training stages as plain functions: the same with or without Ray, on CPU or CUDA.
+
+Stage 1 pretrains the SegNet-style auto-encoder with MSE; stage 2 fine-tunes its
+encoder with Local Aggregation. Both: SGD with momentum, the learning-rate
+schedule stepped per epoch, bf16 autocast and channels_last on CUDA (plain
+float32 on CPU), evaluation every epoch (k-means with K = number of species on
+the unit codes of all images), a full checkpoint every epoch, exact resumption.
+Every epoch's randomness (batch order, augmentation) derives from (seed, epoch),
+so 1 epoch + resume + 1 epoch equals 2 epochs straight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from laray.augment import augment_batch
+from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from laray.config import AutoEncoderConfig, LAConfig
+from laray.data import ImageDataset, standardize
+from laray.evaluate import encode_all, score_codes
+from laray.la import LocalAggregationLoss, MemoryBank
+from laray.models import AutoEncoderVGG, EncoderVGGMerged
+
+Callback = Callable[[dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the epoch, step and hyperparameters."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _epoch_seed(seed: int, epoch: int, salt: int) -> int:
+    return (seed * 1_000_003 + epoch * 101 + salt) % (2**63)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """A seeded permutation cut into batches; a last batch of one image is dropped (batch norm needs two)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch, 1))).numpy()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) >= 2]
+
+
+def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    elif cfg.schedule == "step":  # x0.1 at 1/3 and 2/3 of the epochs
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(cfg.epochs / 3)), gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+def _input_batch(dataset: ImageDataset, indices, device: torch.device, fast: bool,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 from the cache -> device -> [0, 1] -> optional augmentation -> normalised."""
+    x = dataset.uint8_batch(indices).to(device, non_blocking=True).float().div_(255.0)
+    if gen is not None:
+        x = augment_batch(x, gen)
+    x = standardize(x)
+    return x.contiguous(memory_format=torch.channels_last) if fast else x.contiguous()
+
+
+def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, cfg) -> None:
+    if not torch.isfinite(loss):
+        settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch + 1}, step {step + 1}; "
+                                 f"settings: {settings}")
+
+
+def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bool, seed: int):
+    codes = encode_all(encoder, dataset, device, autocast=fast)
+    scores, assignments = score_codes(codes, dataset.labels, seed=seed)
+    return codes, scores, assignments
+
+
+def _save(path, model, optimizer, scheduler, epoch, cfg, history, **extra) -> None:
+    if path is not None:
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
+                     "history": history, "rng": rng_state(), **extra}, path)
+
+
+def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, list, dict]:
+    """Restore a checkpoint written by _save; returns (epochs done, history, the whole state)."""
+    state = load_checkpoint(path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng",
+                                            *required))
+    if state["config"] != dataclasses.asdict(cfg):
+        raise ValueError(f"checkpoint {path} was written with another config; start afresh or use the same settings")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["epoch"], state["history"], state
+
+
+def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: int = 0, device="auto",
+                         checkpoint: str | Path | None = None, resume: bool = False,
+                         callback: Callback | None = None, progress: bool = True) -> tuple[AutoEncoderVGG, list]:
+    """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history)."""
+    device = resolve_device(device)
+    fast = device.type == "cuda"
+    torch.manual_seed(seed)
+    model = AutoEncoderVGG(cfg.arch, cfg.pretrained, cfg.width).to(device)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg)
+    start, history = 0, []
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start, history, _ = _resume(checkpoint, model, optimizer, scheduler, cfg)
+
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        batches = epoch_batches(len(dataset), cfg.batch_size, seed, epoch)
+        total, seen, began = 0.0, 0, time.perf_counter()
+        for step, idx in enumerate(tqdm(batches, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False,
+                                        disable=not progress)):
+            x = _input_batch(dataset, idx, device, fast)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                out = model(x)
+            loss = F.mse_loss(out.float(), x)
+            _check_finite(loss, "autoencoder", epoch, step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+        scheduler.step()
+        images_per_s = seen / (time.perf_counter() - began)
+        _, scores, _ = _evaluate(EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed)
+        record = {"stage": "autoencoder", "epoch": epoch + 1, "loss": total / max(seen, 1),
+                  "images_per_s": images_per_s, "lr": scheduler.get_last_lr()[0], **scores}
+        history.append(record)
+        _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
+        if callback is not None:
+            callback(record)
+    return model, history
+
+
+@dataclasses.dataclass
+class LAResult:
+    encoder: EncoderVGGMerged
+    loss_fn: LocalAggregationLoss
+    history: list
+    codes: torch.Tensor  # (N, d) unit codes of every image, after the last epoch
+    assignments: np.ndarray  # (N,) k-means clusters (K = number of species) of those codes
+    scores: dict
+
+
+def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, cfg: LAConfig, seed: int = 0,
+                device="auto", checkpoint: str | Path | None = None, resume: bool = False,
+                callback: Callback | None = None, progress: bool = True) -> LAResult:
+    """Stage 2: fine-tune the auto-encoder's encoder (`encoder_state`) with the Local Aggregation loss."""
+    device = resolve_device(device)
+    fast = device.type == "cuda"
+    n = len(dataset)
+    cfg.check_data_size(n)
+    torch.manual_seed(seed + 1)
+    model = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, cfg.merger)
+    model.encoder.load_state_dict(encoder_state)
+    model = model.to(device)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    bank = MemoryBank(n, model.code_dim(dataset.image_size), cfg.mixing_rate, seed=seed, device=device)
+    loss_fn = LocalAggregationLoss(bank, cfg.temperature, cfg.k_neighbours, cfg.clustering_repeats, cfg.n_centroids,
+                                   seed=seed)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg)
+    start, history = 0, []
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start, history, state = _resume(checkpoint, model, optimizer, scheduler, cfg, required=("la",))
+        loss_fn.load_state_dict(state["la"])
+    elif cfg.bank_init == "codes":
+        bank.fill(encode_all(model, dataset, device, autocast=fast).to(device))
+
+    codes = scores = assignments = None
+    steps_per_epoch = len(epoch_batches(n, cfg.batch_size, seed, 0))
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2)) if cfg.augment else None
+        total, seen, began = 0.0, 0, time.perf_counter()
+        batches = epoch_batches(n, cfg.batch_size, seed, epoch)
+        for step, idx in enumerate(tqdm(batches, desc=f"local aggregation {epoch + 1}/{cfg.epochs}", leave=False,
+                                        disable=not progress)):
+            every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
+            if (epoch * steps_per_epoch + step) % every == 0:
+                loss_fn.recluster()
+            x = _input_batch(dataset, idx, device, fast, gen)
+            indices = torch.from_numpy(idx).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                v = model(x)
+            loss = loss_fn(v.float(), indices)
+            _check_finite(loss, "local aggregation", epoch, step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bank.update(indices, v.detach())
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+        scheduler.step()
+        images_per_s = seen / (time.perf_counter() - began)
+        codes, scores, assignments = _evaluate(model, dataset, device, fast, seed)
+        record = {"stage": "local_aggregation", "epoch": epoch + 1, "loss": total / max(seen, 1),
+                  "images_per_s": images_per_s, "lr": scheduler.get_last_lr()[0], **scores}
+        history.append(record)
+        _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history, la=loss_fn.state_dict())
+        if callback is not None:
+            callback(record)
+    if codes is None:  # nothing left to train (zero epochs, or resumed after the last): evaluate as is
+        codes, scores, assignments = _evaluate(model, dataset, device, fast, seed)
+    return LAResult(model, loss_fn, history, codes, assignments, scores)

@@ -6,6 +6,8 @@ anything trains. A YAML file holds up to two sections, `autoencoder:` and `la:`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import yaml
 from laray.models import ARCHS, MERGERS
 
 SCHEDULES = ("cosine", "step", "constant")
+STRING_FIELDS = ("arch", "pretrained", "schedule", "merger", "bank_init")
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,8 @@ class AutoEncoderConfig(OptimConfig):
         _require(self.width > 0, "width", "must be > 0", self.width)
         _require(self.pretrained is None or self.width == 1.0, "width", "must be 1.0 with pretrained weights",
                  self.width)
+        _require(self.pretrained in (None, "imagenet") or os.path.isfile(os.path.expanduser(self.pretrained)),
+                 "pretrained", "must be None, 'imagenet' or an existing state_dict file", self.pretrained)
         _require(isinstance(self.image_size, int) and self.image_size >= 32, "image_size",
                  "must be an integer >= 32 (five 2x2 pools)", self.image_size)
 
@@ -80,7 +85,7 @@ class LAConfig(OptimConfig):
     recluster_every: int = 0  # steps between reclusterings; 0 = once per epoch, at its start
     merger: str = "mean"
     bank_init: str = "codes"
-    augment: bool = False
+    augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
     lr: float = 0.01
 
     def __post_init__(self):
@@ -105,6 +110,30 @@ class LAConfig(OptimConfig):
         _require(self.n_centroids <= n_images, "n_centroids", f"must be <= N = {n_images}", self.n_centroids)
 
 
+def _coerce(name: str, default, value):
+    """The value with the type its field's default implies, or ConfigError naming the field."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(default, int):
+            if not float(value).is_integer():
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if name in STRING_FIELDS and value is not None and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
 def from_dict(cls, values: dict | None):
     """Build a config dataclass from a dict, refusing unknown keys and mistyped values by name."""
     values = dict(values or {})
@@ -112,19 +141,7 @@ def from_dict(cls, values: dict | None):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; valid: {sorted(known)}")
-    for name, value in values.items():
-        default = known[name]
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name} must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, float) and value.is_integer():  # YAML's 1e3, or 10.0
-                values[name] = int(value)
-            elif not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-        elif isinstance(default, float) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-    return cls(**values)
+    return cls(**{name: _coerce(name, known[name], value) for name, value in values.items()})
 
 
 def replace(config, **changes):

@@ -137,11 +137,12 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
             loss.backward()
             optimizer.step()
             total, seen = total + loss.item() * len(idx), seen + len(idx)
-        scheduler.step()
         images_per_s = seen / (time.perf_counter() - began)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
+        scheduler.step()
         _, scores, _ = _evaluate(EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed)
         record = {"stage": "autoencoder", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": images_per_s, "lr": scheduler.get_last_lr()[0], **scores}
+                  "images_per_s": images_per_s, "lr": lr, **scores}
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
         if callback is not None:
@@ -207,11 +208,12 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
             optimizer.step()
             bank.update(indices, v.detach())
             total, seen = total + loss.item() * len(idx), seen + len(idx)
-        scheduler.step()
         images_per_s = seen / (time.perf_counter() - began)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
+        scheduler.step()
         codes, scores, assignments = _evaluate(model, dataset, device, fast, seed)
         record = {"stage": "local_aggregation", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": images_per_s, "lr": scheduler.get_last_lr()[0], **scores}
+                  "images_per_s": images_per_s, "lr": lr, **scores}
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history, la=loss_fn.state_dict())
         if callback is not None:

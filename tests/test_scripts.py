@@ -48,3 +48,12 @@ def test_data_cache_benchmark_quick_mode_prints_measured_figures():
     assert re.search(r"first pass, decode .* ([\d.]+) s\s+(\d+) images/s", out)
     epochs = re.findall(r"epoch from cache, .*?([\d.]+)x faster than decoding", out)
     assert len(epochs) == 3 and all(float(x) > 0 for x in epochs)
+
+
+def test_train_throughput_benchmark_quick_mode_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--quick"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = re.findall(r"^demo \(digits\)\s+(autoencoder|local aggregation)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+                      out, flags=re.M)
+    assert [r[0] for r in rows] == ["autoencoder", "local aggregation"]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # images/s and FLOPs per image measured

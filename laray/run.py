@@ -68,6 +68,24 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
+               device: torch.device, path: Path) -> dict:
+    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
+
+    Kept beside the stored auto-encoder, so that a sweep's trials compute them once.
+    """
+    if path.exists():
+        return json.loads(path.read_text())
+    ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
+    ae_encoder.encoder.load_state_dict(encoder_state)
+    baselines = {
+        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed)[0],
+        "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed)[0],
+    }
+    _write_json(path, baselines)
+    return baselines
+
+
 def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoderConfig, la_cfg: LAConfig,
               seed: int = 0, device="auto", resume: bool = False, store_dir: str | os.PathLike | None = None,
               callback: Callback | None = None, progress: bool = True) -> dict:
@@ -89,29 +107,36 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     ae_state, ae_history, trained = get_or_train(store_dir, key, train_stage1)
     encoder_state = {k[len("encoder."):]: v for k, v in ae_state.items() if k.startswith("encoder.")}
 
-    # Baselines for the same K: raw pixels, and the auto-encoder's codes before LA.
-    ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, la_cfg.merger)
-    ae_encoder.encoder.load_state_dict(encoder_state)
-    baselines = {
-        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed)[0],
-        "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed)[0],
-    }
+    baselines = _baselines(dataset, encoder_state, ae_cfg, la_cfg.merger, seed, device,
+                           store_dir / key / f"baselines_{la_cfg.merger}_{dataset.fingerprint}.json")
+
+    def metrics_of(scores: dict, la_history: list) -> dict:
+        return {
+            **scores,
+            "baselines": baselines,
+            "history": ae_history + la_history,
+            "n_images": len(dataset),
+            "n_labels": len(dataset.class_names),
+            "data": dataset.spec,
+            "seed": seed,
+            "device": str(device),
+            "autoencoder": {"key": key, "store": str(store_dir), "trained_in_this_run": trained},
+            "config": {"autoencoder": dataclasses.asdict(ae_cfg), "la": dataclasses.asdict(la_cfg)},
+        }
+
+    def write_outputs(la_history: list, codes: torch.Tensor, assignments: np.ndarray) -> dict:
+        # Every epoch, so that a run stopped at a report (ASHA, Ctrl-C) still leaves its latest outputs.
+        np.save(out / "codes.npy", codes.numpy().astype(np.float32))
+        write_assignments(out / "assignments.csv", dataset, assignments)
+        scores = {k: v for k, v in la_history[-1].items() if k in ("purity", "nmi", "ari", "acc", "silhouette")}
+        metrics = metrics_of(scores, la_history)
+        _write_json(out / "metrics.json", metrics)
+        return metrics
 
     result = finetune_la(dataset, encoder_state, ae_cfg, la_cfg, seed, device, checkpoint=out / "checkpoints" / "la.ckpt",
-                         resume=resume, callback=callback, progress=progress)
-    np.save(out / "codes.npy", result.codes.numpy().astype(np.float32))
-    write_assignments(out / "assignments.csv", dataset, result.assignments)
-    metrics = {
-        **result.scores,
-        "baselines": baselines,
-        "history": ae_history + result.history,
-        "n_images": len(dataset),
-        "n_labels": len(dataset.class_names),
-        "data": dataset.spec,
-        "seed": seed,
-        "device": str(device),
-        "autoencoder": {"key": key, "store": str(store_dir), "trained_in_this_run": trained},
-        "config": {"autoencoder": dataclasses.asdict(ae_cfg), "la": dataclasses.asdict(la_cfg)},
-    }
-    _write_json(out / "metrics.json", metrics)
+                         resume=resume, callback=callback, progress=progress, on_evaluated=write_outputs)
+    if not result.history:  # zero LA epochs: score the encoder as it is
+        return write_outputs([{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes,
+                             result.assignments)
+    metrics = write_outputs(result.history, result.codes, result.assignments)
     return metrics

@@ -162,8 +162,13 @@ class LAResult:
 
 def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, cfg: LAConfig, seed: int = 0,
                 device="auto", checkpoint: str | Path | None = None, resume: bool = False,
-                callback: Callback | None = None, progress: bool = True) -> LAResult:
-    """Stage 2: fine-tune the auto-encoder's encoder (`encoder_state`) with the Local Aggregation loss."""
+                callback: Callback | None = None, progress: bool = True,
+                on_evaluated: Callable[[list, torch.Tensor, np.ndarray], None] | None = None) -> LAResult:
+    """Stage 2: fine-tune the auto-encoder's encoder (`encoder_state`) with the Local Aggregation loss.
+
+    After each epoch's evaluation and checkpoint, `on_evaluated(history, codes, assignments)` runs
+    (to write outputs that must exist even if the run is stopped at the report), then `callback(record)`.
+    """
     device = resolve_device(device)
     fast = device.type == "cuda"
     n = len(dataset)
@@ -216,6 +221,8 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
                   "images_per_s": images_per_s, "lr": lr, **scores}
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history, la=loss_fn.state_dict())
+        if on_evaluated is not None:
+            on_evaluated(history, codes, assignments)
         if callback is not None:
             callback(record)
     if codes is None:  # nothing left to train (zero epochs, or resumed after the last): evaluate as is

@@ -1,0 +1,199 @@
+"""Search spaces: a YAML file naming the objective, the distributions of the LA hyperparameters and fixed settings.
+
+    objective: purity            # purity (default), nmi, ari or acc
+    mode: max                    # max (default) or min
+    num_samples: 8               # trials, unless --num-samples says otherwise
+    max_concurrent: 2            # trials at once
+    grace_period: 2              # ASHA: LA epochs a trial runs before it may be stopped
+    data: digits                 # data spec, unless --data says otherwise
+    fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
+      autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
+      la: {epochs: 10, augment: true}
+    search:                      # one distribution per LA hyperparameter
+      temperature: {loguniform: [0.03, 0.3]}
+      mixing_rate: {uniform: [0.2, 0.9]}
+      k_neighbours: {int: [20, 500], log: true}     # clipped to N-1
+      clustering_repeats: {int: [1, 8]}
+      n_centroids: {fraction: [0.02, 0.2]}          # of the data set size N, so valid for any N
+      merger: {categorical: [mean, flatten]}
+
+A malformed file fails before Ray starts, with a SpaceError naming the key.
+Size-dependent ranges are resolved against N when the sweep starts, so that no
+trial is ever invalid: `k_neighbours` is clipped to [1, N-1], `n_centroids` to
+[1, N], and `fraction` ranges become integer ranges.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
+
+OBJECTIVES = ("purity", "nmi", "ari", "acc")
+KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
+SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
+TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "data", "fixed", "search")
+SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig))
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class SpaceError(ValueError):
+    """A malformed search space; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str
+    args: tuple  # (low, high) or the categorical choices
+    log: bool = False
+
+    def resolve(self, name: str, n_images: int) -> "Distribution":
+        """Integer ranges of size-dependent parameters made valid for a data set of n_images."""
+        if name not in SIZE_LIMITS:
+            return self
+        low_limit, high_limit = SIZE_LIMITS[name](n_images)
+        if self.kind == "fraction":
+            low, high = (max(1, round(f * n_images)) for f in self.args)
+            kind = "int"
+        elif self.kind == "int":
+            (low, high), kind = self.args, "int"
+        elif self.kind == "categorical":
+            kept = tuple(c for c in self.args if low_limit <= c <= high_limit) or (min(max(self.args[0], low_limit),
+                                                                                       high_limit),)
+            return Distribution("categorical", kept)
+        else:
+            return self
+        low, high = min(max(low, low_limit), high_limit), min(max(high, low_limit), high_limit)
+        return Distribution(kind, (low, high), self.log)
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        if self.kind == "categorical":
+            return tune.choice(list(self.args))
+        low, high = self.args
+        if low == high:
+            return low  # a range clipped to one value is a constant
+        # tune's integer ranges exclude their upper end; ours include it.
+        return tune.lograndint(low, high + 1) if self.log else tune.randint(low, high + 1)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    search: dict  # name -> Distribution
+    ae: AutoEncoderConfig
+    la: LAConfig
+    objective: str = "purity"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    grace_period: int = 1
+    data: str = "digits"
+    source: str = ""
+
+    def tune_space(self, n_images: int) -> dict:
+        """Ray Tune distributions, size-dependent ranges resolved for n_images."""
+        return {name: dist.resolve(name, n_images).to_tune() for name, dist in self.search.items()}
+
+
+def _distribution(name: str, spec) -> Distribution:
+    where = f"search.{name}"
+    if not isinstance(spec, dict) or not (set(spec) - {"log"}):
+        raise SpaceError(f"{where} must be a mapping like {{uniform: [low, high]}}, got {spec!r}")
+    kinds = [k for k in spec if k != "log"]
+    if len(kinds) != 1 or kinds[0] not in KINDS:
+        raise SpaceError(f"{where} needs exactly one of {KINDS}, got {sorted(spec)}")
+    kind, args, log = kinds[0], spec[kinds[0]], spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(f"{where}.log must be true or false, got {log!r}")
+    if kind == "categorical":
+        if not isinstance(args, list) or not args:
+            raise SpaceError(f"{where}.categorical must be a non-empty list, got {args!r}")
+        return Distribution(kind, tuple(args))
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                              for a in args)):
+        raise SpaceError(f"{where}.{kind} must be [low, high] numbers, got {args!r}")
+    low, high = args
+    if low > high:
+        raise SpaceError(f"{where}.{kind} has low {low} > high {high}")
+    if kind == "loguniform" and low <= 0:
+        raise SpaceError(f"{where}.loguniform needs low > 0, got {low}")
+    if kind == "int" and not all(float(a).is_integer() for a in args):
+        raise SpaceError(f"{where}.int must be [low, high] integers, got {args!r}")
+    if kind == "int" and log and low < 1:
+        raise SpaceError(f"{where}.int with log needs low >= 1, got {low}")
+    if kind == "fraction":
+        if name not in SIZE_LIMITS:
+            raise SpaceError(f"{where}.fraction is only for {sorted(SIZE_LIMITS)}")
+        if not 0 < low <= high <= 1:
+            raise SpaceError(f"{where}.fraction needs 0 < low <= high <= 1, got {args!r}")
+    return Distribution(kind, (int(low), int(high)) if kind == "int" else (low, high), log)
+
+
+def _check_values(search: dict, la: LAConfig) -> None:
+    """Every value a distribution can produce must make a valid LAConfig (size limits aside)."""
+    for name, dist in search.items():
+        values = dist.args if dist.kind == "categorical" else () if dist.kind == "fraction" else dist.args
+        for value in values:
+            try:
+                from_dict(LAConfig, {**dataclasses.asdict(la), name: value})
+            except ConfigError as exc:
+                raise SpaceError(f"search.{name}: {exc}") from None
+
+
+def parse_space(raw, source: str = "") -> SearchSpace:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"search space {source} must be a mapping of {TOP_KEYS}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise SpaceError(f"unknown key(s) {unknown} in search space {source}; valid: {list(TOP_KEYS)}")
+    objective, mode = raw.get("objective", "purity"), raw.get("mode", "max")
+    if objective not in OBJECTIVES:
+        raise SpaceError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if mode not in ("max", "min"):
+        raise SpaceError(f"mode must be 'max' or 'min', got {mode!r}")
+    counts = {}
+    for key, default in (("num_samples", 8), ("max_concurrent", 2), ("grace_period", 1)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpaceError(f"{key} must be an integer >= 1, got {value!r}")
+        counts[key] = value
+    data = raw.get("data", "digits")
+    if not isinstance(data, str):
+        raise SpaceError(f"data must be a data spec string, got {data!r}")
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict) or set(fixed) - {"autoencoder", "la"}:
+        raise SpaceError(f"fixed must be a mapping with 'autoencoder' and/or 'la', got {fixed!r}")
+    try:
+        ae = from_dict(AutoEncoderConfig, fixed.get("autoencoder"))
+        la = from_dict(LAConfig, fixed.get("la"))
+    except (ConfigError, TypeError) as exc:
+        raise SpaceError(f"fixed: {exc}") from None
+    search = raw.get("search") or {}
+    if not isinstance(search, dict) or not search:
+        raise SpaceError("search must be a non-empty mapping of LA hyperparameters to distributions")
+    bad = sorted(set(search) - set(SEARCHABLE))
+    if bad:
+        raise SpaceError(f"search key(s) {bad} are not LA settings; valid: {list(SEARCHABLE)}")
+    distributions = {name: _distribution(name, spec) for name, spec in search.items()}
+    _check_values(distributions, la)
+    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, **counts)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """A YAML search space; a bare name like 'demo' means search_spaces/demo.yaml of this project."""
+    path = Path(path)
+    if not path.exists() and not path.suffix and (SPACES_DIR / f"{path}.yaml").exists():
+        path = SPACES_DIR / f"{path}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpaceError(f"cannot read search space {path}: {str(exc).splitlines()[0]}") from None
+    return parse_space(raw, str(path))

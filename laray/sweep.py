@@ -1,0 +1,165 @@
+"""The sweep: a Ray Tune function trainable over both stages, Optuna's TPE, ASHA. Only this module imports ray.
+
+    STORAGE/NAME/               Ray Tune's experiment folder (Tuner.restore and ExperimentAnalysis read it)
+    STORAGE/NAME/optuna.db      the Optuna study (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db)
+    STORAGE/NAME/autoencoders/  stage 1, trained once for all trials that share its settings
+    STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
+                                metrics.json, assignments.csv, codes.npy
+
+A trial reports every LA epoch with `ray.tune.report(metrics, checkpoint=...)` and
+resumes from `tune.get_checkpoint()` after its worker dies. A trial whose loss goes
+non-finite ends as errored with that reason, and the sweep goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from laray.config import replace
+from laray.data import ImageDataset
+from laray.space import SearchSpace
+from laray.train import NonFiniteLossError
+
+OPTUNA_DB = "optuna.db"
+NONFINITE_MARKER = "nonfinite_loss.txt"
+REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "loss", "images_per_s", "lr", "epoch")
+
+
+def _trial_dir() -> Path:
+    from ray import tune
+
+    return Path(tune.get_context().get_trial_dir())
+
+
+def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: int, store_dir: str, device: str,
+                threads: int) -> None:
+    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters."""
+    from ray import tune
+
+    from laray.run import train_run
+
+    torch.set_num_threads(threads)
+    out = _trial_dir()
+    marker = out / NONFINITE_MARKER
+    if marker.exists():  # restarted after a non-finite loss: it would only diverge again
+        raise NonFiniteLossError(marker.read_text())
+    la_ckpt = out / "checkpoints" / "la.ckpt"
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a restart: continue from the last reported epoch
+        with checkpoint.as_directory() as folder:
+            la_ckpt.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder) / "la.ckpt", la_ckpt)
+
+    def report(record: dict) -> None:
+        if record["stage"] != "local_aggregation":
+            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
+        metrics = {k: record[k] for k in REPORTED if k in record}
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    la_cfg = replace(space.la, **config)
+    try:
+        train_run(dataset, out, space.ae, la_cfg, seed=seed, device=device, resume=checkpoint is not None,
+                  store_dir=store_dir, callback=report, progress=False)
+    except NonFiniteLossError as exc:
+        marker.write_text(str(exc))
+        raise
+
+
+@dataclasses.dataclass
+class SweepResult:
+    experiment: Path
+    best_config: dict | None
+    best_metrics: dict | None
+    n_trials: int
+    n_errored: int
+
+
+def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
+    return OptunaSearch(metric=space.objective, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+                        study_name=name, storage=storage)
+
+
+def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
+              seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
+              resume: bool = False, device: str = "auto", verbose: int = 1) -> SweepResult:
+    """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on `dataset`.
+
+    Ray must already be initialised (ray.init) by the caller.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if "://" in storage and not storage.startswith("file://"):
+        experiment_local = None  # cloud storage: the study and auto-encoders live beside the driver
+    else:
+        experiment_local = Path(storage.removeprefix("file://")).expanduser().resolve() / name
+    experiment = experiment_local or Path(tempfile.gettempdir()) / "laray" / name
+    experiment.mkdir(parents=True, exist_ok=True)
+    storage_path = storage if experiment_local is None else str(experiment.parent)
+    threads = max(1, int(cpus_per_trial))
+    trainable = tune.with_parameters(train_trial, dataset=dataset, space=space, seed=seed,
+                                     store_dir=str(experiment / "autoencoders"),
+                                     device="cuda" if gpus_per_trial > 0 else device, threads=threads)
+    trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        if tune.Tuner.can_restore(experiment_path):
+            raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
+        param_space = space.tune_space(len(dataset))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=_optuna_search(space, experiment, name, seed),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, space.la.epochs),
+                                        grace_period=min(space.grace_period, max(1, space.la.epochs))),
+                metric=space.objective, mode=space.mode,
+                num_samples=num_samples or space.num_samples,
+                max_concurrent_trials=space.max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
+                                      failure_config=tune.FailureConfig(max_failures=max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    results = tuner.fit()
+    errored = sum(1 for r in results if r.error is not None)
+    try:
+        best = results.get_best_result(metric=space.objective, mode=space.mode, scope="last")
+        best_config, best_metrics = dict(best.config), dict(best.metrics)
+    except RuntimeError:  # no trial reported anything
+        best_config = best_metrics = None
+    summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
+               if best_metrics else None, "n_trials": len(results), "n_errored": errored}
+    (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+    return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
+                       len(results), errored)
+
+
+def ray_init(address: str | None, dashboard: bool = False) -> None:
+    """Start or join Ray; the dashboard, when asked for, binds to 127.0.0.1 only."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)

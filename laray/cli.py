@@ -67,6 +67,34 @@ def _add_train_command(commands) -> None:
     train.set_defaults(run=_train)
 
 
+def _add_sweep_command(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="a Ray Tune + Optuna sweep over the LA hyperparameters (no arguments: the CPU demo)",
+        description="Search the Local Aggregation hyperparameters with Optuna's TPE and ASHA early stopping on "
+                    "Ray Tune. With no arguments: the embedded digits and search_spaces/demo.yaml, a few minutes "
+                    "on a laptop CPU. Results go to STORAGE/NAME: Ray Tune's experiment folder (TensorBoard logs, "
+                    "checkpoints, each trial's assignments.csv) and optuna.db.")
+    sweep.add_argument("--space", default="demo", metavar="FILE",
+                       help="search space YAML, or a name in search_spaces/ (default: %(default)s)")
+    sweep.add_argument("--data", metavar="SPEC", help="data set (default: the space's 'data', else digits)")
+    _add_data_options(sweep)
+    sweep.add_argument("--num-samples", type=_positive_int, metavar="N", help="trials (default: the space's)")
+    sweep.add_argument("--storage", default="~/laray_results", metavar="DIR_OR_URI",
+                       help="local folder or cloud URI for results (default: %(default)s)")
+    sweep.add_argument("--name", metavar="NAME", help="experiment name (default: the space's file name)")
+    sweep.add_argument("--address", metavar="ADDR", help="Ray cluster to join ('auto': the running one)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N")
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N", help="fractions allowed, e.g. 0.5")
+    sweep.add_argument("--max-failures", type=int, default=2, metavar="N",
+                       help="restarts of a trial whose worker dies, from its last checkpoint (default: %(default)s)")
+    sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
+    sweep.add_argument("--device", default="auto", help="auto, cpu or cuda (with --gpus-per-trial > 0: cuda)")
+    sweep.add_argument("--dashboard", action="store_true",
+                       help="start Ray's dashboard on 127.0.0.1:8265 (needs the 'dashboard' extra)")
+    sweep.set_defaults(run=_sweep)
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="inspect and validate data sets",
                                description="Inspect and validate data sets.")
@@ -99,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_data_commands(commands)
     _add_train_command(commands)
+    _add_sweep_command(commands)
     return parser
 
 
@@ -153,6 +182,45 @@ def _train(args) -> int:
     for name, scores in metrics["baselines"].items():
         print(f"baseline {name}: " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     print(f"wrote {args.out}/metrics.json, assignments.csv, codes.npy")
+    return 0
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from laray.data import DataError, load_dataset
+    from laray.evaluate import score_codes
+    from laray.run import raw_pixel_codes
+    from laray.space import SpaceError, load_space
+    from laray.sweep import OPTUNA_DB, ray_init, run_sweep
+
+    try:
+        space = load_space(args.space)  # a malformed space fails here, before Ray starts
+        spec = args.data or space.data
+        name = args.name or Path(space.source).stem
+        dataset = load_dataset(spec, space.ae.image_size, label_column=args.label_column,
+                               path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
+        space.check_data_size(len(dataset))
+        ray_init(args.address, dashboard=args.dashboard)
+        result = run_sweep(dataset, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
+                           cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                           max_failures=args.max_failures, resume=args.resume, device=args.device)
+    except (SpaceError, DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
+    if result.best_config is None:
+        return _fail("no trial reported a score")
+    print(f"best trial ({space.objective}, {space.mode}):")
+    for key, value in result.best_config.items():
+        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    scores = {k: result.best_metrics[k] for k in ("purity", "nmi", "ari", "acc") if k in result.best_metrics}
+    raw = score_codes(raw_pixel_codes(dataset), dataset.labels, seed=args.seed)[0] if dataset.labelled else {}
+    print(f"  {'':<20} {'best trial':>10} {'raw-pixel k-means':>18}")
+    for key, value in scores.items():
+        print(f"  {key:<20} {value:>10.3f} {raw.get(key, float('nan')):>18.3f}")
+    print(f"results:      {result.experiment}")
+    print(f"optuna:       optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
+    print(f"tensorboard:  tensorboard --logdir {result.experiment}")
     return 0
 
 

@@ -98,6 +98,14 @@ class SearchSpace:
     data: str = "digits"
     source: str = ""
 
+    def check_data_size(self, n_images: int) -> None:
+        """Fixed (not searched) k_neighbours and n_centroids must fit the data set; searched ones are clipped."""
+        searched = {name: 1 for name in SIZE_LIMITS if name in self.search}
+        try:
+            dataclasses.replace(self.la, **searched).check_data_size(n_images)
+        except ConfigError as exc:
+            raise SpaceError(f"fixed.la.{exc}") from None
+
     def tune_space(self, n_images: int) -> dict:
         """Ray Tune distributions, size-dependent ranges resolved for n_images."""
         return {name: dist.resolve(name, n_images).to_tune() for name, dist in self.search.items()}

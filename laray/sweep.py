@@ -28,6 +28,7 @@ from laray.train import NonFiniteLossError
 
 OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
+CRASH_MARKER = "injected_crash.txt"
 REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "loss", "images_per_s", "lr", "epoch")
 
 
@@ -38,8 +39,12 @@ def _trial_dir() -> Path:
 
 
 def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: int, store_dir: str, device: str,
-                threads: int) -> None:
-    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters."""
+                threads: int, crash_once_at_epoch: int | None = None) -> None:
+    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
+
+    crash_once_at_epoch: a fault drill (used by the tests): the worker process dies right after
+    reporting that LA epoch, once per trial, as if its node had gone away.
+    """
     from ray import tune
 
     from laray.run import train_run
@@ -63,6 +68,9 @@ def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: i
         with tempfile.TemporaryDirectory() as folder:
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        if record["epoch"] == crash_once_at_epoch and not (out / CRASH_MARKER).exists():
+            (out / CRASH_MARKER).write_text(f"worker killed after LA epoch {record['epoch']}\n")
+            os._exit(1)
 
     la_cfg = replace(space.la, **config)
     try:
@@ -93,7 +101,8 @@ def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
 
 def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
               seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
-              resume: bool = False, device: str = "auto", verbose: int = 1) -> SweepResult:
+              resume: bool = False, device: str = "auto", verbose: int = 1,
+              crash_once_at_epoch: int | None = None) -> SweepResult:
     """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on `dataset`.
 
     Ray must already be initialised (ray.init) by the caller.
@@ -111,7 +120,8 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
     threads = max(1, int(cpus_per_trial))
     trainable = tune.with_parameters(train_trial, dataset=dataset, space=space, seed=seed,
                                      store_dir=str(experiment / "autoencoders"),
-                                     device="cuda" if gpus_per_trial > 0 else device, threads=threads)
+                                     device="cuda" if gpus_per_trial > 0 else device, threads=threads,
+                                     crash_once_at_epoch=crash_once_at_epoch)
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
 
     experiment_path = f"{storage_path.rstrip('/')}/{name}"

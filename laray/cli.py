@@ -49,8 +49,10 @@ def _add_train_command(commands) -> None:
     stage1.add_argument("--pretrained", metavar="WEIGHTS", help="'imagenet' or a local torchvision state_dict file")
     stage1.add_argument("--image-size", type=_positive_int, metavar="N", help="square image side in pixels")
     stage1.add_argument("--ae-epochs", type=int, metavar="N")
+    stage1.add_argument("--ae-lr", type=float, metavar="LR")
     stage2 = train.add_argument_group("stage 2: Local Aggregation")
     stage2.add_argument("--la-epochs", type=int, metavar="N")
+    stage2.add_argument("--la-lr", type=float, metavar="LR")
     stage2.add_argument("--temperature", type=float)
     stage2.add_argument("--mixing-rate", type=float)
     stage2.add_argument("--k-neighbours", type=int, metavar="K")
@@ -81,7 +83,9 @@ def _add_sweep_command(commands) -> None:
     sweep.add_argument("--num-samples", type=_positive_int, metavar="N", help="trials (default: the space's)")
     sweep.add_argument("--storage", default="~/laray_results", metavar="DIR_OR_URI",
                        help="local folder or cloud URI for results (default: %(default)s)")
-    sweep.add_argument("--name", metavar="NAME", help="experiment name (default: the space's file name)")
+    sweep.add_argument("--name", metavar="NAME",
+                       help="experiment name (default: the space's name and the start time, e.g. demo-20261123-0450; "
+                            "with --resume: the newest sweep of that space in --storage)")
     sweep.add_argument("--address", metavar="ADDR", help="Ray cluster to join ('auto': the running one)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N")
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N", help="fractions allowed, e.g. 0.5")
@@ -167,8 +171,9 @@ def _train(args) -> int:
         if args.config:
             ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
         ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
-                         image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size)
-        la_cfg = replace(la_cfg, epochs=args.la_epochs, temperature=args.temperature, mixing_rate=args.mixing_rate,
+                         image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size,
+                         lr=args.ae_lr)
+        la_cfg = replace(la_cfg, epochs=args.la_epochs, lr=args.la_lr, temperature=args.temperature, mixing_rate=args.mixing_rate,
                          k_neighbours=args.k_neighbours, clustering_repeats=args.clustering_repeats,
                          n_centroids=args.n_centroids, augment=args.augment, batch_size=args.batch_size)
         dataset = load_dataset(args.data, ae_cfg.image_size, label_column=args.label_column,
@@ -185,6 +190,21 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep_name(stem: str, storage: str, resume: bool) -> str:
+    """A new sweep gets the space's name and the time; --resume picks the newest local sweep of that space."""
+    import time
+    from pathlib import Path
+
+    if not resume:
+        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(storage.removeprefix("file://")).expanduser()
+    found = sorted(folder.glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime) if "://" not in storage.removeprefix(
+        "file://") else []
+    if not found:
+        raise FileNotFoundError(f"no sweep of space {stem!r} in {storage} to resume; name one with --name")
+    return found[-1].name
+
+
 def _sweep(args) -> int:
     from pathlib import Path
 
@@ -197,7 +217,7 @@ def _sweep(args) -> int:
     try:
         space = load_space(args.space)  # a malformed space fails here, before Ray starts
         spec = args.data or space.data
-        name = args.name or Path(space.source).stem
+        name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
         dataset = load_dataset(spec, space.ae.image_size, label_column=args.label_column,
                                path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
         space.check_data_size(len(dataset))

@@ -99,6 +99,38 @@ def _add_sweep_command(commands) -> None:
     sweep.set_defaults(run=_sweep)
 
 
+def _add_analysis_commands(commands) -> None:
+    analyze = commands.add_parser(
+        "analyze", help="score a finished or running sweep against the species labels and write the report",
+        description="Score every trial of a sweep from its assignments.csv (purity, NMI, ARI, accuracy, and purity "
+                    "at 2x and 5x the species count), compare with the baselines, and write trials.csv, "
+                    "baselines.csv, per_species.csv, plots, a cluster montage of the best trial and report.md.")
+    analyze.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
+    analyze.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
+    analyze.add_argument("--label-column", metavar="COL",
+                         help="score against another column of the data's CSV (e.g. genus) instead of the species")
+    analyze.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"),
+                         help="what 'best trial' means (default: %(default)s)")
+    analyze.add_argument("--imagenet-weights", metavar="FILE",
+                         help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline")
+    analyze.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+    analyze.set_defaults(run=_analyze)
+
+    predict = commands.add_parser(
+        "predict", help="assign new images to a trained trial's clusters",
+        description="Encode images with a trial's encoder and assign each to the nearest of the trial's final "
+                    "cluster centroids. Writes path, cluster, distance. The images need no labels.")
+    predict.add_argument("--experiment", required=True, metavar="DIR", help="the sweep's folder, STORAGE/NAME")
+    predict.add_argument("--trial", default="best", metavar="ID", help="a trial id (or prefix), or 'best' (default)")
+    predict.add_argument("--data", required=True, metavar="SPEC", help="'digits', a folder of images, or a CSV file")
+    predict.add_argument("--out", required=True, metavar="FILE.csv")
+    predict.add_argument("--path-column", default=DEFAULT_PATH_COLUMN, metavar="COL")
+    predict.add_argument("--image-root", metavar="DIR")
+    predict.add_argument("--cache-dir", metavar="DIR")
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(run=_predict)
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="inspect and validate data sets",
                                description="Inspect and validate data sets.")
@@ -132,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_train_command(commands)
     _add_sweep_command(commands)
+    _add_analysis_commands(commands)
     return parser
 
 
@@ -241,6 +274,32 @@ def _sweep(args) -> int:
     print(f"results:      {result.experiment}")
     print(f"optuna:       optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     print(f"tensorboard:  tensorboard --logdir {result.experiment}")
+    return 0
+
+
+def _analyze(args) -> int:
+    from laray.data import DataError
+    from laray.report import analyze
+
+    try:
+        report = analyze(args.experiment, args.out, label_column=args.label_column, objective=args.objective,
+                         imagenet_weights=args.imagenet_weights, cache_dir=args.cache_dir)
+    except (FileNotFoundError, DataError, ValueError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    print(f"wrote {report.parent}: report.md, trials.csv, baselines.csv, plots")
+    return 0
+
+
+def _predict(args) -> int:
+    from laray.data import DataError
+    from laray.predict import predict
+
+    try:
+        frame = predict(args.experiment, args.data, args.out, trial=args.trial, device=args.device,
+                        cache_dir=args.cache_dir, image_root=args.image_root, path_column=args.path_column)
+    except (FileNotFoundError, DataError, ValueError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    print(f"wrote {args.out}: {len(frame)} images in {frame['cluster'].nunique()} clusters")
     return 0
 
 

@@ -1,0 +1,175 @@
+"""`laray analyze`: the tables, pictures and report.md of a sweep, built on laray.analysis and laray.plots.
+
+    OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters, purity, nmi, ari, acc,
+                          purity at 2x and 5x the species count, epochs run, time, whether it beats each baseline
+    OUT/baselines.csv     k-means on raw pixels and on the auto-encoder's codes (and ImageNet VGG codes if given)
+    OUT/per_species.csv   the best trial's clusters, species by species
+    OUT/*.png             objective vs each hyperparameter, optimisation history, parameter importances,
+                          species x clusters contingency heatmap, cluster montage of the best trial
+    OUT/report.md         ties them together
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from laray import analysis, plots
+
+NO_LABELS = ("The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
+             "compared by the silhouette of their codes instead.")
+
+
+def relabel(assignments: pd.DataFrame, spec: str, label_column: str, image_root: str | None = None) -> pd.DataFrame:
+    """The assignments with `label` taken from another column of the data's CSV (e.g. genus)."""
+    from laray.sources import resolve
+
+    source = resolve(spec, label_column=label_column, image_root=image_root)
+    names = dict(zip(source.paths, (source.class_names[i] if i >= 0 else "" for i in source.labels)))
+    out = assignments.copy()
+    out["label"] = [names.get(p, "") for p in out["path"]]
+    return out
+
+
+def _imagenet_baseline(dataset, weights: str, seed: int) -> dict:
+    import torch
+
+    from laray.evaluate import encode_all, score_codes
+    from laray.models import EncoderVGGMerged
+
+    encoder = EncoderVGGMerged("vgg16_bn", pretrained=weights, merger="mean")
+    codes = encode_all(encoder, dataset, torch.device("cpu"))
+    return score_codes(codes, dataset.labels, seed=seed)[0]
+
+
+def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    """A pandas frame as a GitHub table, without the optional tabulate dependency."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else floats.format(v)
+        return str(v)
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def analyze(experiment: str | Path, out: str | Path | None = None, label_column: str | None = None,
+            objective: str = "purity", mode: str = "max", imagenet_weights: str | None = None,
+            cache_dir: str | None = None, seed: int = 0) -> Path:
+    """Write the analysis of `experiment` into `out` (default: EXPERIMENT/analysis); returns report.md's path."""
+    experiment = Path(experiment)
+    out = Path(out) if out is not None else experiment / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    trials = analysis.load_trials(experiment)
+    some = next((t for t in trials if t.metrics), None)
+    spec = some.metrics["data"] if some else None
+    if label_column is not None and spec is not None:
+        for t in trials:
+            if t.assignments is not None:
+                t.assignments = relabel(t.assignments, spec, label_column)
+    has_labels = any(t.assignments is not None and analysis.labelled(t.assignments) for t in trials)
+    if not has_labels:
+        objective, mode = "silhouette", "max"
+
+    baselines = analysis.baselines_of(trials) if label_column is None else {}
+    dataset = _load_images(some, cache_dir) if some else None
+    if label_column is not None and dataset is not None and has_labels:
+        from laray.evaluate import score_codes
+        from laray.run import raw_pixel_codes
+
+        labels = pd.factorize(relabel(pd.DataFrame({"path": dataset.paths, "label": ""}), spec, label_column)
+                              ["label"].replace("", np.nan))[0]
+        baselines = {"raw_pixels": score_codes(raw_pixel_codes(dataset), labels, seed=seed)[0]}
+    if imagenet_weights and dataset is not None and has_labels:
+        baselines["imagenet_vgg16_bn"] = _imagenet_baseline(dataset, imagenet_weights, seed)
+    table = analysis.trials_table(trials, baselines, objective if has_labels else "purity", with_k=has_labels)
+    if not has_labels:
+        table = table.drop(columns=[c for c in analysis.SCORES if c in table], errors="ignore")
+    table.to_csv(out / "trials.csv", index=False)
+    pd.DataFrame([{"baseline": k, **v} for k, v in baselines.items()]).to_csv(out / "baselines.csv", index=False)
+
+    notes = [] if has_labels else [NO_LABELS]
+    params = [p for p in analysis.PARAMS if p in table and table[p].notna().any()]
+    plots.plot_objective_vs_params(table, params, objective, out / "objective_vs_params.png")
+    history, importances = analysis.optuna_history_and_importances(experiment)
+    plots.plot_history(history, out / "history.png", objective=objective, mode=mode)
+    plots.plot_importances(importances, out / "importances.png")
+
+    best = analysis.best_trial(trials, table, objective, mode) if objective in table else None
+    if best is not None and best.assignments is not None:
+        if has_labels:
+            analysis.per_species_table(best.assignments).to_csv(out / "per_species.csv", index=False)
+            known = best.assignments[best.assignments["label"].astype(str) != ""]
+            plots.plot_contingency(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy(),
+                                   out / "contingency.png")
+        notes += _montage(best, dataset, out, seed)
+    _write_report(out, experiment, table, baselines, best, objective, mode, has_labels, importances, notes)
+    return out / "report.md"
+
+
+def _load_images(trial: analysis.Trial, cache_dir: str | None):
+    """The trials' data set, decoded at their image size (from the decode cache), or None if it cannot be read."""
+    from laray.data import DataError, load_dataset
+
+    try:
+        size = trial.metrics["config"]["autoencoder"]["image_size"]
+        return load_dataset(trial.metrics["data"], size, cache_dir=cache_dir)
+    except (DataError, KeyError, OSError):
+        return None
+
+
+def _montage(best: analysis.Trial, dataset, out: Path, seed: int) -> list[str]:
+    a = best.assignments
+    if dataset is None:
+        return ["Cluster montage skipped: the data set could not be loaded from where the sweep read it."]
+    paths = np.asarray(dataset.paths, dtype=object)
+    if len(paths) <= a["idx"].max() or not (paths[a["idx"].to_numpy()] == a["path"].to_numpy()).all():
+        return ["Cluster montage skipped: the data set on disk no longer matches the trial's assignments."]
+    species = a["label"].astype(str).to_numpy() if analysis.labelled(a) else None
+    images = dataset.images[a["idx"].to_numpy()] if not (a["idx"].to_numpy() == np.arange(len(a))).all() \
+        else dataset.images
+    plots.cluster_montage(images, a["cluster"].to_numpy(), out / "montage.png", species=species, seed=seed)
+    return []
+
+
+def _write_report(out: Path, experiment: Path, table: pd.DataFrame, baselines: dict, best, objective: str, mode: str,
+                  has_labels: bool, importances: dict, notes: list[str]) -> None:
+    counts = table["status"].value_counts().to_dict()
+    lines = [f"# Sweep report: {experiment.name}", "",
+             f"{len(table)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), "
+             f"objective **{objective}** ({mode}).", ""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    if best is not None:
+        row = table[table["trial_id"] == best.trial_id].iloc[0]
+        lines += ["## Best trial", "", f"`{best.trial_id}` ({best.status}), folder `{best.folder.name}`", "",
+                  "| hyperparameter | value |", "| --- | --- |"]
+        lines += [f"| {p} | {row[p]:.4g} |" if isinstance(row[p], float) else f"| {p} | {row[p]} |"
+                  for p in analysis.PARAMS if p in row]
+        scores = [s for s in (*analysis.SCORES, "silhouette") if s in row and not pd.isna(row[s])]
+        lines += ["", "| | " + " | ".join(scores) + " |", "|" + " --- |" * (len(scores) + 1),
+                  "| best trial | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |"]
+        for name, base in baselines.items():
+            lines.append(f"| baseline: {name.replace('_', ' ')} | " + " | ".join(
+                f"{base[s]:.3f}" if s in base else "" for s in scores) + " |")
+        beats = [n for n in baselines if row.get(f"beats_{n}")]
+        lines += ["", f"It beats {', '.join(beats) if beats else 'no baseline'} on {objective}."
+                  if baselines else "No baselines were recorded.", ""]
+        if has_labels and {"purity_k2x", "purity_k5x"} <= set(row.index):
+            lines += [f"Purity grows with the number of clusters: {row['purity']:.3f} at K = species, "
+                      f"{row['purity_k2x']:.3f} at 2x, {row['purity_k5x']:.3f} at 5x (k-means on its codes).", ""]
+    lines += ["## All trials", "", _markdown(table.drop(columns=["error"], errors="ignore")), ""]
+    errored = table[table["status"] == "ERROR"]
+    if len(errored):
+        lines += ["## Errored trials", ""] + [f"- `{r.trial_id}`: {r.error or 'no error message'}"
+                                             for r in errored.itertuples()] + [""]
+    pictures = [("Objective against each hyperparameter", "objective_vs_params.png"),
+                ("Optimisation history (Optuna)", "history.png"), ("Parameter importances (Optuna)", "importances.png"),
+                ("Species x clusters, best trial", "contingency.png"), ("Cluster montage, best trial", "montage.png")]
+    for title, name in pictures:
+        if (out / name).exists():
+            lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    if importances:
+        lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,31 @@ def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
-def analyze(experiment: str | Path, out: str | Path | None = None, label_column: str | None = None,
-            objective: str = "purity", mode: str = "max", imagenet_weights: str | None = None,
-            cache_dir: str | None = None, seed: int = 0) -> Path:
-    """Write the analysis of `experiment` into `out` (default: EXPERIMENT/analysis); returns report.md's path."""
-    experiment = Path(experiment)
-    out = Path(out) if out is not None else experiment / "analysis"
+@dataclass
+class Scored:
+    """The scored sweep that the pictures and the report are made from."""
+
+    experiment: Path
+    trials: list
+    table: pd.DataFrame
+    baselines: dict
+    has_labels: bool
+    objective: str
+    mode: str
+    dataset: object  # the decoded images (ImageDataset), or None when they cannot be loaded
+    notes: list
+
+    @property
+    def best(self) -> analysis.Trial | None:
+        return analysis.best_trial(self.trials, self.table, self.objective, self.mode) \
+            if self.objective in self.table else None
+
+
+def score(experiment: str | Path, out: str | Path, label_column: str | None = None, objective: str = "purity",
+          mode: str = "max", imagenet_weights: str | None = None, cache_dir: str | None = None,
+          seed: int = 0) -> Scored:
+    """Score every trial and the baselines; writes trials.csv and baselines.csv into `out`."""
+    experiment, out = Path(experiment), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = analysis.load_trials(experiment)
     some = next((t for t in trials if t.metrics), None)
@@ -75,7 +95,7 @@ def analyze(experiment: str | Path, out: str | Path | None = None, label_column:
 
     baselines = analysis.baselines_of(trials) if label_column is None else {}
     dataset = _load_images(some, cache_dir) if some else None
-    if label_column is not None and dataset is not None and has_labels:
+    if label_column is not None and dataset is not None and has_labels:  # the trials' baselines used the species
         from laray.evaluate import score_codes
         from laray.run import raw_pixel_codes
 
@@ -89,23 +109,44 @@ def analyze(experiment: str | Path, out: str | Path | None = None, label_column:
         table = table.drop(columns=[c for c in analysis.SCORES if c in table], errors="ignore")
     table.to_csv(out / "trials.csv", index=False)
     pd.DataFrame([{"baseline": k, **v} for k, v in baselines.items()]).to_csv(out / "baselines.csv", index=False)
+    return Scored(experiment, trials, table, baselines, has_labels, objective, mode, dataset,
+                  [] if has_labels else [NO_LABELS])
 
-    notes = [] if has_labels else [NO_LABELS]
+
+def plot_sweep(scored: Scored, out: str | Path) -> dict:
+    """objective_vs_params.png, history.png, importances.png; returns Optuna's parameter importances."""
+    out = Path(out)
+    table = scored.table
     params = [p for p in analysis.PARAMS if p in table and table[p].notna().any()]
-    plots.plot_objective_vs_params(table, params, objective, out / "objective_vs_params.png")
-    history, importances = analysis.optuna_history_and_importances(experiment)
-    plots.plot_history(history, out / "history.png", objective=objective, mode=mode)
+    plots.plot_objective_vs_params(table, params, scored.objective, out / "objective_vs_params.png")
+    history, importances = analysis.optuna_history_and_importances(scored.experiment)
+    plots.plot_history(history, out / "history.png", objective=scored.objective, mode=scored.mode)
     plots.plot_importances(importances, out / "importances.png")
+    return importances
 
-    best = analysis.best_trial(trials, table, objective, mode) if objective in table else None
-    if best is not None and best.assignments is not None:
-        if has_labels:
-            analysis.per_species_table(best.assignments).to_csv(out / "per_species.csv", index=False)
-            known = best.assignments[best.assignments["label"].astype(str) != ""]
-            plots.plot_contingency(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy(),
-                                   out / "contingency.png")
-        notes += _montage(best, dataset, out, seed)
-    _write_report(out, experiment, table, baselines, best, objective, mode, has_labels, importances, notes)
+
+def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[str]:
+    """per_species.csv, contingency.png and montage.png of the best trial; returns notes for the report."""
+    out, best = Path(out), scored.best
+    if best is None or best.assignments is None:
+        return ["No trial has finished an LA epoch yet: no best trial to picture."]
+    if scored.has_labels:
+        analysis.per_species_table(best.assignments).to_csv(out / "per_species.csv", index=False)
+        known = best.assignments[best.assignments["label"].astype(str) != ""]
+        plots.plot_contingency(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy(),
+                               out / "contingency.png")
+    return _montage(best, scored.dataset, out, seed)
+
+
+def analyze(experiment: str | Path, out: str | Path | None = None, label_column: str | None = None,
+            objective: str = "purity", mode: str = "max", imagenet_weights: str | None = None,
+            cache_dir: str | None = None, seed: int = 0) -> Path:
+    """Write the whole analysis of `experiment` into `out` (default: EXPERIMENT/analysis); returns report.md."""
+    out = Path(out) if out is not None else Path(experiment) / "analysis"
+    scored = score(experiment, out, label_column, objective, mode, imagenet_weights, cache_dir, seed)
+    importances = plot_sweep(scored, out)
+    notes = scored.notes + best_trial_pictures(scored, out, seed)
+    _write_report(out, scored, importances, notes)
     return out / "report.md"
 
 
@@ -134,8 +175,9 @@ def _montage(best: analysis.Trial, dataset, out: Path, seed: int) -> list[str]:
     return []
 
 
-def _write_report(out: Path, experiment: Path, table: pd.DataFrame, baselines: dict, best, objective: str, mode: str,
-                  has_labels: bool, importances: dict, notes: list[str]) -> None:
+def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]) -> None:
+    experiment, table, baselines, best = scored.experiment, scored.table, scored.baselines, scored.best
+    objective, mode, has_labels = scored.objective, scored.mode, scored.has_labels
     counts = table["status"].value_counts().to_dict()
     lines = [f"# Sweep report: {experiment.name}", "",
              f"{len(table)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), "

@@ -89,7 +89,10 @@ def score(experiment: str | Path, out: str | Path, label_column: str | None = No
         for t in trials:
             if t.assignments is not None:
                 t.assignments = relabel(t.assignments, spec, label_column)
-    has_labels = any(t.assignments is not None and analysis.labelled(t.assignments) for t in trials)
+    scored_trials = [t for t in trials if t.assignments is not None]
+    # Unlabelled only when some trial has assignments and none of them has a label; before any
+    # trial finishes an LA epoch, nothing says the data is unlabelled.
+    has_labels = not scored_trials or any(analysis.labelled(t.assignments) for t in scored_trials)
     if not has_labels:
         objective, mode = "silhouette", "max"
 
@@ -104,13 +107,15 @@ def score(experiment: str | Path, out: str | Path, label_column: str | None = No
         baselines = {"raw_pixels": score_codes(raw_pixel_codes(dataset), labels, seed=seed)[0]}
     if imagenet_weights and dataset is not None and has_labels:
         baselines["imagenet_vgg16_bn"] = _imagenet_baseline(dataset, imagenet_weights, seed)
-    table = analysis.trials_table(trials, baselines, objective if has_labels else "purity", with_k=has_labels)
+    table = analysis.trials_table(trials, baselines, objective, with_k=has_labels)
     if not has_labels:
         table = table.drop(columns=[c for c in analysis.SCORES if c in table], errors="ignore")
     table.to_csv(out / "trials.csv", index=False)
     pd.DataFrame([{"baseline": k, **v} for k, v in baselines.items()]).to_csv(out / "baselines.csv", index=False)
-    return Scored(experiment, trials, table, baselines, has_labels, objective, mode, dataset,
-                  [] if has_labels else [NO_LABELS])
+    notes = [] if has_labels else [NO_LABELS]
+    if not scored_trials:
+        notes.append("No trial has finished an LA epoch yet: scores appear as trials report.")
+    return Scored(experiment, trials, table, baselines, has_labels, objective, mode, dataset, notes)
 
 
 def plot_sweep(scored: Scored, out: str | Path) -> dict:
@@ -169,8 +174,7 @@ def _montage(best: analysis.Trial, dataset, out: Path, seed: int) -> list[str]:
     if len(paths) <= a["idx"].max() or not (paths[a["idx"].to_numpy()] == a["path"].to_numpy()).all():
         return ["Cluster montage skipped: the data set on disk no longer matches the trial's assignments."]
     species = a["label"].astype(str).to_numpy() if analysis.labelled(a) else None
-    images = dataset.images[a["idx"].to_numpy()] if not (a["idx"].to_numpy() == np.arange(len(a))).all() \
-        else dataset.images
+    images = dataset.images[a["idx"].to_numpy()]  # row i of the montage input = assignment row i
     plots.cluster_montage(images, a["cluster"].to_numpy(), out / "montage.png", species=species, seed=seed)
     return []
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -69,6 +70,14 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _labels_key(dataset: ImageDataset) -> str:
+    """Identifies the images and their labels: the same files scored by another label column differ."""
+    digest = hashlib.sha256(dataset.fingerprint.encode())
+    digest.update(np.ascontiguousarray(dataset.labels).tobytes())
+    digest.update("\n".join(dataset.class_names).encode())
+    return digest.hexdigest()[:16]
+
+
 def _baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
                device: torch.device, path: Path) -> dict:
     """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
@@ -109,7 +118,7 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     encoder_state = {k[len("encoder."):]: v for k, v in ae_state.items() if k.startswith("encoder.")}
 
     baselines = _baselines(dataset, encoder_state, ae_cfg, la_cfg.merger, seed, device,
-                           store_dir / key / f"baselines_{la_cfg.merger}_{dataset.fingerprint}.json")
+                           store_dir / key / f"baselines_{la_cfg.merger}_{_labels_key(dataset)}.json")
 
     def metrics_of(scores: dict, la_history: list) -> dict:
         return {

@@ -38,16 +38,19 @@ class Trial:
     results: list = field(default_factory=list)  # Tune's result.json rows
 
 
-def _statuses(experiment: Path) -> dict[str, tuple[str, str]]:
-    """Trial folder name -> (trial id, status) from the newest experiment_state file, if any."""
-    states = sorted(glob.glob(str(experiment / "experiment_state-*.json")))
+def tune_trial_states(experiment: Path) -> list[dict]:
+    """Tune's own record of each trial (id, status, config, folder) from the newest experiment_state file."""
+    states = sorted(glob.glob(str(Path(experiment) / "experiment_state-*.json")))
     if not states:
-        return {}
-    out = {}
-    for entry in json.loads(Path(states[-1]).read_text()).get("trial_data", []):
-        trial = json.loads(entry[0] if isinstance(entry, list) else entry)
-        out[Path(trial.get("relative_logdir", "")).name] = (trial.get("trial_id", ""), trial.get("status", "UNKNOWN"))
-    return out
+        return []
+    entries = json.loads(Path(states[-1]).read_text()).get("trial_data", [])
+    return [json.loads(e[0] if isinstance(e, list) else e) for e in entries]
+
+
+def _statuses(experiment: Path) -> dict[str, tuple[str, str]]:
+    """Trial folder name -> (trial id, status)."""
+    return {Path(t.get("relative_logdir", "")).name: (t.get("trial_id", ""), t.get("status", "UNKNOWN"))
+            for t in tune_trial_states(experiment)}
 
 
 def _read_json_lines(path: Path) -> list[dict]:

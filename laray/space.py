@@ -111,6 +111,21 @@ class SearchSpace:
         return {name: dist.resolve(name, n_images).to_tune() for name, dist in self.search.items()}
 
 
+def _number(value):
+    """YAML 1.1 reads 1e-3 as a string: numeric strings become numbers (ints when integral)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+        return int(value) if value.is_integer() else value
+    return value
+
+
+INT_SETTINGS = tuple(f.name for f in dataclasses.fields(LAConfig)
+                     if isinstance(f.default, int) and not isinstance(f.default, bool))
+
+
 def _distribution(name: str, spec) -> Distribution:
     where = f"search.{name}"
     if not isinstance(spec, dict) or not (set(spec) - {"log"}):
@@ -119,6 +134,11 @@ def _distribution(name: str, spec) -> Distribution:
     if len(kinds) != 1 or kinds[0] not in KINDS:
         raise SpaceError(f"{where} needs exactly one of {KINDS}, got {sorted(spec)}")
     kind, args, log = kinds[0], spec[kinds[0]], spec.get("log", False)
+    if isinstance(args, list):
+        args = [_number(a) for a in args]
+    if name in INT_SETTINGS and kind in ("uniform", "loguniform"):
+        raise SpaceError(f"{where} is an integer setting: use int: [low, high] (with log: true for a log scale), "
+                         f"not {kind}")
     if not isinstance(log, bool):
         raise SpaceError(f"{where}.log must be true or false, got {log!r}")
     if kind == "categorical":

@@ -99,6 +99,27 @@ def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
                         study_name=name, storage=storage)
 
 
+def _fail_orphaned_optuna_trials(experiment: Path, name: str) -> None:
+    """Mark FAIL the Optuna trials left RUNNING by a killed driver that Tune never saved.
+
+    Optuna writes a sampled trial to SQLite at once; Tune saves its state every few
+    seconds. A driver killed in between leaves a RUNNING Optuna trial that no Tune
+    trial will ever finish.
+    """
+    import optuna
+
+    from laray.analysis import tune_trial_states
+
+    db = experiment / OPTUNA_DB
+    if not db.exists():
+        return
+    known = [t.get("config", {}) for t in tune_trial_states(experiment)]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not any(all(config.get(k) == v for k, v in trial.params.items()) for config in known):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
 def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
               seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
               resume: bool = False, device: str = "auto", verbose: int = 1,
@@ -115,8 +136,15 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
     else:
         experiment_local = Path(storage.removeprefix("file://")).expanduser().resolve() / name
     experiment = experiment_local or Path(tempfile.gettempdir()) / "laray" / name
-    experiment.mkdir(parents=True, exist_ok=True)
     storage_path = storage if experiment_local is None else str(experiment.parent)
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    if resume and not tune.Tuner.can_restore(experiment_path):
+        raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+    if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
+        raise ValueError("the number of trials of a sweep cannot change when it is resumed")
+    if not resume and tune.Tuner.can_restore(experiment_path):
+        raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
+    experiment.mkdir(parents=True, exist_ok=True)
     threads = max(1, int(cpus_per_trial))
     trainable = tune.with_parameters(train_trial, dataset=dataset, space=space, seed=seed,
                                      store_dir=str(experiment / "autoencoders"),
@@ -124,14 +152,10 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
                                      crash_once_at_epoch=crash_once_at_epoch)
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
 
-    experiment_path = f"{storage_path.rstrip('/')}/{name}"
     if resume:
-        if not tune.Tuner.can_restore(experiment_path):
-            raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+        _fail_orphaned_optuna_trials(experiment, name)
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        if tune.Tuner.can_restore(experiment_path):
-            raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
         param_space = space.tune_space(len(dataset))
         tuner = tune.Tuner(
             trainable,

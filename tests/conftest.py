@@ -1,0 +1,19 @@
+"""Shared fixtures. Ray starts only for the tests that ask for `ray_session`, once per test session."""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance with 2 CPUs and no dashboard, shared by every test that requests it."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address="local": always a fresh instance of our own, never a cluster that RAY_ADDRESS points at
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()

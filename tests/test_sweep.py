@@ -1,0 +1,659 @@
+"""The sweep layer: search spaces, Ray Tune + Optuna sweeps, stage-1 reuse, resume, faults, `laray sweep`.
+
+Sweeps run on 120 of the embedded digits with a tiny VGG (vgg11_bn at width 0.125, 32 px),
+one stage-1 epoch and two or three LA epochs, on a local Ray instance with 2 CPUs (the
+session fixture `ray_session` in conftest.py). Each sweep takes 10-30 s on 2 cores.
+"""
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from laray import ae_store
+from laray.ae_store import store_key
+from laray.config import LAConfig, replace
+from laray.data import ImageDataset, load_dataset
+from laray.metrics import purity
+from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
+from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, run_sweep
+
+N = 120
+FINGERPRINT = "digits-sub120"
+SEED = 0
+AE = {"arch": "vgg11_bn", "width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 32}
+LA = {"epochs": 2, "batch_size": 32}
+SEARCH = {
+    "temperature": {"loguniform": [0.05, 0.5]},
+    "mixing_rate": {"uniform": [0.3, 0.9]},
+    "k_neighbours": {"int": [5, 50]},
+    "clustering_repeats": {"int": [1, 3]},
+    "n_centroids": {"fraction": [0.05, 0.2]},  # 6 to 24 at N = 120
+}
+FIVE = tuple(SEARCH)
+RANGES = {"k_neighbours": (5, 50), "clustering_repeats": (1, 3), "n_centroids": (6, 24)}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, search=None) -> dict:
+    return {"num_samples": num_samples, "max_concurrent": max_concurrent, "grace_period": grace_period,
+            "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
+            "search": {**SEARCH, **(search or {})}}
+
+
+@pytest.fixture(scope="module")
+def sub():
+    d = load_dataset("digits", 32)
+    return ImageDataset(np.ascontiguousarray(d.images[:N]), d.labels[:N], d.class_names, d.paths[:N],
+                        fingerprint=FINGERPRINT)
+
+
+def optuna_storage(experiment: Path) -> str:
+    return f"sqlite:///{experiment / OPTUNA_DB}"
+
+
+def only_study(experiment: Path, name: str):
+    """The single Optuna study in the sweep's optuna.db (asserting there is exactly one, named `name`)."""
+    import optuna
+
+    summaries = optuna.get_all_study_summaries(storage=optuna_storage(experiment))
+    assert [s.study_name for s in summaries] == [name]
+    return optuna.load_study(study_name=name, storage=optuna_storage(experiment))
+
+
+def analysis_of(experiment: Path):
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(str(experiment))
+
+
+def rows(folder: Path) -> pd.DataFrame:
+    """The trial's reported results (progress.csv), empty when it reported nothing."""
+    path = Path(folder) / "progress.csv"
+    return pd.read_csv(path) if path.exists() and path.read_text().strip() else pd.DataFrame()
+
+
+def failures(folder: Path) -> list[str]:
+    """The failure tracebacks Ray Tune appended to the trial's error.txt, one string per failure."""
+    path = Path(folder) / "error.txt"
+    return re.split(r"^Failure # \d+", path.read_text(), flags=re.M)[1:] if path.exists() else []
+
+
+def la_history(metrics: dict) -> list[dict]:
+    return [h for h in metrics["history"] if h["stage"] == "local_aggregation"]
+
+
+def only_store_key(experiment: Path, space) -> str:
+    store = experiment / "autoencoders"
+    keys = sorted(p.name for p in store.iterdir() if p.is_dir())
+    assert keys == [store_key(FINGERPRINT, space.ae, SEED)]
+    return keys[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# A 3-trial sweep, shared by the tests that only read what it left
+
+
+class Sweep:
+    def __init__(self, storage: Path, name: str, space, result):
+        self.storage, self.name, self.space, self.result = storage, name, space, result
+        self.experiment = storage / name
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, sub, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    space = parse_space(raw_space(num_samples=3, max_concurrent=2))
+    result = run_sweep(sub, space, str(storage), "three", seed=SEED, verbose=0)
+    return Sweep(storage, "three", space, result)
+
+
+def test_sweep_runs_every_trial_and_records_it(sweep, sub):
+    exp = sweep.experiment
+    assert sweep.result.experiment == exp
+    assert sweep.result.n_trials == 3
+    assert sweep.result.n_errored == 0
+
+    import optuna
+
+    study = only_study(exp, "three")
+    assert len(study.trials) == 3
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert set(trial.params) == set(FIVE)
+        assert 0.05 <= trial.params["temperature"] <= 0.5
+        assert 0.3 <= trial.params["mixing_rate"] <= 0.9
+        for name, (low, high) in RANGES.items():
+            assert trial.params[name] == int(trial.params[name]) and low <= trial.params[name] <= high, name
+
+    analysis = analysis_of(exp)
+    assert len(analysis.trials) == 3
+    final_purity, configs = {}, []
+    expected_labels = [sub.class_names[label] for label in sub.labels]
+    for trial in analysis.trials:
+        assert trial.status == "TERMINATED"
+        assert set(trial.config) == set(FIVE)
+        configs.append(trial.config)
+        progress = analysis.trial_dataframes[trial.trial_id]
+        assert 1 <= len(progress) <= LA["epochs"]  # ASHA (grace period 1) may stop a trial after one epoch
+        assert progress["training_iteration"].tolist() == list(range(1, len(progress) + 1))
+        assert progress["epoch"].tolist() == list(range(1, len(progress) + 1))  # LA epochs only
+
+        folder = Path(trial.path)
+        assert folder.parent == exp
+        assignments = pd.read_csv(folder / "assignments.csv", dtype={"label": str})
+        assert list(assignments.columns) == ["idx", "path", "label", "cluster"]
+        assert len(assignments) == N
+        assert assignments["idx"].tolist() == list(range(N))
+        assert assignments["path"].tolist() == list(sub.paths)
+        assert assignments["label"].tolist() == expected_labels
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["purity"] == pytest.approx(purity(assignments["label"], assignments["cluster"]))
+        assert metrics["purity"] == pytest.approx(progress["purity"].iloc[-1])  # outputs of the last report
+        assert [h["epoch"] for h in la_history(metrics)] == progress["epoch"].tolist()
+        assert metrics["n_images"] == N
+        codes = np.load(folder / "codes.npy")
+        assert codes.dtype == np.float32 and codes.shape[0] == N
+        final_purity[trial.trial_id] = progress["purity"].iloc[-1]
+
+    # Optuna was told each trial's last score
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(final_purity.values()))
+
+    best = json.loads((exp / "best.json").read_text())
+    assert best["n_trials"] == 3 and best["n_errored"] == 0
+    assert best["best_metrics"]["purity"] == pytest.approx(max(final_purity.values()))
+    assert best["best_config"] in configs
+    assert sweep.result.best_config == best["best_config"]
+
+
+def test_stage1_is_trained_once_for_the_whole_sweep(sweep):
+    """Two trials at a time, one auto-encoder: the first trains it, the other waits on the lock and loads it."""
+    assert sweep.space.max_concurrent == 2
+    store = sweep.experiment / "autoencoders"
+    key = only_store_key(sweep.experiment, sweep.space)
+    assert ae_store.trainings(store, key) == 1
+    assert len((store / key / "trainings.log").read_text().splitlines()) == 1
+    assert (store / key / "autoencoder.pt").exists()
+    trained_here = [json.loads((folder / "metrics.json").read_text())["autoencoder"]["trained_in_this_run"]
+                    for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
+    assert len(trained_here) == 3
+    assert sorted(trained_here) == [False, False, True]
+
+
+def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
+    with pytest.raises(FileExistsError, match="resume"):
+        run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, seed=SEED, verbose=0)
+    study = only_study(sweep.experiment, sweep.name)  # untouched: still one study of 3 trials
+    assert len(study.trials) == 3
+    assert len(analysis_of(sweep.experiment).trials) == 3
+
+
+def test_resume_without_a_sweep_is_refused(sub, tmp_path):
+    space = parse_space(raw_space())
+    with pytest.raises(FileNotFoundError, match="no sweep to resume"):
+        run_sweep(sub, space, str(tmp_path), "nothing", resume=True, verbose=0)
+    assert not list(tmp_path.iterdir())  # a refused resume leaves nothing behind
+
+
+def test_resume_refuses_a_new_number_of_trials(sweep, sub):
+    # Tuner.restore keeps the stored num_samples; a different one must not be ignored silently.
+    with pytest.raises(ValueError, match="cannot change when it is resumed"):
+        run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, num_samples=5, resume=True, verbose=0)
+    assert len(only_study(sweep.experiment, sweep.name).trials) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume after a real interruption of the driver: Ctrl-C (SIGINT), and a hard kill (SIGKILL)
+
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import numpy as np
+    import ray
+    from laray.data import ImageDataset, load_dataset
+    from laray.space import parse_space
+    from laray.sweep import run_sweep
+
+    address, storage, name, raw, n, fingerprint = sys.argv[1:7]
+    n = int(n)
+    d = load_dataset("digits", 32)
+    sub = ImageDataset(np.ascontiguousarray(d.images[:n]), d.labels[:n], d.class_names, d.paths[:n],
+                       fingerprint=fingerprint)
+    ray.init(address=address)  # joins the tests' Ray instance: a killed driver leaves no Ray processes behind
+    result = run_sweep(sub, parse_space(json.loads(raw)), storage, name, seed=0, verbose=0)
+    print("driver returned", result.n_trials, flush=True)
+""")
+RESUMED_RAW = raw_space(num_samples=3, max_concurrent=1)
+
+
+def _start_driver(ray_session, tmp_path: Path, storage: Path, name: str, raw: dict):
+    script, log = tmp_path / "driver.py", tmp_path / "driver.log"
+    script.write_text(DRIVER)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    address = ray_session.get_runtime_context().gcs_address
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script), address, str(storage), name, json.dumps(raw), str(N),
+                                 FINGERPRINT], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    return proc, log
+
+
+def _wait_until(condition, proc, log: Path, what: str, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"not {what} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc) -> int:
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finished_trial(experiment: Path, epochs: int):
+    return next((f for f in experiment.glob("train_trial_*") if len(rows(f)) >= epochs), None)
+
+
+def _optuna_trial_count(experiment: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{experiment / OPTUNA_DB}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM trials").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+def _check_resumed(result, experiment: Path, name: str, before, first: Path, first_progress: str):
+    """What a resumed sweep must show whatever stopped it: the requested trials, each trained once."""
+    assert result.n_trials == 3 and result.n_errored == 0
+    after = analysis_of(experiment)
+    assert len(after.trials) == 3
+    assert all(t.status == "TERMINATED" for t in after.trials)
+    assert {t.trial_id for t in before.trials} <= {t.trial_id for t in after.trials}
+    for trial in after.trials:  # none trained twice: iterations count up from 1 once, without a restart at 1
+        progress = rows(trial.path)
+        assert 1 <= len(progress) <= LA["epochs"]
+        assert progress["training_iteration"].tolist() == list(range(1, len(progress) + 1))
+        assert progress["epoch"].tolist() == list(range(1, len(progress) + 1))
+    assert (first / "progress.csv").read_text() == first_progress  # the finished trial was not run again
+
+    import optuna
+
+    study = only_study(experiment, name)  # the resumed sweep went on with the same study
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert all(set(t.params) == set(FIVE) for t in complete)
+    assert sorted(json.dumps(t.params, sort_keys=True) for t in complete) == \
+        sorted(json.dumps(t.config, sort_keys=True) for t in after.trials)  # Optuna's trials are Tune's
+    key = only_store_key(experiment, parse_space(RESUMED_RAW))
+    assert ae_store.trainings(experiment / "autoencoders", key) == 1  # stage 1 not retrained on resume either
+    assert json.loads((experiment / "best.json").read_text())["n_trials"] == 3
+    return study
+
+
+def test_interrupted_sweep_resumes_to_the_requested_trials(ray_session, sub, tmp_path):
+    name, storage = "interrupted", tmp_path / "results"
+    experiment = storage / name
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW)
+    try:
+        first = _wait_until(lambda: _finished_trial(experiment, LA["epochs"]), proc, log, "a trial finished")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and fit() returns
+    finally:
+        rc = _stop(proc)
+    assert rc == 0, log.read_text()[-3000:]
+    first_progress = (first / "progress.csv").read_text()
+    before = analysis_of(experiment)
+    assert sum(t.status == "TERMINATED" for t in before.trials) < 3, "the sweep finished before the interrupt"
+
+    result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
+
+    study = _check_resumed(result, experiment, name, before, first, first_progress)
+    assert len(study.trials) == 3
+
+
+@pytest.fixture(scope="module")
+def killed_sweep(ray_session, sub, tmp_path_factory):
+    """A sweep whose driver was SIGKILLed just after Optuna was asked for its second trial, then resumed."""
+    tmp_path = tmp_path_factory.mktemp("killed")
+    name, storage = "killed", tmp_path / "results"
+    experiment = storage / name
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW)
+    try:
+        _wait_until(lambda: _optuna_trial_count(experiment) >= 2, proc, log, "a second trial was sampled")
+        proc.kill()  # no chance to save anything: Tune's experiment state is whatever it last wrote
+    finally:
+        _stop(proc)
+    first = _finished_trial(experiment, LA["epochs"])
+    assert first is not None
+    first_progress = (first / "progress.csv").read_text()
+    before = analysis_of(experiment)
+    if len(before.trials) >= _optuna_trial_count(experiment):
+        pytest.skip("Tune saved its state after the second trial was sampled: the kill lost nothing")
+
+    result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
+    return result, experiment, name, before, first, first_progress
+
+
+def test_killed_sweep_resumes_to_the_requested_trials(killed_sweep):
+    _check_resumed(*killed_sweep)
+
+
+def test_killed_sweep_leaves_no_orphan_optuna_trial(killed_sweep):
+    result, experiment, name = killed_sweep[:3]
+    study = only_study(experiment, name)
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states  # the sweep is over: nothing in its study may still be running
+    assert set(states) <= {"COMPLETE", "FAIL"} and states.count("COMPLETE") == result.n_trials == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults
+
+
+def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub, tmp_path):
+    space = parse_space(raw_space(num_samples=2, max_concurrent=2, grace_period=3, la_epochs=3))
+    result = run_sweep(sub, space, str(tmp_path), "crash", seed=SEED, max_failures=2, crash_once_at_epoch=1,
+                       verbose=0)
+    assert result.n_trials == 2
+    assert result.n_errored == 0
+
+    experiment = tmp_path / "crash"
+    analysis = analysis_of(experiment)
+    assert len(analysis.trials) == 2
+    for trial in analysis.trials:
+        folder = Path(trial.path)
+        assert trial.status == "TERMINATED"
+        assert "after LA epoch 1" in (folder / CRASH_MARKER).read_text()  # the worker did die
+        assert len(failures(folder)) == 1  # ... once, and the restart went through
+        progress = rows(folder)
+        assert progress["training_iteration"].tolist() == [1, 2, 3]
+        assert progress["epoch"].tolist() == [1, 2, 3]  # no LA epoch recomputed after the restart
+        assert progress["iterations_since_restore"].tolist() == [1, 1, 2]  # restored after epoch 1
+        pids = progress["pid"].tolist()
+        assert pids[0] != pids[1] == pids[2]  # epochs 2 and 3 in a new worker
+        metrics = json.loads((folder / "metrics.json").read_text())
+        history = la_history(metrics)
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        # epoch 1's record came back from the checkpoint rather than from training it again
+        assert history[0]["loss"] == pytest.approx(progress["loss"].iloc[0])
+        assert metrics["autoencoder"]["trained_in_this_run"] is False  # the restart loaded stage 1
+        assert metrics["purity"] == pytest.approx(progress["purity"].iloc[-1])
+    key = only_store_key(experiment, space)
+    assert ae_store.trainings(experiment / "autoencoders", key) == 1
+
+    import optuna
+
+    study = only_study(experiment, "crash")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def test_trial_with_non_finite_loss_ends_errored_and_the_sweep_goes_on(ray_session, sub, tmp_path):
+    max_failures = 1
+    space = parse_space(raw_space(num_samples=3, max_concurrent=2, grace_period=2, la_epochs=2,
+                                  search={"lr": {"categorical": [0.01, 1.0e30]}}))
+    result = run_sweep(sub, space, str(tmp_path), "nonfinite", seed=SEED, max_failures=max_failures, verbose=0)
+
+    experiment = tmp_path / "nonfinite"
+    analysis = analysis_of(experiment)
+    assert len(analysis.trials) == 3
+    diverged = [t for t in analysis.trials if t.config["lr"] == 1.0e30]
+    finite = [t for t in analysis.trials if t.config["lr"] == 0.01]
+    assert diverged and finite, "the sampler's seed must draw both learning rates"
+    assert len(diverged) + len(finite) == 3
+    assert result.n_trials == 3
+    assert result.n_errored == len(diverged)
+
+    for trial in diverged:
+        folder = Path(trial.path)
+        assert trial.status == "ERROR"
+        reason = (folder / NONFINITE_MARKER).read_text()
+        assert "non-finite loss" in reason
+        bad_epoch = int(re.search(r"epoch (\d+)", reason).group(1))
+        assert len(rows(folder)) <= bad_epoch - 1  # only the epochs completed before the loss diverged
+        tracebacks = failures(folder)
+        assert len(tracebacks) == max_failures + 1  # FailureConfig restarted it ...
+        assert all("NonFiniteLossError" in tb for tb in tracebacks)
+        assert "finetune_la" in tracebacks[0]
+        assert not any("finetune_la" in tb for tb in tracebacks[1:])  # ... and the restart failed before training
+
+    for trial in finite:
+        folder = Path(trial.path)
+        assert trial.status == "TERMINATED"
+        assert not (folder / NONFINITE_MARKER).exists()
+        assert rows(folder)["epoch"].tolist() == [1, 2]
+        assert not failures(folder)
+
+    import optuna
+
+    study = only_study(experiment, "nonfinite")
+    states = sorted((t.params["lr"], t.state.name) for t in study.trials)
+    assert states == sorted([(0.01, "COMPLETE")] * len(finite) + [(1.0e30, "FAIL")] * len(diverged))
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["best_config"]["lr"] == 0.01
+    assert best["n_errored"] == len(diverged)
+
+
+# --------------------------------------------------------------------------------------------------
+# Search spaces (no Ray)
+
+
+def test_bundled_spaces_parse():
+    demo = load_space("demo")
+    assert demo.source.endswith("demo.yaml")
+    assert demo.objective == "purity" and demo.mode == "max" and demo.data == "digits"
+    assert set(demo.search) == set(FIVE)
+    default = load_space(ROOT / "search_spaces" / "default.yaml")
+    assert set(default.search) >= set(FIVE)
+    assert default.ae.arch == "vgg16_bn" and default.ae.pretrained == "imagenet"
+    assert default.search["n_centroids"].kind == "fraction" and default.search["n_centroids"].log is True
+
+
+def _with(raw: dict, path: tuple, value) -> dict:
+    raw = json.loads(json.dumps(raw))
+    node = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return raw
+
+
+BAD_SPACES = {
+    "unknown top-level key": (("epochs",), 3, "epochs"),
+    "unknown objective": (("objective",), "accuracy", "objective"),
+    "unknown mode": (("mode",), "maximise", "mode"),
+    "num_samples < 1": (("num_samples",), 0, "num_samples"),
+    "search key that is not an LA setting": (("search", "dropout"), {"uniform": [0.1, 0.5]}, "dropout"),
+    "two kinds": (("search", "temperature"), {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]},
+                  "search.temperature"),
+    "unknown kind": (("search", "temperature"), {"normal": [0.1, 0.2]}, "search.temperature"),
+    "low > high": (("search", "mixing_rate"), {"uniform": [0.9, 0.3]}, "search.mixing_rate"),
+    "loguniform with low 0": (("search", "temperature"), {"loguniform": [0, 0.3]}, "search.temperature"),
+    "loguniform with low < 0": (("search", "temperature"), {"loguniform": [-0.1, 0.3]}, "search.temperature"),
+    "int with fractions": (("search", "clustering_repeats"), {"int": [1.5, 3]}, "search.clustering_repeats"),
+    "fraction of a size-independent parameter": (("search", "mixing_rate"), {"fraction": [0.1, 0.2]},
+                                                 "search.mixing_rate"),
+    "fraction above 1": (("search", "n_centroids"), {"fraction": [0.1, 1.5]}, "search.n_centroids"),
+    "categorical value invalid for LAConfig": (("search", "merger"), {"categorical": ["max"]}, "merger"),
+    "range outside LAConfig's limits": (("search", "mixing_rate"), {"uniform": [0.5, 1.5]}, "mixing_rate"),
+    "fixed.la with an unknown key": (("fixed", "la", "momentun"), 0.9, "momentun"),
+    "fixed.autoencoder invalid": (("fixed", "autoencoder", "arch"), "resnet50", "arch"),
+    "unknown fixed section": (("fixed", "optimizer"), {"lr": 0.1}, "fixed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_malformed_space_file_names_the_key(case, tmp_path):
+    path, value, named = BAD_SPACES[case]
+    file = tmp_path / "space.yaml"
+    file.write_text(yaml.safe_dump(_with(raw_space(), path, value)))
+    with pytest.raises(SpaceError) as info:
+        load_space(file)
+    assert named in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_space_file_that_cannot_be_read(tmp_path):
+    with pytest.raises(SpaceError, match="cannot read search space"):
+        load_space(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("search: {temperature: [\n")
+    with pytest.raises(SpaceError, match="cannot read search space"):
+        load_space(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpaceError):
+        load_space(tmp_path / "list.yaml")
+    (tmp_path / "empty_search.yaml").write_text("objective: nmi\n")
+    with pytest.raises(SpaceError, match="search"):
+        load_space(tmp_path / "empty_search.yaml")
+
+
+def _draws(domain, n=300):
+    return domain.sample(size=n) if hasattr(domain, "sample") else [domain] * n
+
+
+def test_tune_space_resolves_size_dependent_ranges():
+    space = parse_space({"search": {
+        "k_neighbours": {"int": [5, 500], "log": True},
+        "n_centroids": {"fraction": [0.02, 0.5]},
+        "clustering_repeats": {"int": [1, 3]},
+        "temperature": {"loguniform": [0.05, 0.5]},
+    }})
+    for n in (40, 120):
+        tune_space = space.tune_space(n)
+        k = _draws(tune_space["k_neighbours"])
+        assert all(isinstance(v, (int, np.integer)) and 5 <= v <= n - 1 for v in k)
+        assert max(k) > n // 2  # the range reaches up to N-1, not just below it
+        c = _draws(tune_space["n_centroids"])
+        assert all(isinstance(v, (int, np.integer)) and 1 <= v <= n for v in c)
+        assert min(c) >= max(1, round(0.02 * n)) and max(c) <= round(0.5 * n)
+        r = _draws(tune_space["clustering_repeats"])
+        assert set(r) == {1, 2, 3}  # integer ranges include their upper end
+        t = _draws(tune_space["temperature"])
+        assert all(0.05 <= v <= 0.5 for v in t)
+        for kk, cc, rr, tt in zip(k, c, r, t):
+            cfg = replace(LAConfig(), k_neighbours=int(kk), n_centroids=int(cc), clustering_repeats=int(rr),
+                          temperature=float(tt))
+            cfg.check_data_size(n)  # every draw makes a valid LAConfig for this N
+
+    # ranges entirely above the limits collapse to the limit; fractions never go below 1
+    clipped = parse_space({"search": {"k_neighbours": {"int": [200, 500]}, "n_centroids": {"fraction": [0.001, 0.002]}}})
+    tune_space = clipped.tune_space(120)
+    assert set(_draws(tune_space["k_neighbours"])) == {119}
+    assert set(_draws(tune_space["n_centroids"])) == {1}
+    big = parse_space({"search": {"n_centroids": {"int": [50, 500]}, "k_neighbours": {"categorical": [10, 500]}}})
+    tune_space = big.tune_space(40)
+    assert set(_draws(tune_space["n_centroids"])) == {40}
+    assert set(_draws(tune_space["k_neighbours"])) == {10}  # categorical choices beyond N-1 are dropped
+
+
+def test_check_data_size_checks_fixed_values_only():
+    fixed_k = parse_space({"fixed": {"la": {"k_neighbours": 120, "n_centroids": 10}},
+                           "search": {"temperature": {"loguniform": [0.05, 0.5]}}})
+    with pytest.raises(SpaceError, match="k_neighbours"):
+        fixed_k.check_data_size(120)
+    fixed_k.check_data_size(121)  # k = N-1 is allowed
+    fixed_c = parse_space({"fixed": {"la": {"k_neighbours": 10, "n_centroids": 121}},
+                           "search": {"temperature": {"loguniform": [0.05, 0.5]}}})
+    with pytest.raises(SpaceError, match="n_centroids"):
+        fixed_c.check_data_size(120)
+    # searched size-dependent parameters are clipped instead, so LAConfig's default k (500) does not matter
+    searched = parse_space(raw_space())
+    assert searched.la.k_neighbours == LAConfig().k_neighbours > N
+    searched.check_data_size(N)
+
+
+def test_continuous_distribution_over_an_integer_setting_is_refused():
+    for kind in ("uniform", "loguniform"):
+        with pytest.raises(SpaceError, match="k_neighbours"):
+            parse_space({"search": {"k_neighbours": {kind: [5, 50]}}})
+
+
+def test_continuous_draws_for_an_integer_setting_are_invalid_configs():
+    """Why the test above matters: a float k_neighbours is not a valid LAConfig, so the trial would fail."""
+    from laray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="k_neighbours"):
+        replace(LAConfig(), k_neighbours=23.7)
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    # PyYAML reads 1e1 and 1e-2 as strings; the space reads them as the numbers they are.
+    file = tmp_path / "space.yaml"
+    file.write_text("search:\n  n_centroids: {categorical: [1e1, 20]}\n  temperature: {loguniform: [1e-2, 0.3]}\n")
+    space = load_space(file)
+    assert set(_draws(space.tune_space(120)["n_centroids"])) == {10, 20}
+    assert space.search["temperature"].args == (0.01, 0.3)
+
+
+def test_every_la_field_is_searchable():
+    assert set(FIVE) | {"lr", "merger", "augment"} <= set(SEARCHABLE)
+
+
+# --------------------------------------------------------------------------------------------------
+# `laray sweep`
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    from laray.cli import main
+    rc = main(sys.argv[1:])
+    ray = sys.modules.get("ray")
+    print(json.dumps({"ray_initialized": bool(ray is not None and ray.is_initialized())}))
+    sys.exit(rc)
+""")
+
+
+def _run(args, tmp_path, code=None):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HOME"] = str(tmp_path)  # a default --storage would land here, never in the real home
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "laray.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_cli_sweep_with_a_missing_space_fails_before_ray(tmp_path):
+    done = _run(["sweep", "--space", "/nonexistent.yaml", "--storage", str(tmp_path / "results")], tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("laray: error:") and "/nonexistent.yaml" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+    probe = _run(["sweep", "--space", "/nonexistent.yaml", "--storage", str(tmp_path / "results")], tmp_path,
+                 code=PROBE)
+    assert probe.returncode == 1
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"ray_initialized": False}
+
+
+def test_cli_sweep_with_a_malformed_space_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_with(raw_space(), ("search", "dropout"), {"uniform": [0.1, 0.5]})))
+    probe = _run(["sweep", "--space", str(bad), "--storage", str(tmp_path / "results")], tmp_path, code=PROBE)
+    assert probe.returncode == 1
+    lines = probe.stderr.strip().splitlines()
+    assert len(lines) == 1, probe.stderr
+    assert lines[0].startswith("laray: error:") and "dropout" in lines[0]
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"ray_initialized": False}
+
+
+def test_cli_sweep_help():
+    done = subprocess.run([sys.executable, "-m", "laray.cli", "sweep", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    for option in ("--space", "--num-samples", "--storage", "--name", "--resume", "--max-failures",
+                   "--cpus-per-trial", "--gpus-per-trial"):
+        assert option in done.stdout

@@ -628,3 +628,20 @@ def test_score_runs_script_writes_trials_csv(sweep, analyzed, tmp_path):
     pd.testing.assert_frame_equal(table, analyzed.table)  # the same table as laray analyze's
     assert (out / "baselines.csv").is_file()
     assert "wrote" in done.stdout and ERRORED in done.stdout
+
+
+def test_imagenet_baseline_from_local_weights(sweep, tmp_path):
+    # A local torchvision vgg16_bn state_dict (random here: no downloads in tests) adds a third baseline.
+    import torchvision
+
+    weights = tmp_path / "vgg16_bn.pth"
+    torch.save(torchvision.models.vgg16_bn(weights=None).state_dict(), weights)
+    out = tmp_path / "out"
+    assert main(["analyze", str(sweep.exp), "--out", str(out), "--cache-dir", str(sweep.cache),
+                 "--imagenet-weights", str(weights)]) == 0
+    baselines = pd.read_csv(out / "baselines.csv").set_index("baseline")
+    assert {"raw_pixels", "autoencoder", "imagenet_vgg16_bn"} <= set(baselines.index)
+    assert 0 < baselines.loc["imagenet_vgg16_bn", "purity"] <= 1
+    table = pd.read_csv(out / "trials.csv")
+    scored = table[table["purity"].notna()]
+    assert (scored["beats_imagenet_vgg16_bn"] == (scored["purity"] > baselines.loc["imagenet_vgg16_bn", "purity"])).all()

@@ -168,7 +168,9 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
                 num_samples=num_samples or space.num_samples,
                 max_concurrent_trials=space.max_concurrent,
             ),
+            # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
+                                      sync_config=tune.SyncConfig(sync_artifacts=True),
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )

@@ -13,10 +13,11 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
     parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
     parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
+    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     parser.add_argument("--seed", type=int, default=0, help="which sample of each cluster is shown")
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"
-    scored = score(args.experiment, out, objective=args.objective)
+    scored = score(args.experiment, out, objective=args.objective, cache_dir=args.cache_dir)
     for note in best_trial_pictures(scored, out, seed=args.seed):
         print(note)
     print(f"wrote {out}/montage.png, contingency.png, per_species.csv (best trial {scored.best.trial_id})"

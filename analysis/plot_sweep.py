@@ -13,9 +13,10 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
     parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
     parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
+    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"
-    importances = plot_sweep(score(args.experiment, out, objective=args.objective), out)
+    importances = plot_sweep(score(args.experiment, out, objective=args.objective, cache_dir=args.cache_dir), out)
     print(f"wrote {out}/objective_vs_params.png, history.png, importances.png")
     for name, value in importances.items():
         print(f"  importance {name:<20} {value:.3f}")

@@ -14,9 +14,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
     parser.add_argument("--label-column", metavar="COL", help="score against another CSV column, e.g. genus")
     parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
+    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"
-    scored = score(args.experiment, out, label_column=args.label_column, objective=args.objective)
+    scored = score(args.experiment, out, label_column=args.label_column, objective=args.objective,
+                   cache_dir=args.cache_dir)
     shown = [c for c in scored.table.columns if c not in ("error",)]
     print(scored.table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for name, base in scored.baselines.items():

@@ -230,9 +230,10 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 
     if not resume:
         return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = Path(storage.removeprefix("file://")).expanduser()
-    found = sorted(folder.glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime) if "://" not in storage.removeprefix(
-        "file://") else []
+    local = storage.removeprefix("file://")
+    if "://" in local:
+        raise FileNotFoundError(f"with cloud storage {storage}, name the sweep to resume with --name")
+    found = sorted(Path(local).expanduser().glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no sweep of space {stem!r} in {storage} to resume; name one with --name")
     return found[-1].name

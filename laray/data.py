@@ -48,6 +48,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
+def device_batch(dataset: "ImageDataset", indices, device: torch.device, channels_last: bool = False,
+                 transform=None) -> torch.Tensor:
+    """A model-ready batch: uint8 from the cache -> device -> [0, 1] -> `transform` (augmentation) -> normalised."""
+    x = dataset.uint8_batch(indices).to(device, non_blocking=True).float().div_(255.0)
+    if transform is not None:
+        x = transform(x)
+    x = standardize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
 def _augmenter(image_size: int):
     from torchvision.transforms import v2
 

@@ -11,17 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from laray.clustering import kmeans
+from laray.data import device_batch
 from laray.metrics import cluster_scores
 
 N_INIT = 5  # k-means restarts per evaluation: one run's score swings by +-0.08 purity on digits
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): score a fixed random sample of this many codes
-
-
-def normalise_batch(uint8_images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    from laray.data import normalize
-
-    x = normalize(uint8_images.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 @torch.no_grad()
@@ -33,8 +27,8 @@ def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_si
     codes = []
     try:
         for start in range(0, len(dataset), batch_size):
-            x = normalise_batch(dataset.uint8_batch(np.arange(start, min(start + batch_size, len(dataset)))), device,
-                                channels_last=autocast)
+            x = device_batch(dataset, np.arange(start, min(start + batch_size, len(dataset))), device,
+                             channels_last=autocast)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 codes.append(F.normalize(encoder(x).float(), dim=1).cpu())
     finally:

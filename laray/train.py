@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from laray.augment import augment_batch
 from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from laray.config import AutoEncoderConfig, LAConfig
-from laray.data import ImageDataset, standardize
+from laray.data import ImageDataset, device_batch
 from laray.evaluate import encode_all, score_codes
 from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
@@ -62,16 +63,6 @@ def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     else:
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     return optimizer, scheduler
-
-
-def _input_batch(dataset: ImageDataset, indices, device: torch.device, fast: bool,
-                 gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 from the cache -> device -> [0, 1] -> optional augmentation -> normalised."""
-    x = dataset.uint8_batch(indices).to(device, non_blocking=True).float().div_(255.0)
-    if gen is not None:
-        x = augment_batch(x, gen)
-    x = standardize(x)
-    return x.contiguous(memory_format=torch.channels_last) if fast else x.contiguous()
 
 
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, cfg) -> None:
@@ -128,7 +119,7 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
         total, seen, began = 0.0, 0, time.perf_counter()
         for step, idx in enumerate(tqdm(batches, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False,
                                         disable=not progress)):
-            x = _input_batch(dataset, idx, device, fast)
+            x = device_batch(dataset, idx, device, channels_last=fast)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                 out = model(x)
             loss = F.mse_loss(out.float(), x)
@@ -202,7 +193,8 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
             every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
             if (epoch * steps_per_epoch + step) % every == 0:
                 loss_fn.recluster()
-            x = _input_batch(dataset, idx, device, fast, gen)
+            x = device_batch(dataset, idx, device, channels_last=fast,
+                             transform=None if gen is None else partial(augment_batch, gen=gen))
             indices = torch.from_numpy(idx).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                 v = model(x)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from laray.models import ARCHS, MERGERS
+from laray.models import ARCHS
 
 SCHEDULES = ("cosine", "step", "constant")
 STRING_FIELDS = ("arch", "pretrained", "schedule", "merger", "bank_init")

@@ -440,7 +440,6 @@ def test_trial_with_non_finite_loss_ends_errored_and_the_sweep_goes_on(ray_sessi
         assert rows(folder)["epoch"].tolist() == [1, 2]
         assert not failures(folder)
 
-
     study = only_study(experiment, "nonfinite")
     states = sorted((t.params["lr"], t.state.name) for t in study.trials)
     assert states == sorted([(0.01, "COMPLETE")] * len(finite) + [(1.0e30, "FAIL")] * len(diverged))

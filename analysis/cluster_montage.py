@@ -5,15 +5,13 @@
 import argparse
 import sys
 
+from laray.cli import add_experiment_options
 from laray.report import best_trial_pictures, score
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
-    parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
-    parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
-    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+    add_experiment_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="which sample of each cluster is shown")
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"

@@ -5,15 +5,13 @@
 import argparse
 import sys
 
+from laray.cli import add_experiment_options
 from laray.report import plot_sweep, score
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
-    parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
-    parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
-    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+    add_experiment_options(parser)
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"
     importances = plot_sweep(score(args.experiment, out, objective=args.objective, cache_dir=args.cache_dir), out)

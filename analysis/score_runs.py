@@ -5,16 +5,14 @@
 import argparse
 import sys
 
+from laray.cli import add_experiment_options
 from laray.report import score
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
-    parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
+    add_experiment_options(parser)
     parser.add_argument("--label-column", metavar="COL", help="score against another CSV column, e.g. genus")
-    parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"))
-    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     args = parser.parse_args(argv)
     out = args.out or f"{args.experiment.rstrip('/')}/analysis"
     scored = score(args.experiment, out, label_column=args.label_column, objective=args.objective,

@@ -99,21 +99,26 @@ def _add_sweep_command(commands) -> None:
     sweep.set_defaults(run=_sweep)
 
 
+def add_experiment_options(parser) -> None:
+    """The options of `laray analyze` that the analysis/ scripts share."""
+    parser.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
+    parser.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
+    parser.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"),
+                        help="what 'best trial' means (default: %(default)s)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+
+
 def _add_analysis_commands(commands) -> None:
     analyze = commands.add_parser(
         "analyze", help="score a finished or running sweep against the species labels and write the report",
         description="Score every trial of a sweep from its assignments.csv (purity, NMI, ARI, accuracy, and purity "
                     "at 2x and 5x the species count), compare with the baselines, and write trials.csv, "
                     "baselines.csv, per_species.csv, plots, a cluster montage of the best trial and report.md.")
-    analyze.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
-    analyze.add_argument("--out", metavar="DIR", help="where to write (default: EXPERIMENT/analysis)")
+    add_experiment_options(analyze)
     analyze.add_argument("--label-column", metavar="COL",
                          help="score against another column of the data's CSV (e.g. genus) instead of the species")
-    analyze.add_argument("--objective", default="purity", choices=("purity", "nmi", "ari", "acc"),
-                         help="what 'best trial' means (default: %(default)s)")
     analyze.add_argument("--imagenet-weights", metavar="FILE",
                          help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline")
-    analyze.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
     analyze.set_defaults(run=_analyze)
 
     predict = commands.add_parser(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from laray.augment import augment_batch
 from laray.cache import decode_cached
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError, resolve
 
@@ -42,10 +43,7 @@ def standardize(images01: torch.Tensor) -> torch.Tensor:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float, ImageNet-normalised. Works on a batch, on any device, in any memory format."""
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    # (x / 255 - mean) / std as one multiply and one subtract, in place on the new float tensor.
-    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return standardize(images.float().div_(255.0))
 
 
 def device_batch(dataset: "ImageDataset", indices, device: torch.device, channels_last: bool = False,
@@ -56,16 +54,6 @@ def device_batch(dataset: "ImageDataset", indices, device: torch.device, channel
         x = transform(x)
     x = standardize(x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
-def _augmenter(image_size: int):
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
-    ])
 
 
 class ImageDataset(Dataset):
@@ -85,7 +73,7 @@ class ImageDataset(Dataset):
         self.image_size = images.shape[1]
         self.spec = spec
         self.fingerprint = fingerprint  # identifies the decoded images: keys the reuse of a trained auto-encoder
-        self._augment = _augmenter(self.image_size) if augment else None
+        self.augment = augment  # per-item random crop, flip and colour jitter (laray.augment), for training
 
     @property
     def labelled(self) -> bool:
@@ -102,10 +90,10 @@ class ImageDataset(Dataset):
         return torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
 
     def __getitem__(self, idx: int) -> dict:
-        image = torch.from_numpy(np.array(self.images[idx])).permute(2, 0, 1)  # (3, H, W) uint8
-        if self._augment is not None:
-            image = self._augment(image)
-        return {"image": normalize(image), "idx": int(idx), "label": int(self.labels[idx])}
+        image = torch.from_numpy(np.array(self.images[idx])).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        if self.augment:
+            image = augment_batch(image[None], torch.default_generator)[0]
+        return {"image": standardize(image), "idx": int(idx), "label": int(self.labels[idx])}
 
     def summary(self) -> str:
         return f"{len(self)} images loaded, {len(self.skipped)} skipped, {len(self.class_names)} labels"
@@ -144,7 +132,7 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     if spec == "digits":
         dataset = _digits(image_size)
-        dataset._augment = _augmenter(image_size) if augment else None
+        dataset.augment = bool(augment)
         log.info("digits: %s", dataset.summary())
         return dataset
 

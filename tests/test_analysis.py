@@ -54,12 +54,7 @@ def drop_cli_log_handler():
         logger.removeHandler(handler)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a shared 2-core machine run far slower than one
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def la_config(temperature, mixing_rate, k, repeats, centroids) -> LAConfig:

@@ -38,12 +38,7 @@ LA = LAConfig(epochs=1, batch_size=16, lr=0.01, k_neighbours=10, n_centroids=5, 
 SCORES = ("purity", "nmi", "ari", "acc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ Each training appends a line to KEY/trainings.log, so "trained once" can be chec
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -22,21 +20,12 @@ import torch
 
 from laray.checkpoint import save_atomic
 from laray.config import AutoEncoderConfig
+from laray.filelock import exclusive
 
 
 def store_key(data_fingerprint: str, cfg: AutoEncoderConfig, seed: int) -> str:
     payload = json.dumps({"data": data_fingerprint, "config": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-@contextmanager
-def _exclusive(lock_path: Path):
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process trains this key
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path], tuple[dict, list]]) -> tuple[dict, list, bool]:
@@ -49,7 +38,7 @@ def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path],
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "autoencoder.pt"
     if not final.exists():
-        with _exclusive(folder / "lock"):
+        with exclusive(folder / "lock"):
             if not final.exists():  # nobody finished it while we waited
                 state, history = train(folder / "training.ckpt")
                 save_atomic({"model": state, "history": history}, final)

@@ -4,14 +4,18 @@ The cache is keyed by a fingerprint of every file's path, size and modification
 time plus the image size and the decoder version, so a changed, added or removed
 file gives a new key and the old entry is simply not used. Entries are written
 under a temporary name and renamed into place, so an interrupted decode leaves no
-half-written cache and two processes decoding at once do not clash.
+half-written cache. One process decodes a key at a time (a file lock beside the
+entry): on a cluster node, the node's other trials wait for it, then map the entry.
+Every decode appends a line to CACHE/decodes.log, so "decoded once per node" can be checked.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from laray.decode import DecodeError, decode_image
+from laray.filelock import exclusive
 
 DECODER_VERSION = 2  # bump when decode_image's output changes
 
@@ -35,18 +40,31 @@ class DecodedImages:
 
 
 def default_cache_dir() -> Path:
+    """LARAY_CACHE_DIR (set per node on a cluster: its fast local disk), else $XDG_CACHE_HOME/laray or ~/.cache/laray."""
+    if os.environ.get("LARAY_CACHE_DIR"):
+        return Path(os.environ["LARAY_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "laray"
 
 
-def fingerprint(paths: list[str], size: int) -> str:
-    digest = hashlib.sha256(f"laray-decoder-{DECODER_VERSION} size={size}\n".encode())
+def file_stats(paths: list[str]) -> list[tuple[int, int] | None]:
+    """(size in bytes, modification time in ns) of each file, None where it cannot be read."""
+    stats = []
     for p in paths:
         try:
             st = os.stat(p)
-            digest.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            stats.append((st.st_size, st.st_mtime_ns))
         except OSError:
-            digest.update(f"{os.path.abspath(p)}\tmissing\n".encode())
+            stats.append(None)
+    return stats
+
+
+def fingerprint(paths: list[str], size: int, stats: list[tuple[int, int] | None] | None = None) -> str:
+    """Key of the decoded images: every file's path, size and mtime (`stats`, else read now), the size, the decoder."""
+    digest = hashlib.sha256(f"laray-decoder-{DECODER_VERSION} size={size}\n".encode())
+    for p, st in zip(paths, stats if stats is not None else file_stats(paths)):
+        digest.update((f"{os.path.abspath(p)}\tmissing\n" if st is None else
+                       f"{os.path.abspath(p)}\t{st[0]}\t{st[1]}\n").encode())
     return digest.hexdigest()[:32]
 
 
@@ -88,22 +106,39 @@ def _decode_all(paths: list[str], size: int, workers: int, out_path: Path, desc:
     return np.array(kept, dtype=np.int64), np.array(originals, dtype=np.int64).reshape(-1, 2), failed
 
 
+def _read_entry(array_path: Path, meta_path: Path, key: str) -> DecodedImages:
+    meta = json.loads(meta_path.read_text())
+    images = np.load(array_path, mmap_mode="r")
+    n_ok = len(meta["kept"])
+    return DecodedImages(images[:n_ok], np.array(meta["kept"], dtype=np.int64),
+                         np.array(meta["original_sizes"], dtype=np.int64).reshape(-1, 2),
+                         [tuple(f) for f in meta["failed"]], cache_hit=True, key=key)
+
+
 def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | None = None,
-                  workers: int | None = None, desc: str = "decoding") -> DecodedImages:
-    """Decoded images of `paths` at `size`, from the cache when its entry exists, else decoded and stored."""
+                  workers: int | None = None, desc: str = "decoding", key: str | None = None) -> DecodedImages:
+    """Decoded images of `paths` at `size`, from the cache when its entry exists, else decoded and stored.
+
+    key: the entry's name when the caller has it already (a trial gets the driver's fingerprint),
+    else the fingerprint of the files as they are now.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(paths, size)
+    key = key or fingerprint(paths, size)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if array_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        images = np.load(array_path, mmap_mode="r")
-        n_ok = len(meta["kept"])
-        return DecodedImages(images[:n_ok], np.array(meta["kept"], dtype=np.int64),
-                             np.array(meta["original_sizes"], dtype=np.int64).reshape(-1, 2),
-                             [tuple(f) for f in meta["failed"]], cache_hit=True, key=key)
+        return _read_entry(array_path, meta_path, key)
+    with exclusive(cache_dir / f"{key}.lock"):  # the node's other processes wait here, then map the entry
+        if array_path.exists() and meta_path.exists():
+            return _read_entry(array_path, meta_path, key)
+        return _decode_entry(paths, size, cache_dir, workers, desc, key)
 
+
+def _decode_entry(paths: list[str], size: int, cache_dir: Path, workers: int | None, desc: str,
+                  key: str) -> DecodedImages:
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     workers = workers or os.cpu_count() or 1
+    began = time.perf_counter()
     fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
     tmp_array = Path(tmp_name)
@@ -116,6 +151,9 @@ def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | No
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_array, array_path)  # array first: the meta file's presence marks a complete entry
         os.replace(tmp_meta, meta_path)
+        with open(cache_dir / "decodes.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} {key} "
+                      f"{len(kept)} images {time.perf_counter() - began:.1f} s\n")
     finally:
         for leftover in (tmp_array, tmp_array.with_suffix(".json")):
             leftover.unlink(missing_ok=True)

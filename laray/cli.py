@@ -28,7 +28,9 @@ def _add_data_options(parser) -> None:
                         help="CSV column holding the image path (default: %(default)s)")
     parser.add_argument("--image-root", metavar="DIR",
                         help="folder that relative CSV paths resolve against (default: the CSV's folder)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="decode cache folder (default: ~/.cache/laray)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="decode cache folder (default: $LARAY_CACHE_DIR, else ~/.cache/laray; in a sweep, "
+                             "each node's own unless this names one)")
 
 
 def _add_train_command(commands) -> None:
@@ -247,9 +249,7 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from laray.data import DataError, load_dataset
-    from laray.evaluate import score_codes
-    from laray.run import raw_pixel_codes
+    from laray.data import DataError, describe
     from laray.space import SpaceError, load_space
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep
 
@@ -257,13 +257,17 @@ def _sweep(args) -> int:
         space = load_space(args.space)  # a malformed space fails here, before Ray starts
         spec = args.data or space.data
         name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
-        dataset = load_dataset(spec, space.ae.image_size, label_column=args.label_column,
-                               path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
-        space.check_data_size(len(dataset))
+        # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
+        data = describe(spec, space.ae.image_size, label_column=args.label_column, path_column=args.path_column,
+                        image_root=args.image_root)
+        for note in data.notes:
+            logging.getLogger("laray.data").warning(note)
+        space.check_data_size(len(data))
         ray_init(args.address, dashboard=args.dashboard)
-        result = run_sweep(dataset, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
+        result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                           max_failures=args.max_failures, resume=args.resume, device=args.device)
+                           max_failures=args.max_failures, resume=args.resume, device=args.device,
+                           cache_dir=args.cache_dir)
     except (SpaceError, DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
         return _fail(str(exc).splitlines()[0])
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
@@ -273,10 +277,10 @@ def _sweep(args) -> int:
     for key, value in result.best_config.items():
         print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
     scores = {k: result.best_metrics[k] for k in ("purity", "nmi", "ari", "acc") if k in result.best_metrics}
-    raw = score_codes(raw_pixel_codes(dataset), dataset.labels, seed=args.seed)[0] if dataset.labelled else {}
-    print(f"  {'':<20} {'best trial':>10} {'raw-pixel k-means':>18}")
+    raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
+    print(f"  {'':<20} {'best trial':>10} {'raw-pixel k-means':>18} {'auto-encoder k-means':>21}")
     for key, value in scores.items():
-        print(f"  {key:<20} {value:>10.3f} {raw.get(key, float('nan')):>18.3f}")
+        print(f"  {key:<20} {value:>10.3f} {raw.get(key, float('nan')):>18.3f} {codes.get(key, float('nan')):>21.3f}")
     print(f"results:      {result.experiment}")
     print(f"optuna:       optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     print(f"tensorboard:  tensorboard --logdir {result.experiment}")

@@ -21,9 +21,12 @@ from torch.utils.data import Dataset
 
 from laray.augment import augment_batch
 from laray.cache import decode_cached
-from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError, resolve
+from laray.dataref import DIGITS, DataRef, check_files, describe
+from laray.dataref import labels_key as labels_key_of
+from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
-__all__ = ["DataError", "ImageDataset", "load_dataset", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["DataError", "DataRef", "ImageDataset", "describe", "load_dataset", "open_dataset", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 log = logging.getLogger("laray.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,7 +64,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str],
                  skipped: list[tuple[str, str]] | None = None, original_sizes: np.ndarray | None = None,
-                 augment: bool = False, spec: str = "", fingerprint: str = ""):
+                 augment: bool = False, spec: str = "", fingerprint: str = "", labels_key: str | None = None):
         if len(images) != len(labels) or len(images) != len(paths):
             raise ValueError(f"images ({len(images)}), labels ({len(labels)}) and paths ({len(paths)}) differ in length")
         self.images = images
@@ -74,6 +77,9 @@ class ImageDataset(Dataset):
         self.spec = spec
         self.fingerprint = fingerprint  # identifies the decoded images: keys the reuse of a trained auto-encoder
         self.augment = augment  # per-item random crop, flip and colour jitter (laray.augment), for training
+        # Keys the baselines computed for these labels; open_dataset passes its reference's (the listing's).
+        self.labels_key = labels_key or labels_key_of(fingerprint, self.labels, self.class_names)
+        self.decoded_here = False  # whether loading it decoded the images (else: mapped from the cache, or built)
 
     @property
     def labelled(self) -> bool:
@@ -128,27 +134,38 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
     label_column: the CSV column holding the label; when it is the default ("species") and
     absent, or None, the data loads unlabelled (labels -1, class_names []).
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
-    if spec == "digits":
-        dataset = _digits(image_size)
+    ref = describe(spec, image_size, label_column, path_column, image_root)
+    for note in ref.notes:
+        log.warning(note)
+    return open_dataset(ref, cache_dir, strict=strict, augment=augment, workers=workers)
+
+
+def open_dataset(ref: DataRef, cache_dir: str | os.PathLike | None = None, strict: bool = False,
+                 augment: bool | None = None, workers: int | None = None) -> ImageDataset:
+    """The images that `ref` lists, mapped from `cache_dir` (decoded there first if absent, once per folder).
+
+    On a cluster node this is where a trial gets its data: the files must be the driver's (else a
+    DataError naming the differences), the cache folder is the node's own unless told otherwise.
+    """
+    if ref.spec == DIGITS:
+        dataset = _digits(ref.image_size)
         dataset.augment = bool(augment)
         log.info("digits: %s", dataset.summary())
         return dataset
-
-    source = resolve(spec, label_column, path_column, image_root)
-    for note in source.notes:
-        log.warning(note)
-    decoded = decode_cached(source.paths, image_size, cache_dir, workers, desc=f"decoding {os.path.basename(spec)}")
-    skipped = source.skipped + decoded.failed
+    check_files(ref)
+    decoded = decode_cached(list(ref.paths), ref.image_size, cache_dir, workers, key=ref.key,
+                            desc=f"decoding {os.path.basename(ref.spec)}")
+    skipped = list(ref.skipped) + decoded.failed
     if strict and skipped:
-        raise DataError(f"{len(skipped)} unusable file(s) in {spec} (strict mode):\n{_listing(skipped)}", skipped)
+        raise DataError(f"{len(skipped)} unusable file(s) in {ref.spec} (strict mode):\n{_listing(skipped)}", skipped)
     if len(decoded.kept) == 0:
-        raise DataError(f"no usable image in {spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}", skipped)
-    labels = source.labels[decoded.kept]
-    dataset = ImageDataset(decoded.images, labels, source.class_names, [source.paths[i] for i in decoded.kept],
-                           skipped, decoded.original_sizes, augment=bool(augment), spec=spec,
-                           fingerprint=decoded.key)
+        raise DataError(f"no usable image in {ref.spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}",
+                        skipped)
+    labels = ref.labels[decoded.kept]
+    dataset = ImageDataset(decoded.images, labels, list(ref.class_names), [ref.paths[i] for i in decoded.kept],
+                           skipped, decoded.original_sizes, augment=bool(augment), spec=ref.spec,
+                           fingerprint=ref.key, labels_key=ref.labels_key)
+    dataset.decoded_here = not decoded.cache_hit
     if dataset.class_names:
         # A species whose every image failed keeps its index so labels stay stable; say so.
         present = set(np.unique(labels).tolist())
@@ -156,7 +173,7 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
         if empty:
             log.warning("labels with no usable image: %s", ", ".join(empty))
     if skipped:
-        warnings.warn(f"{spec}: skipped {len(skipped)} of {len(skipped) + len(dataset)} file(s):\n{_listing(skipped)}",
-                      DataWarning, stacklevel=2)
-    log.info("%s: %s%s", spec, dataset.summary(), " (from cache)" if decoded.cache_hit else "")
+        warnings.warn(f"{ref.spec}: skipped {len(skipped)} of {len(skipped) + len(dataset)} file(s):\n"
+                      f"{_listing(skipped)}", DataWarning, stacklevel=2)
+    log.info("%s: %s%s", ref.spec, dataset.summary(), " (from cache)" if decoded.cache_hit else "")
     return dataset

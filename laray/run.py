@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,73 +63,100 @@ def write_assignments(path: Path, dataset: ImageDataset, clusters: np.ndarray) -
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     os.replace(tmp, path)
 
 
-def _labels_key(dataset: ImageDataset) -> str:
-    """Identifies the images and their labels: the same files scored by another label column differ."""
-    digest = hashlib.sha256(dataset.fingerprint.encode())
-    digest.update(np.ascontiguousarray(dataset.labels).tobytes())
-    digest.update("\n".join(dataset.class_names).encode())
-    return digest.hexdigest()[:16]
+@dataclasses.dataclass
+class Stage1:
+    """What stage 2 starts from: the auto-encoder's encoder weights, stage 1's history and the baselines.
 
-
-def _baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
-               device: torch.device, path: Path) -> dict:
-    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
-
-    Kept beside the stored auto-encoder, so that a sweep's trials compute them once.
+    A sweep trains it once (a Ray task) and hands it to every trial through Ray's object store.
     """
-    if path.exists():
-        return json.loads(path.read_text())
+    key: str  # the store key: data fingerprint, stage-1 settings and seed
+    encoder_state: dict
+    history: list
+    baselines: dict  # merger -> {"raw_pixels": scores, "autoencoder": scores}, k-means with K = species
+    trained_in_this_run: bool = False
+    source: str = "store"  # "store", "trained" (by this process), or "object store" (a sweep's trial)
+
+
+def encoder_part(ae_state: dict) -> dict:
+    return {k[len("encoder."):]: v for k, v in ae_state.items() if k.startswith("encoder.")}
+
+
+def train_autoencoder(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, seed: int, device, checkpoint: Path | None,
+                      callback: Callback | None = None, progress: bool = True) -> tuple[dict, list]:
+    """Stage 1, resuming from `checkpoint` when it exists: (state_dict on the CPU, history)."""
+    model, history = pretrain_autoencoder(dataset, ae_cfg, seed, device, checkpoint=checkpoint, resume=True,
+                                          callback=callback, progress=progress)
+    return {k: v.cpu() for k, v in model.state_dict().items()}, history
+
+
+def compute_baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
+                      device) -> dict:
+    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA."""
+    device = resolve_device(device)
     ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
     ae_encoder.encoder.load_state_dict(encoder_state)
-    baselines = {
+    return {
         "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed)[0],
         "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed)[0],
     }
-    _write_json(path, baselines)
-    return baselines
+
+
+def baselines_path(store_dir: Path, key: str, merger: str, labels_key: str) -> Path:
+    """Baselines are kept beside the stored auto-encoder they score, per merger and label set."""
+    return Path(store_dir) / key / f"baselines_{merger}_{labels_key}.json"
+
+
+def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, seed: int, device,
+                  store_dir: str | os.PathLike, callback: Callback | None = None, progress: bool = True) -> Stage1:
+    """Stage 1 and its baselines from the store, trained there first when absent (by one process at a time)."""
+    key = store_key(dataset.fingerprint, ae_cfg, seed)
+    ae_state, history, trained = get_or_train(
+        store_dir, key, lambda checkpoint: train_autoencoder(dataset, ae_cfg, seed, device, checkpoint, callback,
+                                                             progress))
+    encoder_state = encoder_part(ae_state)
+    baselines = {}
+    for merger in mergers:
+        path = baselines_path(store_dir, key, merger, dataset.labels_key)
+        if path.exists():
+            baselines[merger] = json.loads(path.read_text())
+        else:
+            baselines[merger] = compute_baselines(dataset, encoder_state, ae_cfg, merger, seed, device)
+            write_json(path, baselines[merger])
+    return Stage1(key, encoder_state, history, baselines, trained, "trained" if trained else "store")
 
 
 def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoderConfig, la_cfg: LAConfig,
               seed: int = 0, device="auto", resume: bool = False, store_dir: str | os.PathLike | None = None,
-              callback: Callback | None = None, progress: bool = True) -> dict:
-    """Stage 1 (reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
+              callback: Callback | None = None, progress: bool = True, stage1: Stage1 | None = None) -> dict:
+    """Stage 1 (given, or reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     if dataset.image_size != ae_cfg.image_size:
         raise ValueError(f"data decoded at {dataset.image_size} px but image_size is {ae_cfg.image_size}")
     la_cfg.check_data_size(len(dataset))
-    store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
-    key = store_key(dataset.fingerprint, ae_cfg, seed)
-
-    def train_stage1(checkpoint: Path):
-        model, history = pretrain_autoencoder(dataset, ae_cfg, seed, device, checkpoint=checkpoint, resume=True,
-                                              callback=callback, progress=progress)
-        return {k: v.cpu() for k, v in model.state_dict().items()}, history
-
-    ae_state, ae_history, trained = get_or_train(store_dir, key, train_stage1)
-    encoder_state = {k[len("encoder."):]: v for k, v in ae_state.items() if k.startswith("encoder.")}
-
-    baselines = _baselines(dataset, encoder_state, ae_cfg, la_cfg.merger, seed, device,
-                           store_dir / key / f"baselines_{la_cfg.merger}_{_labels_key(dataset)}.json")
+    if stage1 is None:
+        store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
+        stage1 = stored_stage1(dataset, ae_cfg, [la_cfg.merger], seed, device, store_dir, callback, progress)
+    baselines = stage1.baselines[la_cfg.merger]
 
     def metrics_of(scores: dict, la_history: list) -> dict:
         return {
             **scores,
             "baselines": baselines,
-            "history": ae_history + la_history,
+            "history": stage1.history + la_history,
             "n_images": len(dataset),
             "n_labels": len(dataset.class_names),
             "data": dataset.spec,
             "seed": seed,
             "device": str(device),
-            "autoencoder": {"key": key, "store": str(store_dir), "trained_in_this_run": trained},
+            "autoencoder": {"key": stage1.key, "source": stage1.source, "trained_in_this_run": stage1.trained_in_this_run},
             "config": {"autoencoder": dataclasses.asdict(ae_cfg), "la": dataclasses.asdict(la_cfg)},
         }
 
@@ -140,10 +166,10 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
         write_assignments(out / "assignments.csv", dataset, assignments)
         scores = {k: v for k, v in la_history[-1].items() if k in ("purity", "nmi", "ari", "acc", "silhouette")}
         metrics = metrics_of(scores, la_history)
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
         return metrics
 
-    result = finetune_la(dataset, encoder_state, ae_cfg, la_cfg, seed, device, checkpoint=out / "checkpoints" / "la.ckpt",
+    result = finetune_la(dataset, stage1.encoder_state, ae_cfg, la_cfg, seed, device, checkpoint=out / "checkpoints" / "la.ckpt",
                          resume=resume, callback=callback, progress=progress, on_evaluated=write_outputs)
     if not result.history:  # zero LA epochs: score the encoder as it is
         return write_outputs([{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes,

@@ -106,6 +106,11 @@ class SearchSpace:
         except ConfigError as exc:
             raise SpaceError(f"fixed.la.{exc}") from None
 
+    def mergers(self) -> list[str]:
+        """The mergers trials may use (fixed, or searched): stage 1's baselines are scored for each."""
+        merger = self.search.get("merger")
+        return sorted(set(merger.args)) if merger is not None and merger.kind == "categorical" else [self.la.merger]
+
     def tune_space(self, n_images: int) -> dict:
         """Ray Tune distributions, size-dependent ranges resolved for n_images."""
         return {name: dist.resolve(name, n_images).to_tune() for name, dist in self.search.items()}

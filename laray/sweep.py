@@ -2,10 +2,13 @@
 
     STORAGE/NAME/               Ray Tune's experiment folder (Tuner.restore and ExperimentAnalysis read it)
     STORAGE/NAME/optuna.db      the Optuna study (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db)
-    STORAGE/NAME/autoencoders/  stage 1, trained once for all trials that share its settings
+    STORAGE/NAME/autoencoders/  stage 1, trained once per sweep by a Ray task (laray.sweep_stage1)
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
-                                metrics.json, assignments.csv, codes.npy
+                                metrics.json, assignments.csv, codes.npy, worker.json
 
+Trials receive the data set by reference (a `DataRef`: the file list, labels and cache key,
+never image bytes) and open it on their own node, from that node's cache folder; they
+receive stage 1's weights and baselines through Ray's object store.
 A trial reports every LA epoch with `ray.tune.report(metrics, checkpoint=...)` and
 resumes from `tune.get_checkpoint()` after its worker dies. A trial whose loss goes
 non-finite ends as errored with that reason, and the sweep goes on.
@@ -14,17 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import resource
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from laray.cache import default_cache_dir
 from laray.config import replace
-from laray.data import ImageDataset
-from laray.space import SearchSpace
+from laray.data import DataRef, open_dataset
+from laray.run import Stage1
+from laray.space import SIZE_LIMITS, SearchSpace
+from laray.sweep_stage1 import sweep_stage1
 from laray.train import NonFiniteLossError
+
+log = logging.getLogger("laray.sweep")
 
 OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
@@ -38,19 +50,46 @@ def _trial_dir() -> Path:
     return Path(tune.get_context().get_trial_dir())
 
 
-def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: int, store_dir: str, device: str,
-                threads: int, crash_once_at_epoch: int | None = None) -> None:
+def _fit_to_data(config: dict, n_images: int) -> dict:
+    """Ranges were resolved against the files listed; a few may have failed to decode on the node."""
+    fitted = dict(config)
+    for name, limits in SIZE_LIMITS.items():
+        if name in fitted:
+            low, high = limits(n_images)
+            fitted[name] = min(max(fitted[name], low), high)
+            if fitted[name] != config[name]:
+                log.warning("%s %s clipped to %s: %d images decoded", name, config[name], fitted[name], n_images)
+    return fitted
+
+
+def _write_worker_record(path: Path, record: dict) -> None:
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    path.write_text(json.dumps(record, indent=2))
+
+
+def train_trial(config: dict, data: DataRef, stage1: Stage1, space: SearchSpace, seed: int, device: str,
+                threads: int, cache_dir: str | None = None, crash_once_at_epoch: int | None = None) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
+    It opens `data` on its node (from the node's cache folder, decoding once per node) and
+    starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
+    decoded the data, its start-up time and its peak resident memory.
     crash_once_at_epoch: a fault drill (used by the tests): the worker process dies right after
     reporting that LA epoch, once per trial, as if its node had gone away.
     """
+    import ray
     from ray import tune
 
     from laray.run import train_run
 
+    began = time.perf_counter()
     torch.set_num_threads(threads)
     out = _trial_dir()
+    dataset = open_dataset(data, cache_dir)
+    worker = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+              "cache_dir": str(Path(cache_dir) if cache_dir else default_cache_dir()),
+              "decoded_here": dataset.decoded_here, "open_data_s": time.perf_counter() - began}
+    _write_worker_record(out / "worker.json", worker)
     marker = out / NONFINITE_MARKER
     if marker.exists():  # restarted after a non-finite loss: it would only diverge again
         raise NonFiniteLossError(marker.read_text())
@@ -65,6 +104,9 @@ def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: i
         if record["stage"] != "local_aggregation":
             return  # stage 1 is shared by the trials; ASHA compares LA epochs only
         metrics = {k: record[k] for k in REPORTED if k in record}
+        if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
+            worker["startup_s"] = time.perf_counter() - began - record.get("epoch_s", 0) - record.get("eval_s", 0)
+        _write_worker_record(out / "worker.json", worker)
         with tempfile.TemporaryDirectory() as folder:
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -72,10 +114,10 @@ def train_trial(config: dict, dataset: ImageDataset, space: SearchSpace, seed: i
             (out / CRASH_MARKER).write_text(f"worker killed after LA epoch {record['epoch']}\n")
             os._exit(1)
 
-    la_cfg = replace(space.la, **config)
+    la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
     try:
         train_run(dataset, out, space.ae, la_cfg, seed=seed, device=device, resume=checkpoint is not None,
-                  store_dir=store_dir, callback=report, progress=False)
+                  callback=report, progress=False, stage1=stage1)
     except NonFiniteLossError as exc:
         marker.write_text(str(exc))
         raise
@@ -88,6 +130,7 @@ class SweepResult:
     best_metrics: dict | None
     n_trials: int
     n_errored: int
+    baselines: dict  # {"raw_pixels": scores, "autoencoder": scores} for the best trial's merger
 
 
 def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
@@ -120,12 +163,14 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str) -> None:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
+def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
               seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
-              resume: bool = False, device: str = "auto", verbose: int = 1,
+              resume: bool = False, device: str = "auto", verbose: int = 1, cache_dir: str | None = None,
               crash_once_at_epoch: int | None = None) -> SweepResult:
-    """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on `dataset`.
+    """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
 
+    cache_dir: the decode cache folder on every node (a shared one, or a local path that exists on
+    each); None: each node's own default (LARAY_CACHE_DIR in its environment, else ~/.cache/laray).
     Ray must already be initialised (ray.init) by the caller.
     """
     from ray import tune
@@ -146,17 +191,21 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
         raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
     experiment.mkdir(parents=True, exist_ok=True)
     threads = max(1, int(cpus_per_trial))
-    trainable = tune.with_parameters(train_trial, dataset=dataset, space=space, seed=seed,
-                                     store_dir=str(experiment / "autoencoders"),
-                                     device="cuda" if gpus_per_trial > 0 else device, threads=threads,
-                                     crash_once_at_epoch=crash_once_at_epoch)
-    trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+    device = "cuda" if gpus_per_trial > 0 else device
+    stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders", resources, device,
+                          threads, cache_dir)
+    # By value, through the object store: the encoder's weights and the baselines, tens of MB at most.
+    shared = dataclasses.replace(stage1, source="object store", trained_in_this_run=False)
+    trainable = tune.with_parameters(train_trial, data=data, stage1=shared, space=space, seed=seed, device=device,
+                                     threads=threads, cache_dir=cache_dir, crash_once_at_epoch=crash_once_at_epoch)
+    trainable = tune.with_resources(trainable, resources)
 
     if resume:
         _fail_orphaned_optuna_trials(experiment, name)
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        param_space = space.tune_space(len(dataset))
+        param_space = space.tune_space(len(data))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -181,11 +230,12 @@ def run_sweep(dataset: ImageDataset, space: SearchSpace, storage: str, name: str
         best_config, best_metrics = dict(best.config), dict(best.metrics)
     except RuntimeError:  # no trial reported anything
         best_config = best_metrics = None
+    baselines = stage1.baselines[(best_config or {}).get("merger", space.la.merger)]
     summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
-               if best_metrics else None, "n_trials": len(results), "n_errored": errored}
+               if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines}
     (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
-                       len(results), errored)
+                       len(results), errored, baselines)
 
 
 def ray_init(address: str | None, dashboard: bool = False) -> None:

@@ -5,9 +5,13 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray instance with 2 CPUs and no dashboard, shared by every test that requests it."""
+def ray_session(tmp_path_factory):
+    """A local Ray instance with 2 CPUs and no dashboard, shared by every test that requests it.
+
+    Its workers inherit LARAY_CACHE_DIR: trials decode into a temporary folder, never the user's cache.
+    """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["LARAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("node_cache"))
     import ray
 
     started = not ray.is_initialized()

@@ -1,6 +1,7 @@
 """The sweep layer: search spaces, Ray Tune + Optuna sweeps, stage-1 reuse, resume, faults, `laray sweep`.
 
-Sweeps run on 120 of the embedded digits with a tiny VGG (vgg11_bn at width 0.125, 32 px),
+Sweeps run on 120 of the embedded digits, written as PNG files in species folders (so trials
+decode them through the real data path), with a tiny VGG (vgg11_bn at width 0.125, 32 px),
 one stage-1 epoch and two or three LA epochs, on a local Ray instance with 2 CPUs (the
 session fixture `ray_session` in conftest.py). Each sweep takes 10-30 s on 2 cores.
 """
@@ -23,13 +24,12 @@ import yaml
 from laray import ae_store
 from laray.ae_store import store_key
 from laray.config import LAConfig, replace
-from laray.data import ImageDataset, load_dataset
+from laray.data import describe, load_dataset
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
 from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, run_sweep
 
 N = 120
-FINGERPRINT = "digits-sub120"
 SEED = 0
 AE = {"arch": "vgg11_bn", "width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 32}
 LA = {"epochs": 2, "batch_size": 32}
@@ -51,11 +51,22 @@ def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, sear
             "search": {**SEARCH, **(search or {})}}
 
 
-@pytest.fixture(scope="module")
-def sub():
+def write_digit_folder(root: Path, n: int) -> Path:
+    """The first n digits as PNG files in one folder per digit: a species-folder data set."""
+    from PIL import Image
+
     d = load_dataset("digits", 32)
-    return ImageDataset(np.ascontiguousarray(d.images[:N]), d.labels[:N], d.class_names, d.paths[:N],
-                        fingerprint=FINGERPRINT)
+    for i in range(n):
+        path = root / f"digit{d.labels[i]}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d.images[i]).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sub(tmp_path_factory):
+    """The data sets' reference: what trials receive (ray_session points every node's cache at a temporary folder)."""
+    return describe(str(write_digit_folder(tmp_path_factory.mktemp("digits"), N)), 32)
 
 
 def optuna_storage(experiment: Path) -> str:
@@ -93,10 +104,10 @@ def la_history(metrics: dict) -> list[dict]:
     return [h for h in metrics["history"] if h["stage"] == "local_aggregation"]
 
 
-def only_store_key(experiment: Path, space) -> str:
+def only_store_key(experiment: Path, space, data) -> str:
     store = experiment / "autoencoders"
     keys = sorted(p.name for p in store.iterdir() if p.is_dir())
-    assert keys == [store_key(FINGERPRINT, space.ae, SEED)]
+    assert keys == [store_key(data.key, space.ae, SEED)]
     return keys[0]
 
 
@@ -176,18 +187,37 @@ def test_sweep_runs_every_trial_and_records_it(sweep, sub):
     assert sweep.result.best_config == best["best_config"]
 
 
-def test_stage1_is_trained_once_for_the_whole_sweep(sweep):
-    """Two trials at a time, one auto-encoder: the first trains it, the other waits on the lock and loads it."""
+def test_stage1_is_trained_once_for_the_whole_sweep(sweep, sub):
+    """Two trials at a time, one auto-encoder: a Ray task trains it before the trials, which get it by value."""
     assert sweep.space.max_concurrent == 2
     store = sweep.experiment / "autoencoders"
-    key = only_store_key(sweep.experiment, sweep.space)
+    key = only_store_key(sweep.experiment, sweep.space, sub)
     assert ae_store.trainings(store, key) == 1
     assert len((store / key / "trainings.log").read_text().splitlines()) == 1
     assert (store / key / "autoencoder.pt").exists()
-    trained_here = [json.loads((folder / "metrics.json").read_text())["autoencoder"]["trained_in_this_run"]
-                    for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
-    assert len(trained_here) == 3
-    assert sorted(trained_here) == [False, False, True]
+    metrics = [json.loads((folder / "metrics.json").read_text())
+               for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
+    assert len(metrics) == 3
+    assert all(m["autoencoder"] == {"key": key, "source": "object store", "trained_in_this_run": False}
+               for m in metrics)
+    assert all(len([h for h in m["history"] if h["stage"] == "autoencoder"]) == AE["epochs"] for m in metrics)
+    stored = json.loads(next((store / key).glob("baselines_mean_*.json")).read_text())
+    assert all(m["baselines"] == stored for m in metrics)  # scored once, by the stage-1 task
+    best = json.loads((sweep.experiment / "best.json").read_text())
+    assert best["baselines"] == stored == sweep.result.baselines
+
+
+def test_trials_open_the_data_by_reference(sweep, sub):
+    """Every trial mapped the decode cache that the stage-1 task wrote; nobody decoded twice."""
+    records = [json.loads((folder / "worker.json").read_text())
+               for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
+    assert len(records) == 3
+    assert not any(r["decoded_here"] for r in records)  # the stage-1 task decoded on this one node
+    cache = Path(records[0]["cache_dir"])
+    assert {r["cache_dir"] for r in records} == {str(cache)}
+    decodes = [line for line in (cache / "decodes.log").read_text().splitlines() if sub.key in line]
+    assert len(decodes) == 1
+    assert all(r["peak_rss_mb"] > 0 and r["startup_s"] >= 0 and r["open_data_s"] >= 0 for r in records)
 
 
 def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
@@ -220,15 +250,12 @@ DRIVER = textwrap.dedent("""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import numpy as np
     import ray
-    from laray.data import ImageDataset, load_dataset
+    from laray.data import describe, load_dataset
     from laray.space import parse_space
     from laray.sweep import run_sweep
 
-    address, storage, name, raw, n, fingerprint = sys.argv[1:7]
-    n = int(n)
-    d = load_dataset("digits", 32)
-    sub = ImageDataset(np.ascontiguousarray(d.images[:n]), d.labels[:n], d.class_names, d.paths[:n],
-                       fingerprint=fingerprint)
+    address, storage, name, raw, folder = sys.argv[1:6]
+    sub = describe(folder, 32)
     ray.init(address=address)  # joins the tests' Ray instance: a killed driver leaves no Ray processes behind
     result = run_sweep(sub, parse_space(json.loads(raw)), storage, name, seed=0, verbose=0)
     print("driver returned", result.n_trials, flush=True)
@@ -236,14 +263,14 @@ DRIVER = textwrap.dedent("""
 RESUMED_RAW = raw_space(num_samples=3, max_concurrent=1)
 
 
-def _start_driver(ray_session, tmp_path: Path, storage: Path, name: str, raw: dict):
+def _start_driver(ray_session, tmp_path: Path, storage: Path, name: str, raw: dict, sub_folder: str):
     script, log = tmp_path / "driver.py", tmp_path / "driver.log"
     script.write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     address = ray_session.get_runtime_context().gcs_address
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script), address, str(storage), name, json.dumps(raw), str(N),
-                                 FINGERPRINT], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        proc = subprocess.Popen([sys.executable, str(script), address, str(storage), name, json.dumps(raw), sub_folder],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     return proc, log
 
 
@@ -280,7 +307,7 @@ def _optuna_trial_count(experiment: Path) -> int:
         return 0
 
 
-def _check_resumed(result, experiment: Path, name: str, before, first: Path, first_progress: str):
+def _check_resumed(result, experiment: Path, name: str, before, first: Path, first_progress: str, sub):
     """What a resumed sweep must show whatever stopped it: the requested trials, each trained once."""
     assert result.n_trials == 3 and result.n_errored == 0
     after = analysis_of(experiment)
@@ -302,7 +329,7 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
     assert all(set(t.params) == set(FIVE) for t in complete)
     assert sorted(json.dumps(t.params, sort_keys=True) for t in complete) == \
         sorted(json.dumps(t.config, sort_keys=True) for t in after.trials)  # Optuna's trials are Tune's
-    key = only_store_key(experiment, parse_space(RESUMED_RAW))
+    key = only_store_key(experiment, parse_space(RESUMED_RAW), sub)
     assert ae_store.trainings(experiment / "autoencoders", key) == 1  # stage 1 not retrained on resume either
     assert json.loads((experiment / "best.json").read_text())["n_trials"] == 3
     return study
@@ -311,7 +338,7 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
 def test_interrupted_sweep_resumes_to_the_requested_trials(ray_session, sub, tmp_path):
     name, storage = "interrupted", tmp_path / "results"
     experiment = storage / name
-    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW)
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
     try:
         first = _wait_until(lambda: _finished_trial(experiment, LA["epochs"]), proc, log, "a trial finished")
         proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and fit() returns
@@ -324,7 +351,7 @@ def test_interrupted_sweep_resumes_to_the_requested_trials(ray_session, sub, tmp
 
     result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
 
-    study = _check_resumed(result, experiment, name, before, first, first_progress)
+    study = _check_resumed(result, experiment, name, before, first, first_progress, sub)
     assert len(study.trials) == 3
 
 
@@ -334,7 +361,7 @@ def killed_sweep(ray_session, sub, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("killed")
     name, storage = "killed", tmp_path / "results"
     experiment = storage / name
-    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW)
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
     try:
         _wait_until(lambda: _optuna_trial_count(experiment) >= 2, proc, log, "a second trial was sampled")
         proc.kill()  # no chance to save anything: Tune's experiment state is whatever it last wrote
@@ -348,7 +375,7 @@ def killed_sweep(ray_session, sub, tmp_path_factory):
         pytest.skip("Tune saved its state after the second trial was sampled: the kill lost nothing")
 
     result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
-    return result, experiment, name, before, first, first_progress
+    return result, experiment, name, before, first, first_progress, sub
 
 
 def test_killed_sweep_resumes_to_the_requested_trials(killed_sweep):
@@ -395,7 +422,7 @@ def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub,
         assert history[0]["loss"] == pytest.approx(progress["loss"].iloc[0])
         assert metrics["autoencoder"]["trained_in_this_run"] is False  # the restart loaded stage 1
         assert metrics["purity"] == pytest.approx(progress["purity"].iloc[-1])
-    key = only_store_key(experiment, space)
+    key = only_store_key(experiment, space, sub)
     assert ae_store.trainings(experiment / "autoencoders", key) == 1
 
     import optuna

@@ -193,11 +193,10 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     threads = max(1, int(cpus_per_trial))
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     device = "cuda" if gpus_per_trial > 0 else device
-    stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders", resources, device,
-                          threads, cache_dir)
-    # By value, through the object store: the encoder's weights and the baselines, tens of MB at most.
-    shared = dataclasses.replace(stage1, source="object store", trained_in_this_run=False)
-    trainable = tune.with_parameters(train_trial, data=data, stage1=shared, space=space, seed=seed, device=device,
+    # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
+    stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
+                                            resources, device, threads, cache_dir)
+    trainable = tune.with_parameters(train_trial, data=data, stage1=stage1, space=space, seed=seed, device=device,
                                      threads=threads, cache_dir=cache_dir, crash_once_at_epoch=crash_once_at_epoch)
     trainable = tune.with_resources(trainable, resources)
 
@@ -230,7 +229,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         best_config, best_metrics = dict(best.config), dict(best.metrics)
     except RuntimeError:  # no trial reported anything
         best_config = best_metrics = None
-    baselines = stage1.baselines[(best_config or {}).get("merger", space.la.merger)]
+    baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
     summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
                if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines}
     (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -25,43 +25,54 @@ def _print_epoch(record: dict) -> None:
     print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
 
 
-def _stage1_task(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], seed: int, device: str, threads: int,
-                 cache_dir: str | None, ae_state: dict | None) -> tuple[dict, list, dict]:
-    """(auto-encoder state_dict, history, {merger: baselines}); trains only when no ae_state is given."""
+def _stage1_task(ref: DataRef, ae_cfg: AutoEncoderConfig, key: str, mergers: list[str], seed: int, device: str,
+                 threads: int, cache_dir: str | None, encoder_state: dict | None) -> Stage1:
+    """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it)."""
     import torch
 
     torch.set_num_threads(threads)
     dataset = open_dataset(ref, cache_dir)
     history = []
-    if ae_state is None:
+    if encoder_state is None:
         with tempfile.TemporaryDirectory() as folder:
             ae_state, history = train_autoencoder(dataset, ae_cfg, seed, device, Path(folder) / "training.ckpt",
                                                   callback=_print_epoch, progress=False)
-    encoder = encoder_part(ae_state)
-    return ae_state, history, {m: compute_baselines(dataset, encoder, ae_cfg, m, seed, device) for m in mergers}
+        encoder_state = encoder_part(ae_state)  # the decoder is not needed after stage 1: it is not shipped
+    baselines = {m: compute_baselines(dataset, encoder_state, ae_cfg, m, seed, device) for m in mergers}
+    return Stage1(key, encoder_state, history, baselines, trained_in_this_run=False, source="object store")
 
 
 def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], seed: int, store_dir: Path,
-                 resources: dict, device: str, threads: int, cache_dir: str | None) -> Stage1:
-    """Stage 1 and its baselines for a sweep: from the store, else computed once by a Ray task and stored."""
+                 resources: dict, device: str, threads: int, cache_dir: str | None):
+    """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
+
+    The task's return value is what the trials get, so each node's object store holds one copy of
+    the weights (the driver's too: it reads the same object to keep it in the store).
+    """
     import ray
 
     task = ray.remote(_stage1_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     key = store_key(ref.key, ae_cfg, seed)
-    computed = {}
+    shipped = None
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
-        ae_state, history, baselines = ray.get(task.remote(ref, ae_cfg, mergers, seed, device, threads, cache_dir,
-                                                           None))
-        computed.update(baselines)
-        return ae_state, history
+        nonlocal shipped
+        shipped = task.remote(ref, ae_cfg, key, mergers, seed, device, threads, cache_dir, None)
+        stage1 = ray.get(shipped)
+        return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
-    ae_state, history, trained = get_or_train(store_dir, key, train)
+    ae_state, history, _ = get_or_train(store_dir, key, train)
     paths = {m: baselines_path(store_dir, key, m, ref.labels_key) for m in mergers}
-    missing = [m for m in mergers if m not in computed and not paths[m].exists()]
-    if missing:  # stage 1 stored before, scored for another label set or merger: score it once more, remotely
-        computed.update(ray.get(task.remote(ref, ae_cfg, missing, seed, device, threads, cache_dir, ae_state))[2])
-    for merger, scores in computed.items():
-        write_json(paths[merger], scores)
-    baselines = {m: computed[m] if m in computed else json.loads(paths[m].read_text()) for m in mergers}
-    return Stage1(key, encoder_part(ae_state), history, baselines, trained, "trained" if trained else "store")
+    if shipped is not None:
+        baselines = ray.get(shipped).baselines
+    else:  # stored by an earlier run: scored for this label set and these mergers too?
+        baselines = {m: json.loads(paths[m].read_text()) for m in mergers if paths[m].exists()}
+        missing = [m for m in mergers if m not in baselines]
+        if missing:
+            baselines.update(ray.get(task.remote(ref, ae_cfg, key, missing, seed, device, threads, cache_dir,
+                                                 encoder_part(ae_state))).baselines)
+        shipped = ray.put(Stage1(key, encoder_part(ae_state), history, baselines, False, "object store"))
+    for merger, scores in baselines.items():
+        if not paths[merger].exists():
+            write_json(paths[merger], scores)
+    return baselines, shipped

@@ -1,7 +1,22 @@
 """Shared fixtures. Ray starts only for the tests that ask for `ray_session`, once per test session."""
 import os
+from pathlib import Path
 
 import pytest
+
+
+def write_digit_folder(root: Path, n: int, size: int = 32) -> Path:
+    """The first n embedded digits as PNG files (size px), one folder per digit: a species-folder data set."""
+    from PIL import Image
+
+    from laray.data import load_dataset
+
+    d = load_dataset("digits", size)
+    for i in range(n):
+        path = root / f"digit{d.labels[i]}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d.images[i]).save(path)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,12 @@ import yaml
 from laray import ae_store
 from laray.ae_store import store_key
 from laray.config import LAConfig, replace
-from laray.data import describe, load_dataset
+from laray.data import describe
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
 from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, run_sweep
+
+from conftest import write_digit_folder
 
 N = 120
 SEED = 0
@@ -49,18 +51,6 @@ def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, sear
     return {"num_samples": num_samples, "max_concurrent": max_concurrent, "grace_period": grace_period,
             "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
             "search": {**SEARCH, **(search or {})}}
-
-
-def write_digit_folder(root: Path, n: int) -> Path:
-    """The first n digits as PNG files in one folder per digit: a species-folder data set."""
-    from PIL import Image
-
-    d = load_dataset("digits", 32)
-    for i in range(n):
-        path = root / f"digit{d.labels[i]}" / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(d.images[i]).save(path)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +240,7 @@ DRIVER = textwrap.dedent("""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import numpy as np
     import ray
-    from laray.data import describe, load_dataset
+    from laray.data import describe
     from laray.space import parse_space
     from laray.sweep import run_sweep
 

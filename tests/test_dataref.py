@@ -1,0 +1,123 @@
+"""Data by reference: the driver lists, each node decodes once into its own cache and checks its files."""
+import multiprocessing
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+import laray.cache
+from laray.cache import default_cache_dir
+from laray.data import DataError, describe, load_dataset, open_dataset
+
+from conftest import write_digit_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_digit_folder(tmp_path_factory.mktemp("digits"), 300)
+
+
+def test_describe_lists_without_decoding(folder, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("describe decoded an image")
+
+    monkeypatch.setattr(laray.cache, "decode_image", boom)
+    ref = describe(str(folder), 64)
+    assert len(ref) == 300 and ref.image_size == 64
+    assert ref.class_names == tuple(f"digit{i}" for i in range(10))
+    assert all(os.path.isabs(p) for p in ref.paths)
+    assert ref.sizes.tolist() == [os.path.getsize(p) for p in ref.paths]
+    assert ref.decoded_bytes == 300 * 64 * 64 * 3
+
+
+def test_reference_is_a_small_fraction_of_the_decoded_images(folder):
+    ref = describe(str(folder), 64)
+    pickled = len(pickle.dumps(ref))
+    assert pickled < ref.decoded_bytes / 50  # 300 paths and labels against 3.7 MB of pixels
+    assert not any(isinstance(v, np.ndarray) and v.size >= 64 * 64 * 3 for v in vars(ref).values())
+
+
+def test_open_dataset_equals_load_dataset_and_keys_by_the_driver_listing(folder, tmp_path):
+    ref = describe(str(folder), 32)
+    opened = open_dataset(ref, tmp_path / "node")
+    loaded = load_dataset(str(folder), 32, cache_dir=tmp_path / "local")
+    assert opened.decoded_here and loaded.decoded_here  # each decoded into its own cache folder
+    assert np.array_equal(np.asarray(opened.images), np.asarray(loaded.images))
+    assert opened.paths == loaded.paths and np.array_equal(opened.labels, loaded.labels)
+    assert opened.fingerprint == loaded.fingerprint == ref.key
+    assert opened.labels_key == loaded.labels_key == ref.labels_key
+    again = open_dataset(ref, tmp_path / "node")
+    assert not again.decoded_here  # mapped from the node's cache
+    assert (tmp_path / "node" / f"{ref.key}.npy").exists()
+
+
+def test_digits_by_reference():
+    ref = describe("digits", 16)
+    assert ref.paths == () and len(ref) == 1797
+    assert len(pickle.dumps(ref)) < 20_000
+    dataset = open_dataset(ref)
+    assert len(dataset) == 1797 and dataset.labels_key == ref.labels_key
+    assert np.array_equal(dataset.labels, ref.labels)
+
+
+def _copy_of(folder, to):
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_a_node_whose_files_differ_is_refused_naming_them(folder, tmp_path):
+    copy = _copy_of(folder, tmp_path / "copy")
+    ref = describe(str(copy), 32)
+    changed, removed = ref.paths[5], ref.paths[17]
+    with open(changed, "ab") as handle:
+        handle.write(b"more bytes")
+    os.remove(removed)
+    with pytest.raises(DataError) as err:
+        open_dataset(ref, tmp_path / "cache")
+    message = str(err.value)
+    assert "2 of 300 file(s)" in message and "differ from the driver's listing" in message
+    assert f"{removed}: missing" in message
+    assert f"{changed}: {ref.sizes[5] + 10} bytes here, {ref.sizes[5]} at the driver" in message
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npy"))  # nothing decoded
+
+
+def test_a_copy_with_other_modification_times_is_accepted(folder, tmp_path):
+    copy = _copy_of(folder, tmp_path / "copy")
+    ref = describe(str(copy), 32)
+    for path in ref.paths:  # e.g. rsync without -t: same bytes, new times
+        os.utime(path, ns=(1, 1))
+    dataset = open_dataset(ref, tmp_path / "cache")
+    assert len(dataset) == 300 and dataset.fingerprint == ref.key
+
+
+def test_cache_dir_defaults_to_laray_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("LARAY_CACHE_DIR", str(tmp_path / "node-local"))
+    assert default_cache_dir() == tmp_path / "node-local"
+    monkeypatch.delenv("LARAY_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "laray"
+
+
+def _open_in_child(ref, cache, start, results):
+    start.wait()
+    results.put(open_dataset(ref, cache, workers=1).decoded_here)
+
+
+def test_processes_opening_at_once_decode_once(folder, tmp_path):
+    """The trials of one node start together: one decodes under the lock, the others wait and map."""
+    ref = describe(str(folder), 48)
+    cache = tmp_path / "cache"
+    context = multiprocessing.get_context("fork")
+    start, results = context.Event(), context.Queue()
+    children = [context.Process(target=_open_in_child, args=(ref, cache, start, results)) for _ in range(3)]
+    for child in children:
+        child.start()
+    start.set()
+    decoded = sorted(results.get(timeout=120) for _ in children)
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert decoded == [False, False, True]
+    assert len((cache / "decodes.log").read_text().splitlines()) == 1

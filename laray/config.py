@@ -87,6 +87,7 @@ class LAConfig(OptimConfig):
     bank_init: str = "codes"
     augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
     lr: float = 0.01
+    eval_every: int = 1  # LA epochs between evaluations (and always the last): at N = 276,000 one costs an epoch
 
     def __post_init__(self):
         self._validate_optim()
@@ -100,6 +101,8 @@ class LAConfig(OptimConfig):
                  "must be an integer >= 1", self.n_centroids)
         _require(isinstance(self.recluster_every, int) and self.recluster_every >= 0, "recluster_every",
                  "must be an integer >= 0", self.recluster_every)
+        _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1",
+                 self.eval_every)
         _require(self.merger in ("mean", "flatten"), "merger", "must be 'mean' or 'flatten'", self.merger)
         _require(self.bank_init in ("codes", "random"), "bank_init", "must be 'codes' or 'random'", self.bank_init)
 

@@ -49,10 +49,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return standardize(images.float().div_(255.0))
 
 
-def device_batch(dataset: "ImageDataset", indices, device: torch.device, channels_last: bool = False,
-                 transform=None) -> torch.Tensor:
-    """A model-ready batch: uint8 from the cache -> device -> [0, 1] -> `transform` (augmentation) -> normalised."""
-    x = dataset.uint8_batch(indices).to(device, non_blocking=True).float().div_(255.0)
+def model_batch(images: torch.Tensor, device: torch.device, channels_last: bool = False,
+                transform=None) -> torch.Tensor:
+    """uint8 (b, 3, H, W) from the cache -> device -> [0, 1] -> `transform` (augmentation) -> normalised.
+
+    non_blocking: from pinned memory (laray.prefetch pins on CUDA) the copy overlaps with the GPU's
+    work; from pageable memory it is a plain copy.
+    """
+    x = images.to(device, non_blocking=True).float().div_(255.0)
     if transform is not None:
         x = transform(x)
     x = standardize(x)

@@ -101,8 +101,8 @@ def train_trial(config: dict, data: DataRef, stage1: Stage1, space: SearchSpace,
             shutil.copy2(Path(folder) / "la.ckpt", la_ckpt)
 
     def report(record: dict) -> None:
-        if record["stage"] != "local_aggregation":
-            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
+        if record["stage"] != "local_aggregation" or "eval_s" not in record:
+            return  # stage 1 is shared by the trials; ASHA compares evaluated LA epochs only (eval_every)
         metrics = {k: record[k] for k in REPORTED if k in record}
         if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
             worker["startup_s"] = time.perf_counter() - began - record.get("epoch_s", 0) - record.get("eval_s", 0)
@@ -210,7 +210,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 search_alg=_optuna_search(space, experiment, name, seed),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, space.la.epochs),
+                # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=max(1, space.la.epochs),
                                         grace_period=min(space.grace_period, max(1, space.la.epochs))),
                 metric=space.objective, mode=space.mode,
                 num_samples=num_samples or space.num_samples,

@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 from laray.augment import augment_batch
 from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from laray.config import AutoEncoderConfig, LAConfig
-from laray.data import ImageDataset, device_batch
+from laray.data import ImageDataset, model_batch
 from laray.evaluate import encode_all, score_codes
 from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
+from laray.prefetch import BatchPrefetcher
 
 Callback = Callable[[dict], None]
+PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,9 +75,11 @@ def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, cfg) ->
 
 
 def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bool, seed: int):
-    codes = encode_all(encoder, dataset, device, autocast=fast)
+    """(codes, scores, assignments, wall seconds)."""
+    began = time.perf_counter()
+    codes = encode_all(encoder, dataset, device, autocast=fast, prefetch=PREFETCH_DEPTH)
     scores, assignments = score_codes(codes, dataset.labels, seed=seed)
-    return codes, scores, assignments
+    return codes, scores, assignments, time.perf_counter() - began
 
 
 def _save(path, model, optimizer, scheduler, epoch, cfg, history, **extra) -> None:
@@ -117,23 +121,25 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
         model.train()
         batches = epoch_batches(len(dataset), cfg.batch_size, seed, epoch)
         total, seen, began = 0.0, 0, time.perf_counter()
-        for step, idx in enumerate(tqdm(batches, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False,
-                                        disable=not progress)):
-            x = device_batch(dataset, idx, device, channels_last=fast)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-                out = model(x)
-            loss = F.mse_loss(out.float(), x)
-            _check_finite(loss, "autoencoder", epoch, step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-        images_per_s = seen / (time.perf_counter() - began)
+        with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
+            for step, (idx, images) in enumerate(tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}",
+                                                      leave=False, disable=not progress)):
+                x = model_batch(images, device, channels_last=fast)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                    out = model(x)
+                loss = F.mse_loss(out.float(), x)
+                _check_finite(loss, "autoencoder", epoch, step, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+        epoch_s = time.perf_counter() - began  # loss.item() waits for the GPU every step: no sync needed
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        _, scores, _ = _evaluate(EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed)
+        _, scores, _, eval_s = _evaluate(EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device,
+                                         fast, seed)
         record = {"stage": "autoencoder", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": images_per_s, "lr": lr, **scores}
+                  "images_per_s": seen / epoch_s, "lr": lr, **scores, "epoch_s": epoch_s, "eval_s": eval_s}
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
         if callback is not None:
@@ -157,8 +163,10 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
                 on_evaluated: Callable[[list, torch.Tensor, np.ndarray], None] | None = None) -> LAResult:
     """Stage 2: fine-tune the auto-encoder's encoder (`encoder_state`) with the Local Aggregation loss.
 
-    After each epoch's evaluation and checkpoint, `on_evaluated(history, codes, assignments)` runs
-    (to write outputs that must exist even if the run is stopped at the report), then `callback(record)`.
+    After each epoch's checkpoint (and its evaluation, every `cfg.eval_every` epochs and at the last),
+    `on_evaluated(history, codes, assignments)` runs after an evaluation (to write outputs that must
+    exist even if the run is stopped at the report), then `callback(record)` after every epoch; a
+    record without scores is an epoch that was not evaluated.
     """
     device = resolve_device(device)
     fast = device.type == "cuda"
@@ -179,7 +187,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         start, history, state = _resume(checkpoint, model, optimizer, scheduler, cfg, required=("la",))
         loss_fn.load_state_dict(state["la"])
     elif cfg.bank_init == "codes":
-        bank.fill(encode_all(model, dataset, device, autocast=fast).to(device))
+        bank.fill(encode_all(model, dataset, device, autocast=fast, prefetch=PREFETCH_DEPTH).to(device))
 
     codes = scores = assignments = None
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, seed, 0))
@@ -188,35 +196,40 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2)) if cfg.augment else None
         total, seen, began = 0.0, 0, time.perf_counter()
         batches = epoch_batches(n, cfg.batch_size, seed, epoch)
-        for step, idx in enumerate(tqdm(batches, desc=f"local aggregation {epoch + 1}/{cfg.epochs}", leave=False,
-                                        disable=not progress)):
-            every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
-            if (epoch * steps_per_epoch + step) % every == 0:
-                loss_fn.recluster()
-            x = device_batch(dataset, idx, device, channels_last=fast,
-                             transform=None if gen is None else partial(augment_batch, gen=gen))
-            indices = torch.from_numpy(idx).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-                v = model(x)
-            loss = loss_fn(v.float(), indices)
-            _check_finite(loss, "local aggregation", epoch, step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bank.update(indices, v.detach())
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-        images_per_s = seen / (time.perf_counter() - began)
+        transform = None if gen is None else partial(augment_batch, gen=gen)  # runs here, in batch order
+        with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
+            for step, (idx, images) in enumerate(tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}",
+                                                      leave=False, disable=not progress)):
+                every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
+                if (epoch * steps_per_epoch + step) % every == 0:
+                    loss_fn.recluster()
+                x = model_batch(images, device, channels_last=fast, transform=transform)
+                indices = torch.from_numpy(idx).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                    v = model(x)
+                loss = loss_fn(v.float(), indices)
+                _check_finite(loss, "local aggregation", epoch, step, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bank.update(indices, v.detach())
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+        epoch_s = time.perf_counter() - began
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        codes, scores, assignments = _evaluate(model, dataset, device, fast, seed)
         record = {"stage": "local_aggregation", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": images_per_s, "lr": lr, **scores}
+                  "images_per_s": seen / epoch_s, "lr": lr}
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        if evaluated:  # every eval_every epochs and at the last: at large N one evaluation costs about an epoch
+            codes, scores, assignments, eval_s = _evaluate(model, dataset, device, fast, seed)
+            record.update(scores, eval_s=eval_s)
+        record["epoch_s"] = epoch_s
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history, la=loss_fn.state_dict())
-        if on_evaluated is not None:
+        if evaluated and on_evaluated is not None:
             on_evaluated(history, codes, assignments)
         if callback is not None:
             callback(record)
     if codes is None:  # nothing left to train (zero epochs, or resumed after the last): evaluate as is
-        codes, scores, assignments = _evaluate(model, dataset, device, fast, seed)
+        codes, scores, assignments, _ = _evaluate(model, dataset, device, fast, seed)
     return LAResult(model, loss_fn, history, codes, assignments, scores)

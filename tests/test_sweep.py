@@ -380,6 +380,20 @@ def test_killed_sweep_leaves_no_orphan_optuna_trial(killed_sweep):
     assert set(states) <= {"COMPLETE", "FAIL"} and states.count("COMPLETE") == result.n_trials == 3
 
 
+def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):
+    """eval_every 2 over 3 LA epochs: Tune sees epochs 2 and 3, and ASHA counts LA epochs, not reports."""
+    raw = raw_space(num_samples=1, max_concurrent=1, grace_period=3, la_epochs=3)
+    raw["fixed"]["la"]["eval_every"] = 2
+    result = run_sweep(sub, parse_space(raw), str(tmp_path), "every2", seed=SEED, verbose=0)
+    assert result.n_trials == 1 and result.n_errored == 0
+    (trial,) = analysis_of(tmp_path / "every2").trials
+    progress = rows(trial.path)
+    assert progress["epoch"].tolist() == [2, 3]
+    assert trial.status == "TERMINATED"  # ran to max_t = 3 epochs although it reported twice
+    metrics = json.loads((Path(trial.path) / "metrics.json").read_text())
+    assert [("purity" in h) for h in la_history(metrics)] == [False, True, True]
+
+
 # --------------------------------------------------------------------------------------------------
 # Faults
 

@@ -65,8 +65,8 @@ def encoder_state(tiny):
 
 
 def without_timing(history):
-    """Records minus images_per_s, the one field that measures the machine rather than the training."""
-    return [{k: v for k, v in record.items() if k != "images_per_s"} for record in history]
+    """Records minus the fields that measure the machine rather than the training."""
+    return [{k: v for k, v in record.items() if k not in ("images_per_s", "epoch_s", "eval_s")} for record in history]
 
 
 def assert_same_state(a: dict, b: dict):
@@ -264,6 +264,20 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     with pytest.raises(ValueError, match="another config"):
         finetune_la(tiny, encoder_state, AE, replace(cfg, temperature=0.1), seed=5, device="cpu", checkpoint=ckpt,
                     resume=True, progress=False)
+
+
+def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):
+    evaluated, received = [], []
+    result = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=5, eval_every=2), seed=5, device="cpu",
+                         callback=received.append, progress=False,
+                         on_evaluated=lambda history, codes, assignments: evaluated.append(history[-1]["epoch"]))
+    assert [r["epoch"] for r in received] == [1, 2, 3, 4, 5]  # every epoch trains and is checkpointed
+    assert evaluated == [2, 4, 5]
+    assert [r["epoch"] for r in result.history if "purity" in r] == [2, 4, 5]
+    assert all("eval_s" not in r and "purity" not in r for r in result.history if r["epoch"] in (1, 3))
+    assert result.scores == {k: result.history[-1][k] for k in SCORES}
+    with pytest.raises(ConfigError, match="eval_every"):
+        replace(LA, eval_every=0)
 
 
 def test_save_atomic_never_leaves_a_torn_checkpoint(tmp_path, monkeypatch):

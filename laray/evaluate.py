@@ -42,17 +42,20 @@ def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_si
 
 
 def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None = None, seed: int = 0,
-                n_init: int = N_INIT) -> tuple[dict, np.ndarray]:
+                n_init: int = N_INIT, device: str | torch.device = "cpu") -> tuple[dict, np.ndarray]:
     """k-means on the codes (K = number of species unless given, best inertia of n_init seeds) -> (scores, assignments).
 
     Labelled data: purity, nmi, ari, acc. Unlabelled (all labels -1): silhouette (cosine).
+    device: where k-means runs. Training passes its own: at Danish Fungi size (N = 276,000,
+    K = 1,604) the CPU would take tens of minutes per evaluation while the GPU waited.
     """
     labelled = bool((labels >= 0).any())
     if n_clusters is None:
         n_clusters = len(np.unique(labels[labels >= 0])) if labelled else 10
     n_clusters = max(1, min(n_clusters, len(codes)))
-    runs = [kmeans(codes.float(), n_clusters, seed=seed + i) for i in range(n_init)]
-    assignments = min(runs, key=lambda r: r.inertia).labels.numpy()
+    x = codes.to(device).float()
+    runs = [kmeans(x, n_clusters, seed=seed + i) for i in range(n_init)]
+    assignments = min(runs, key=lambda r: r.inertia).labels.cpu().numpy()
     if labelled:
         known = labels >= 0
         return cluster_scores(labels[known], assignments[known]), assignments

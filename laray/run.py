@@ -102,8 +102,9 @@ def compute_baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEn
     ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
     ae_encoder.encoder.load_state_dict(encoder_state)
     return {
-        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed)[0],
-        "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed)[0],
+        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device)[0],
+        "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed,
+                                   device=device)[0],
     }
 
 

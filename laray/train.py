@@ -78,7 +78,7 @@ def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bo
     """(codes, scores, assignments, wall seconds)."""
     began = time.perf_counter()
     codes = encode_all(encoder, dataset, device, autocast=fast, prefetch=PREFETCH_DEPTH)
-    scores, assignments = score_codes(codes, dataset.labels, seed=seed)
+    scores, assignments = score_codes(codes, dataset.labels, seed=seed, device=device)
     return codes, scores, assignments, time.perf_counter() - began
 
 

@@ -10,6 +10,7 @@ achieved rate and its fraction of the GPU's dense bf16 peak are reported.
     python benchmarks/train_throughput.py                 # CPU: demo settings and vgg16_bn at 224 px
     python benchmarks/train_throughput.py --device cuda   # the same on a GPU
     python benchmarks/train_throughput.py --quick         # tiny, seconds (what the tests run)
+    python benchmarks/train_throughput.py --encode-flops  # GFLOP of one evaluation encode, vgg16_bn at 224 px
 """
 from __future__ import annotations
 
@@ -88,7 +89,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="demo settings only, 2 steps (seconds)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when not in the built-in table")
+    parser.add_argument("--encode-flops", action="store_true",
+                        help="only count one evaluation encode (the encoder's forward pass) of vgg16_bn at 224 px")
     args = parser.parse_args(argv)
+    if args.encode_flops:
+        cfg = AutoEncoderConfig()
+        encoder = EncoderVGGMerged(cfg.arch, None, cfg.width, "mean").eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as count:
+            encoder(torch.randn(1, 3, cfg.image_size, cfg.image_size))
+        print(f"encode ({cfg.arch}, {cfg.image_size} px): {count.get_total_flops() / 1e9:.2f} GFLOP per image")
+        return 0
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in BF16_PEAK.items() if gpu and k in gpu), None)

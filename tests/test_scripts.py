@@ -1,4 +1,5 @@
 """The README's commands, the CI script, the CLI and the benchmark's small mode."""
+import os
 import re
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_train_throughput_benchmark_quick_mode_prints_measured_figures():
     assert [r[0] for r in rows] == ["autoencoder", "local aggregation"]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # images/s and FLOPs per image measured
 
+
+
+def test_sweep_overhead_benchmark_quick_mode_prints_measured_figures(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["LARAY_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_overhead.py"), "--quick"], env=env,
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    assert re.search(r"stage 1 .* and its baselines: ([\d.]+) s", out)
+    row = re.search(r"^\s+1\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)%", out, flags=re.M)
+    assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0
+    assert re.search(r"saves 7 x ([\d.]+) s = ([\d.]+) s", out)

@@ -142,12 +142,14 @@ def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
                         study_name=name, storage=storage)
 
 
-def _fail_orphaned_optuna_trials(experiment: Path, name: str) -> None:
-    """Mark FAIL the Optuna trials left RUNNING by a killed driver that Tune never saved.
+def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool = False) -> None:
+    """Mark FAIL the Optuna trials left RUNNING that no Tune trial will ever finish.
 
     Optuna writes a sampled trial to SQLite at once; Tune saves its state every few
-    seconds. A driver killed in between leaves a RUNNING Optuna trial that no Tune
-    trial will ever finish.
+    seconds. A driver killed in between leaves a RUNNING Optuna trial that Tune never
+    saved (caught before a resume: its parameters match no Tune trial). And a resumed
+    searcher may ask Optuna for a trial that Tune then never starts (caught when the
+    sweep is over: every Tune trial has ended, so nothing RUNNING can finish).
     """
     import optuna
 
@@ -156,7 +158,10 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str) -> None:
     db = experiment / OPTUNA_DB
     if not db.exists():
         return
-    known = [t.get("config", {}) for t in tune_trial_states(experiment)]
+    tune_trials = tune_trial_states(experiment)
+    if sweep_over and (not tune_trials or any(t.get("status") not in ("TERMINATED", "ERROR") for t in tune_trials)):
+        return  # interrupted (Ctrl-C): its RUNNING trials may still finish after a resume
+    known = [] if sweep_over else [t.get("config", {}) for t in tune_trials]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not any(all(config.get(k) == v for k, v in trial.params.items()) for config in known):
@@ -224,6 +229,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     results = tuner.fit()
+    _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
     errored = sum(1 for r in results if r.error is not None)
     try:
         best = results.get_best_result(metric=space.objective, mode=space.mode, scope="last")

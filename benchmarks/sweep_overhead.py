@@ -6,10 +6,10 @@ is timed twice in one process: directly with `train_run`, and as a one-trial swe
 difference is Tune's overhead per trial: starting the trial's worker, handing it the data
 reference and stage 1, a report and a checkpoint every epoch, the experiment's bookkeeping.
 Ray's own start-up, once per sweep, is timed apart. It runs at two lengths: the demo's run
-and a longer one of a few minutes. Last, stage 1 is timed alone: an 8-trial sweep trains it
+and longer ones, up to a few minutes. Last, stage 1 is timed alone: an 8-trial sweep trains it
 once instead of 8 times, which saves 7 times that.
 
-    python benchmarks/sweep_overhead.py            # about 8 minutes on 2 cores
+    python benchmarks/sweep_overhead.py            # 10, 40 and 150 LA epochs: about 12 minutes on 2 cores
     python benchmarks/sweep_overhead.py --quick    # seconds: a tiny model, one epoch (what the tests run)
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 + 1 epochs (seconds)")
     parser.add_argument("--la-epochs", type=int, nargs="+", default=None,
-                        help="LA epochs of the runs compared (default: 10, the demo's, and 60, a few minutes)")
+                        help="LA epochs of the runs compared (default: 10, the demo's; 40; 150, a few minutes)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of a run, and CPUs of the trial")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ae, la = demo_configs()
     if args.quick:
         ae, la = replace(ae, width=0.125, epochs=1), replace(la, epochs=1)
-    lengths = args.la_epochs or ([1] if args.quick else [la.epochs, 60])
+    lengths = args.la_epochs or ([1] if args.quick else [la.epochs, 40, 150])
     work = Path(tempfile.mkdtemp(prefix="laray-overhead-"))
     try:
         data = describe("digits", ae.image_size)

@@ -101,11 +101,13 @@ def train_trial(config: dict, data: DataRef, stage1: Stage1, space: SearchSpace,
             shutil.copy2(Path(folder) / "la.ckpt", la_ckpt)
 
     def report(record: dict) -> None:
-        if record["stage"] != "local_aggregation" or "eval_s" not in record:
-            return  # stage 1 is shared by the trials; ASHA compares evaluated LA epochs only (eval_every)
-        metrics = {k: record[k] for k in REPORTED if k in record}
+        if record["stage"] != "local_aggregation":
+            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
         if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
-            worker["startup_s"] = time.perf_counter() - began - record.get("epoch_s", 0) - record.get("eval_s", 0)
+            worker["startup_s"] = time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0)
+        if "eval_s" not in record:
+            return  # not evaluated (eval_every): nothing for ASHA to compare
+        metrics = {k: record[k] for k in REPORTED if k in record}
         _write_worker_record(out / "worker.json", worker)
         with tempfile.TemporaryDirectory() as folder:
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")

@@ -5,7 +5,7 @@ and hands trials a `DataRef`: the spec, the image size, every path with its size
 the labels and the decode-cache key. A node opens it with `laray.data.open_dataset`: it
 checks that its files are the driver's (`check_files`), then maps the decoded images from
 its own cache folder, decoding them once if that folder lacks them. At Danish Fungi 2020
-size (276,000 files) a reference pickles to about 20 MB; the decoded images at 224 px are 41 GB.
+size (276,000 files) a reference takes about 20 MB (80 bytes an image); the decoded images at 224 px take 41 GB.
 """
 from __future__ import annotations
 

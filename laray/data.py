@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from laray.augment import augment_batch
 from laray.cache import decode_cached
-from laray.dataref import DIGITS, DataRef, check_files, describe
+from laray.dataref import DIGITS, DataRef, check_files, describe, digits_key
 from laray.dataref import labels_key as labels_key_of
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
@@ -122,7 +122,7 @@ def _digits(image_size: int) -> ImageDataset:
     paths = [f"digits:{i}" for i in range(len(grey))]
     return ImageDataset(images, bunch.target.astype(np.int64), [str(c) for c in range(10)], paths,
                         original_sizes=np.full((len(grey), 2), 8), spec="digits",
-                        fingerprint=f"digits-{image_size}")
+                        fingerprint=digits_key(image_size))
 
 
 def _listing(items: list[tuple[str, str]]) -> str:

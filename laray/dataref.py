@@ -49,6 +49,11 @@ class DataRef:
         return labels_key(self.key, self.labels, self.class_names)
 
 
+def digits_key(image_size: int) -> str:
+    """The embedded digits' images key: they are built, not read from files."""
+    return f"digits-{image_size}"
+
+
 def labels_key(images_key: str, labels: np.ndarray, class_names) -> str:
     """Identifies the images and their labels: the same files scored by another label column differ."""
     digest = hashlib.sha256(images_key.encode())
@@ -67,7 +72,7 @@ def describe(spec: str, image_size: int, label_column: str | None = DEFAULT_LABE
 
         labels = load_digits().target.astype(np.int64)
         return DataRef(DIGITS, int(image_size), (), np.zeros(0, np.int64), labels,
-                       tuple(str(c) for c in range(10)), f"digits-{image_size}")
+                       tuple(str(c) for c in range(10)), digits_key(image_size))
     source = resolve(spec, label_column, path_column, image_root)
     paths = tuple(os.path.abspath(p) for p in source.paths)
     stats = file_stats(list(paths))

@@ -1,7 +1,7 @@
-"""Seeded k-means and top-k neighbour search: pure functions on tensors, CPU or CUDA.
+"""Seeded k-means: a pure function on tensors, CPU or CUDA.
 
-Both work in chunks of rows so that the (rows x centroids) or (queries x keys)
-score matrix stays bounded whatever the data set size.
+It works in chunks of rows so that the (rows x centroids) score matrix stays bounded
+whatever the data set size.
 """
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import NamedTuple
 
 import torch
 
-# Upper bound on the elements of one score matrix chunk (64 Mi floats = 256 MiB in float32).
-CHUNK_ELEMENTS = 1 << 26
+# Upper bound on the elements of one score matrix chunk (16 Mi floats = 64 MiB in float32): large
+# enough for efficient products, small beside a worker's memory whatever N and K.
+CHUNK_ELEMENTS = 1 << 24
 
 
 class KMeansResult(NamedTuple):
@@ -102,36 +103,3 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means
         if unchanged or converged:
             break
     return KMeansResult(labels, centroids, inertia, n_iter)
-
-
-def topk_of_scores(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Column indices (b, k) of the `k` largest scores per row of `scores` (b, N), in no particular order.
-
-    `exclude` (b,) optionally names one column per row that may not be chosen
-    (the query's own entry in a memory bank).
-    """
-    n_keys = scores.shape[1]
-    available = n_keys - (exclude is not None)
-    if not 1 <= k <= available:
-        raise ValueError(f"k must be in [1, {available}] for {n_keys} keys, got {k}")
-    with torch.no_grad():
-        if exclude is not None:
-            scores = scores.detach().clone()
-            scores[torch.arange(len(scores), device=scores.device), exclude] = float("-inf")
-        return scores.topk(k, dim=1, sorted=False).indices  # order is not needed; unsorted is faster
-
-
-def topk_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int,
-                    exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (b, k), unordered, of the `k` keys with the largest dot product with each query.
-
-    `exclude` (b,) optionally names one key per query that may not be chosen.
-    """
-    out = []
-    step = _rows_per_chunk(len(keys))
-    with torch.no_grad():
-        for start in range(0, len(queries), step):
-            sims = queries[start:start + step] @ keys.T  # (chunk, N)
-            ex = None if exclude is None else exclude[start:start + step]
-            out.append(topk_of_scores(sims, k, ex))
-    return torch.cat(out)

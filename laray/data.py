@@ -21,11 +21,11 @@ from torch.utils.data import Dataset
 
 from laray.augment import augment_batch
 from laray.cache import decode_cached
-from laray.dataref import DIGITS, DataRef, check_files, describe, digits_key
+from laray.dataref import DIGITS, DataRef, ListingDigest, describe, digits_key, relist
 from laray.dataref import labels_key as labels_key_of
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
-__all__ = ["DataError", "DataRef", "ImageDataset", "describe", "load_dataset", "open_dataset", "IMAGENET_MEAN",
+__all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", "load_dataset", "open_dataset", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
 log = logging.getLogger("laray.data")
@@ -144,19 +144,21 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
     return open_dataset(ref, cache_dir, strict=strict, augment=augment, workers=workers)
 
 
-def open_dataset(ref: DataRef, cache_dir: str | os.PathLike | None = None, strict: bool = False,
+def open_dataset(ref: DataRef | ListingDigest, cache_dir: str | os.PathLike | None = None, strict: bool = False,
                  augment: bool | None = None, workers: int | None = None) -> ImageDataset:
     """The images that `ref` lists, mapped from `cache_dir` (decoded there first if absent, once per folder).
 
-    On a cluster node this is where a trial gets its data: the files must be the driver's (else a
-    DataError naming the differences), the cache folder is the node's own unless told otherwise.
+    On a cluster node this is where a trial gets its data, from the driver's `ListingDigest`: the
+    node lists its files again and they must be the driver's (else a DataError naming the
+    differences); the cache folder is the node's own unless told otherwise.
     """
+    if isinstance(ref, ListingDigest):
+        ref = relist(ref)
     if ref.spec == DIGITS:
         dataset = _digits(ref.image_size)
         dataset.augment = bool(augment)
         log.info("digits: %s", dataset.summary())
         return dataset
-    check_files(ref)
     decoded = decode_cached(list(ref.paths), ref.image_size, cache_dir, workers, key=ref.key,
                             desc=f"decoding {os.path.basename(ref.spec)}")
     skipped = list(ref.skipped) + decoded.failed

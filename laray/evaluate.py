@@ -28,17 +28,20 @@ def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_si
     """
     was_training = encoder.training
     encoder.eval()
-    codes = []
+    codes = None  # filled in place: a list of batches then torch.cat would hold the codes twice
     batches = [np.arange(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
     try:
         with BatchPrefetcher(dataset, batches, device, prefetch) as feed:
-            for _, images in feed:
+            for idx, images in feed:
                 x = model_batch(images, device, channels_last=autocast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    codes.append(F.normalize(encoder(x).float(), dim=1).cpu())
+                    batch = F.normalize(encoder(x).float(), dim=1).cpu()
+                if codes is None:
+                    codes = batch.new_empty(len(dataset), batch.shape[1])
+                codes[idx[0]:idx[-1] + 1] = batch
     finally:
         encoder.train(was_training)
-    return torch.cat(codes)
+    return codes
 
 
 def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None = None, seed: int = 0,

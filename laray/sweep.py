@@ -6,9 +6,10 @@
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
                                 metrics.json, assignments.csv, codes.npy, worker.json
 
-Trials receive the data set by reference (a `DataRef`: the file list, labels and cache key,
-never image bytes) and open it on their own node, from that node's cache folder; they
-receive stage 1's weights and baselines through Ray's object store.
+Trials receive the data set by reference (a `ListingDigest`: how to list it, digests of the
+driver's listing, the cache key; no per-file entry and never image bytes) and open it on their
+own node, from that node's cache folder; they receive stage 1's weights and baselines
+through Ray's object store.
 A trial reports every LA epoch with `ray.tune.report(metrics, checkpoint=...)` and
 resumes from `tune.get_checkpoint()` after its worker dies. A trial whose loss goes
 non-finite ends as errored with that reason, and the sweep goes on.
@@ -30,7 +31,7 @@ import torch
 
 from laray.cache import default_cache_dir
 from laray.config import replace
-from laray.data import DataRef, open_dataset
+from laray.data import DataRef, ListingDigest, open_dataset
 from laray.run import Stage1
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_stage1 import sweep_stage1
@@ -67,7 +68,7 @@ def _write_worker_record(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2))
 
 
-def train_trial(config: dict, data: DataRef, stage1: Stage1, space: SearchSpace, seed: int, device: str,
+def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: SearchSpace, seed: int, device: str,
                 threads: int, cache_dir: str | None = None, crash_once_at_epoch: int | None = None) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
@@ -203,7 +204,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
     stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
                                             resources, device, threads, cache_dir)
-    trainable = tune.with_parameters(train_trial, data=data, stage1=stage1, space=space, seed=seed, device=device,
+    trainable = tune.with_parameters(train_trial, data=data.digest(), stage1=stage1, space=space, seed=seed, device=device,
                                      threads=threads, cache_dir=cache_dir, crash_once_at_epoch=crash_once_at_epoch)
     trainable = tune.with_resources(trainable, resources)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from laray.ae_store import get_or_train, store_key
 from laray.config import AutoEncoderConfig
-from laray.data import DataRef, open_dataset
+from laray.data import DataRef, ListingDigest, open_dataset
 from laray.run import Stage1, baselines_path, compute_baselines, encoder_part, train_autoencoder, write_json
 
 
@@ -25,7 +25,7 @@ def _print_epoch(record: dict) -> None:
     print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
 
 
-def _stage1_task(ref: DataRef, ae_cfg: AutoEncoderConfig, key: str, mergers: list[str], seed: int, device: str,
+def _stage1_task(ref: ListingDigest, ae_cfg: AutoEncoderConfig, key: str, mergers: list[str], seed: int, device: str,
                  threads: int, cache_dir: str | None, encoder_state: dict | None) -> Stage1:
     """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it)."""
     import torch
@@ -57,7 +57,7 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
-        shipped = task.remote(ref, ae_cfg, key, mergers, seed, device, threads, cache_dir, None)
+        shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None)
         stage1 = ray.get(shipped)
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
@@ -69,7 +69,7 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
         baselines = {m: json.loads(paths[m].read_text()) for m in mergers if paths[m].exists()}
         missing = [m for m in mergers if m not in baselines]
         if missing:
-            baselines.update(ray.get(task.remote(ref, ae_cfg, key, missing, seed, device, threads, cache_dir,
+            baselines.update(ray.get(task.remote(ref.digest(), ae_cfg, key, missing, seed, device, threads, cache_dir,
                                                  encoder_part(ae_state))).baselines)
         shipped = ray.put(Stage1(key, encoder_part(ae_state), history, baselines, False, "object store"))
     for merger, scores in baselines.items():

@@ -221,6 +221,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
                   "images_per_s": seen / epoch_s, "lr": lr}
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if evaluated:  # every eval_every epochs and at the last: at large N one evaluation costs about an epoch
+            codes = assignments = None  # the last evaluation's (N, d) codes go before the next are made
             codes, scores, assignments, eval_s = _evaluate(model, dataset, device, fast, seed)
             record.update(scores, eval_s=eval_s)
         record["epoch_s"] = epoch_s

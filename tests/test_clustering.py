@@ -6,7 +6,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from laray import clustering
-from laray.clustering import kmeans, topk_neighbours, topk_of_scores
+from laray.clustering import kmeans
 
 
 def blobs(n_per=50, n_blobs=5, d=16, spread=0.05, seed=0):
@@ -79,24 +79,3 @@ def test_kmeans_rejects_bad_arguments(bad):
     args = {"n_clusters": 3, **bad}
     with pytest.raises(ValueError):
         kmeans(torch.randn(10, 2), **args)
-
-
-def test_topk_neighbours_matches_argsort_and_excludes(monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    keys, queries = torch.randn(200, 8, generator=gen), torch.randn(13, 8, generator=gen)
-    exclude = torch.randint(200, (13,), generator=gen)
-    got = topk_neighbours(queries, keys, 7, exclude=exclude)
-    sims = (queries @ keys.T).numpy()
-    for row, ex, chosen in zip(sims, exclude.tolist(), got.tolist()):
-        row[ex] = -np.inf
-        assert sorted(chosen) == sorted(np.argsort(-row)[:7].tolist())  # the same set, in any order
-    monkeypatch.setattr(clustering, "CHUNK_ELEMENTS", 400)  # 2 queries per chunk
-    assert torch.equal(topk_neighbours(queries, keys, 7, exclude=exclude), got)
-
-
-def test_topk_excluding_self_never_returns_self_and_checks_k():
-    scores = torch.eye(5) * 10  # every query's own key is its best match
-    chosen = topk_of_scores(scores, 4, exclude=torch.arange(5))
-    assert not (chosen == torch.arange(5)[:, None]).any()
-    with pytest.raises(ValueError, match="k must be"):
-        topk_of_scores(scores, 5, exclude=torch.arange(5))

@@ -9,7 +9,7 @@ import pytest
 
 import laray.cache
 from laray.cache import default_cache_dir
-from laray.data import DataError, describe, load_dataset, open_dataset
+from laray.data import DataError, DataRef, describe, load_dataset, open_dataset
 
 from conftest import write_digit_folder
 
@@ -48,8 +48,9 @@ def test_open_dataset_equals_load_dataset_and_keys_by_the_driver_listing(folder,
     assert opened.paths == loaded.paths and np.array_equal(opened.labels, loaded.labels)
     assert opened.fingerprint == loaded.fingerprint == ref.key
     assert opened.labels_key == loaded.labels_key == ref.labels_key
-    again = open_dataset(ref, tmp_path / "node")
+    again = open_dataset(ref.digest(), tmp_path / "node")  # as a trial on another node opens it
     assert not again.decoded_here  # mapped from the node's cache
+    assert again.paths == opened.paths and again.labels_key == ref.labels_key
     assert (tmp_path / "node" / f"{ref.key}.npy").exists()
 
 
@@ -69,18 +70,39 @@ def _copy_of(folder, to):
 
 def test_a_node_whose_files_differ_is_refused_naming_them(folder, tmp_path):
     copy = _copy_of(folder, tmp_path / "copy")
-    ref = describe(str(copy), 32)
-    changed, removed = ref.paths[5], ref.paths[17]
-    with open(changed, "ab") as handle:
-        handle.write(b"more bytes")
-    os.remove(removed)
+    digest = describe(str(copy), 32).digest()
+    n3, n7 = (len(os.listdir(copy / f"digit{d}")) for d in (3, 7))
+    with open(copy / "digit3" / sorted(os.listdir(copy / "digit3"))[0], "ab") as handle:
+        handle.write(b"more bytes")  # same count, another size
+    os.remove(copy / "digit7" / sorted(os.listdir(copy / "digit7"))[0])
     with pytest.raises(DataError) as err:
-        open_dataset(ref, tmp_path / "cache")
+        open_dataset(digest, tmp_path / "cache")
     message = str(err.value)
-    assert "2 of 300 file(s)" in message and "differ from the driver's listing" in message
-    assert f"{removed}: missing" in message
-    assert f"{changed}: {ref.sizes[5] + 10} bytes here, {ref.sizes[5]} at the driver" in message
+    assert "differ from the driver's listing" in message and "299 file(s) here, 300 at the driver" in message
+    assert (f"2 group(s) differ: 'digit3' ({n3} files each: other names or sizes), "
+            f"'digit7' ({n7 - 1} here, {n7} at the driver)") in message
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npy"))  # nothing decoded
+
+
+def test_a_node_missing_a_whole_species_is_refused_naming_it(folder, tmp_path):
+    copy = _copy_of(folder, tmp_path / "copy")
+    digest = describe(str(copy), 32).digest()
+    n0 = len(os.listdir(copy / "digit0"))
+    shutil.rmtree(copy / "digit0")
+    with pytest.raises(DataError, match=f"'digit0' \\(0 here, {n0} at the driver\\)"):
+        open_dataset(digest, tmp_path / "cache")
+
+
+def test_the_digest_does_not_grow_with_the_number_of_files():
+    """What travels to every trial: one entry per species, none per file (the object store stays flat in N)."""
+    def synthetic(n):
+        paths = tuple(f"/data/df20/species{i % 100:03d}/{i:09d}-observation.JPG" for i in range(n))
+        return DataRef("/data/df20", 224, paths, np.full(n, 40_000, np.int64), np.arange(n) % 100,
+                       tuple(f"species{c:03d}" for c in range(100)), "k" * 16)
+
+    small, large = (len(pickle.dumps(synthetic(n).digest())) for n in (1_000, 100_000))
+    assert small < 12_000 and large - small < 200  # ~60 bytes a species (the counts take a byte more each)
+    assert len(pickle.dumps(synthetic(100_000))) > 100 * large
 
 
 def test_a_copy_with_other_modification_times_is_accepted(folder, tmp_path):
@@ -88,7 +110,7 @@ def test_a_copy_with_other_modification_times_is_accepted(folder, tmp_path):
     ref = describe(str(copy), 32)
     for path in ref.paths:  # e.g. rsync without -t: same bytes, new times
         os.utime(path, ns=(1, 1))
-    dataset = open_dataset(ref, tmp_path / "cache")
+    dataset = open_dataset(ref.digest(), tmp_path / "cache")
     assert len(dataset) == 300 and dataset.fingerprint == ref.key
 
 
@@ -100,9 +122,9 @@ def test_cache_dir_defaults_to_laray_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "xdg" / "laray"
 
 
-def _open_in_child(ref, cache, start, results):
+def _open_in_child(digest, cache, start, results):
     start.wait()
-    results.put(open_dataset(ref, cache, workers=1).decoded_here)
+    results.put(open_dataset(digest, cache, workers=1).decoded_here)
 
 
 def test_processes_opening_at_once_decode_once(folder, tmp_path):
@@ -111,7 +133,7 @@ def test_processes_opening_at_once_decode_once(folder, tmp_path):
     cache = tmp_path / "cache"
     context = multiprocessing.get_context("fork")
     start, results = context.Event(), context.Queue()
-    children = [context.Process(target=_open_in_child, args=(ref, cache, start, results)) for _ in range(3)]
+    children = [context.Process(target=_open_in_child, args=(ref.digest(), cache, start, results)) for _ in range(3)]
     for child in children:
         child.start()
     start.set()

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import laray.la
 from laray.la import LocalAggregationLoss, MemoryBank
 
 
@@ -59,6 +61,53 @@ def test_gradcheck_double():
     codes = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     indices = torch.tensor([0, 5, 11, 19])
     assert torch.autograd.gradcheck(lambda c: loss(c, indices), (codes,))
+
+
+def test_chunked_step_equals_one_chunk_in_loss_and_gradient(monkeypatch):
+    """At large N the step runs in row chunks; each row's result must not depend on the chunking."""
+    torch.manual_seed(1)
+    loss = make_loss(n=60, k=12, R=2, C=6)
+    loss.recluster()
+    indices = torch.randperm(60)[:16]
+    results = []
+    for chunk in (1 << 24, 60 * 3):  # everything at once; 3 rows at a time
+        monkeypatch.setattr(laray.la, "STEP_CHUNK_ELEMENTS", chunk)
+        codes = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        value = loss(codes, indices)
+        value.backward()
+        results.append((value.item(), codes.grad))
+    (whole, grad_whole), (chunked, grad_chunked) = results
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    assert torch.allclose(grad_chunked, grad_whole, atol=1e-7)
+    expected = reference_loss(codes.detach(), indices, loss.bank.vectors, loss.cluster_labels, 12, 0.1)
+    assert chunked == pytest.approx(expected, rel=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation makes, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_a_step_makes_nothing_the_size_of_batch_times_bank(monkeypatch):
+    """A step's memory must not grow with N beyond the bank: (b, N) scores exist a chunk of rows at a time."""
+    monkeypatch.setattr(laray.la, "STEP_CHUNK_ELEMENTS", 4 * 500)  # chunks of 4 rows
+    loss = make_loss(n=500, d=8, k=20)
+    loss.recluster()
+    codes = torch.randn(32, 8, requires_grad=True)
+    with LargestTensor() as probe:
+        loss(codes, torch.arange(32)).backward()
+    assert probe.largest <= 500 * 8  # the bank's size; a (32, 500) product would be 16,000
+    assert probe.largest > 0 and codes.grad is not None and torch.isfinite(codes.grad).all()
 
 
 def test_loss_never_changes_bank_or_labels():

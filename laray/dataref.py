@@ -156,7 +156,10 @@ def relist(digest: ListingDigest) -> DataRef:
     sizes and labels must be the driver's. The message names the groups (species, or folders
     when unlabelled) that differ, so that a user knows what to copy again.
     """
-    local = describe(digest.spec, digest.image_size, digest.label_column, digest.path_column, digest.image_root)
+    try:
+        local = describe(digest.spec, digest.image_size, digest.label_column, digest.path_column, digest.image_root)
+    except DataError as exc:  # e.g. the folder is not on this node at all
+        raise DataError(f"node {socket.gethostname()} cannot list the driver's data: {exc}", exc.skipped) from None
     if _listing_digest(local) != digest.listing:
         raise DataError(f"the files of {digest.spec} on node {socket.gethostname()} differ from the driver's listing: "
                         + _differences(local, digest))

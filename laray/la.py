@@ -145,6 +145,7 @@ class _BackgroundScores(torch.autograd.Function):
             sims.scatter_(1, own, float("-inf"))  # the neighbours are other entries: in place, no copy
             scores[part, 1:], B[part, 1:] = sims.topk(k, dim=1, sorted=False)  # order is not needed
             B[part, 0] = own[:, 0]
+            del sims  # before the next chunk's product, not after: one chunk alive at a time
         ctx.save_for_backward(M, B)  # M is the bank itself, not a copy; it changes only after backward
         ctx.mark_non_differentiable(B)
         return scores, B
@@ -160,4 +161,5 @@ class _BackgroundScores(torch.autograd.Function):
             # product beats gathering the (rows, 1+k, d) chosen rows of M on the CPU by ~4x at N = 1,800.
             grad = grad_scores.new_zeros(len(B[part]), len(M)).scatter_(1, B[part], grad_scores[part])
             grad_v[part] = grad @ M
+            del grad
         return grad_v, None, None, None

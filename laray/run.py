@@ -163,7 +163,7 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
 
     def write_outputs(la_history: list, codes: torch.Tensor, assignments: np.ndarray) -> dict:
         # Every epoch, so that a run stopped at a report (ASHA, Ctrl-C) still leaves its latest outputs.
-        np.save(out / "codes.npy", codes.numpy().astype(np.float32))
+        np.save(out / "codes.npy", codes.numpy().astype(np.float32, copy=False))  # no copy: float32 already
         write_assignments(out / "assignments.csv", dataset, assignments)
         scores = {k: v for k, v in la_history[-1].items() if k in ("purity", "nmi", "ari", "acc", "silhouette")}
         metrics = metrics_of(scores, la_history)

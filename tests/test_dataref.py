@@ -93,6 +93,14 @@ def test_a_node_missing_a_whole_species_is_refused_naming_it(folder, tmp_path):
         open_dataset(digest, tmp_path / "cache")
 
 
+def test_a_node_without_the_folder_is_refused_naming_itself(folder, tmp_path):
+    copy = _copy_of(folder, tmp_path / "copy")
+    digest = describe(str(copy), 32).digest()
+    shutil.rmtree(copy)
+    with pytest.raises(DataError, match=r"node .+ cannot list the driver's data: .*copy"):
+        open_dataset(digest, tmp_path / "cache")
+
+
 def test_the_digest_does_not_grow_with_the_number_of_files():
     """What travels to every trial: one entry per species, none per file (the object store stays flat in N)."""
     def synthetic(n):

@@ -43,6 +43,17 @@ def test_readme_python_examples_run():
         exec(compile(block, "README.md", "exec"), {})
 
 
+def test_step_memory_benchmark_quick_mode_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["2,000", "8,000"], out
+    for row in rows:
+        plain_mb, laray_mb, plain_ms, laray_ms, gap = (float(v) for v in row[2:])
+        assert plain_ms > 0 and laray_ms > 0 and plain_mb >= 0 and laray_mb >= 0
+        assert gap < 1e-4  # the two ways compute the same loss
+
+
 def test_data_cache_benchmark_quick_mode_prints_measured_figures():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--quick"],
                          capture_output=True, text=True, check=True, timeout=300).stdout

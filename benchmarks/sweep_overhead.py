@@ -40,7 +40,8 @@ def timed(fn):
 def one_trial_space(ae, la) -> dict:
     """A space with nothing left to search: every setting fixed at the direct run's."""
     fixed_la = {k: v for k, v in vars(la).items() if k not in ("temperature", "mixing_rate")}
-    return {"num_samples": 1, "max_concurrent": 1, "grace_period": la.epochs,
+    # No held-out part and no confirmation: the same single run as the direct one.
+    return {"num_samples": 1, "max_concurrent": 1, "grace_period": la.epochs, "holdout": 0, "confirm_top": 0,
             "fixed": {"autoencoder": vars(ae), "la": fixed_la},
             "search": {"temperature": {"categorical": [la.temperature]},
                        "mixing_rate": {"categorical": [la.mixing_rate]}}}

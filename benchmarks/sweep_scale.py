@@ -115,7 +115,7 @@ def run_point(args) -> None:
     row["cache_bytes"], row["decoded_bytes"] = (cache / f"{ref.key}.npy").stat().st_size, ref.decoded_bytes
     row["bank_bytes"] = n * EncoderVGGMerged(AE["arch"], None, AE["width"], "mean").code_dim(size) * 4
     space = parse_space({
-        "num_samples": 1, "max_concurrent": 1, "grace_period": 1,
+        "num_samples": 1, "max_concurrent": 1, "grace_period": 1, "holdout": 0, "confirm_top": 0,
         "fixed": {"autoencoder": {**AE, "image_size": size},
                   "la": {"epochs": 1, "batch_size": 256, "lr": 0.01, "augment": True, "merger": "mean"}},
         "search": {"k_neighbours": {"categorical": [min(300, n - 1)]}, "clustering_repeats": {"categorical": [1]},

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from laray.confirm import CONFIRM_DIR
 from laray.evaluate import score_codes
+from laray.holdout import PREFIX
 from laray.metrics import cluster_scores, contingency
 
 PARAMS = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")
@@ -95,11 +97,22 @@ def labelled(assignments: pd.DataFrame) -> bool:
 
 
 def trial_scores(assignments: pd.DataFrame) -> dict:
-    """purity, nmi, ari, acc of a trial's clusters against the species, from its assignments.csv."""
+    """purity, nmi, ari, acc of a trial's clusters against the species, from its assignments.csv.
+
+    With a held-out split (a `heldout` column, laray.holdout) these count the selection part,
+    and heldout_purity... the held-out part.
+    """
     known = assignments[assignments["label"].astype(str) != ""]
     if known.empty:
         return {}
-    return cluster_scores(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy())
+    if "heldout" not in known:
+        return cluster_scores(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy())
+    held = known["heldout"].astype(str).str.lower() == "true"  # read back from CSV as bool or text
+    scores = cluster_scores(known.loc[~held, "label"].astype(str).to_numpy(), known.loc[~held, "cluster"].to_numpy())
+    if held.any():
+        scores.update({PREFIX + k: v for k, v in cluster_scores(known.loc[held, "label"].astype(str).to_numpy(),
+                                                                 known.loc[held, "cluster"].to_numpy()).items()})
+    return scores
 
 
 def purity_at_k(codes: np.ndarray, labels: np.ndarray, n_species: int, seed: int = 0) -> dict:
@@ -142,10 +155,15 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
         row = {"trial_id": t.trial_id, "status": t.status, **{p: t.params.get(p) for p in PARAMS}}
         scores = trial_scores(t.assignments) if t.assignments is not None else {}
         row.update({s: scores.get(s, math.nan) for s in SCORES})
+        if any(PREFIX + s in scores for s in SCORES):
+            row.update({PREFIX + s: scores.get(PREFIX + s, math.nan) for s in SCORES})
         if t.metrics and "silhouette" in t.metrics:
             row["silhouette"] = t.metrics["silhouette"]
         la_epochs = [r for r in (t.metrics or {}).get("history", []) if r.get("stage") == "local_aggregation"]
         row["epochs"] = len(la_epochs)
+        planned = (t.metrics or {}).get("config", {}).get("la", {}).get("epochs")
+        # ASHA's stop ends a trial TERMINATED like a full run: fewer epochs than planned tells them apart.
+        row["stopped_early"] = bool(t.status == "TERMINATED" and planned is not None and len(la_epochs) < planned)
         row["time_s"] = t.results[-1].get("time_total_s", math.nan) if t.results else math.nan
         if with_k and t.assignments is not None and scores and (t.folder / "codes.npy").exists():
             n_species = t.assignments["label"].astype(str).replace("", np.nan).nunique()
@@ -157,6 +175,31 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
         row["error"] = t.error or ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "max") -> pd.DataFrame:
+    """One row per confirmation run (STORAGE/NAME/confirm/): rank of its configuration by mean objective,
+    the hyperparameters, the seed, its scores (from assignments.csv) and the baselines of its seed."""
+    folder = Path(experiment) / CONFIRM_DIR
+    if not folder.is_dir() or not any(folder.glob("*/params.json")):
+        return pd.DataFrame()
+    rows = []
+    for t in load_trials(folder):
+        if t.assignments is None or not t.params.get("la"):
+            continue
+        config = t.params["la"]
+        row = {"config": json.dumps(config, sort_keys=True), **{p: config.get(p) for p in PARAMS},
+               "seed": t.params.get("seed"), "status": t.status, **trial_scores(t.assignments)}
+        for name, base in ((t.metrics or {}).get("baselines") or {}).items():
+            row.update({f"{name}_{s}": v for s, v in base.items() if s.removeprefix(PREFIX) in SCORES})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty or objective not in frame:
+        return frame
+    means = frame.groupby("config")[objective].mean().sort_values(ascending=mode == "min")
+    frame["rank"] = frame["config"].map({c: i + 1 for i, c in enumerate(means.index)})
+    frame = frame.sort_values(["rank", "seed"], ignore_index=True)
+    return frame[["rank", *[c for c in frame.columns if c not in ("rank", "config")]]]
 
 
 def best_trial(trials: list[Trial], table: pd.DataFrame, objective: str = "purity", mode: str = "max") -> Trial | None:

@@ -20,6 +20,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _add_data_options(parser) -> None:
     """How a data spec is read: shared by every command that loads data."""
     parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="COL",
@@ -93,6 +113,14 @@ def _add_sweep_command(commands) -> None:
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N", help="fractions allowed, e.g. 0.5")
     sweep.add_argument("--max-failures", type=int, default=2, metavar="N",
                        help="restarts of a trial whose worker dies, from its last checkpoint (default: %(default)s)")
+    sweep.add_argument("--holdout", type=_fraction, metavar="F",
+                       help="fraction of each species scored apart and never selected on, the unbiased estimate "
+                            "(default: the space's 'holdout', else 0.5; 0: none)")
+    sweep.add_argument("--confirm-top", type=_count, metavar="K",
+                       help="re-run the K best configurations after the search (default: the space's "
+                            "'confirm_top', else 3; 0: no confirmation)")
+    sweep.add_argument("--confirm-seeds", type=_count, metavar="S",
+                       help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
     sweep.add_argument("--device", default="auto", help="auto, cpu or cuda (with --gpus-per-trial > 0: cuda)")
@@ -254,7 +282,8 @@ def _sweep(args) -> int:
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep
 
     try:
-        space = load_space(args.space)  # a malformed space fails here, before Ray starts
+        space = load_space(args.space).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
+                                                  confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
         spec = args.data or space.data
         name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
         # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
@@ -273,18 +302,50 @@ def _sweep(args) -> int:
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
     if result.best_config is None:
         return _fail("no trial reported a score")
-    print(f"best trial ({space.objective}, {space.mode}):")
-    for key, value in result.best_config.items():
-        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
-    scores = {k: result.best_metrics[k] for k in ("purity", "nmi", "ari", "acc") if k in result.best_metrics}
-    raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
-    print(f"  {'':<20} {'best trial':>10} {'raw-pixel k-means':>18} {'auto-encoder k-means':>21}")
-    for key, value in scores.items():
-        print(f"  {key:<20} {value:>10.3f} {raw.get(key, float('nan')):>18.3f} {codes.get(key, float('nan')):>21.3f}")
+    _print_search_best(result, space)
+    if result.confirmed:
+        _print_confirmed(result, space)
     print(f"results:      {result.experiment}")
     print(f"optuna:       optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     print(f"tensorboard:  tensorboard --logdir {result.experiment}")
     return 0
+
+
+def _print_search_best(result, space) -> None:
+    part = " on the selection part" if space.la.holdout else ""
+    print(f"best trial of the search ({space.objective}{part}, one seed):")
+    for key, value in result.best_config.items():
+        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
+    print(f"  {'':<20} {'best trial':>10} {'k-means on raw pixels':>22} {'on the auto-encoder codes':>26}")
+    for key in ("purity", "nmi", "ari", "acc", "heldout_purity"):
+        if key in result.best_metrics:
+            print(f"  {key:<20} {result.best_metrics[key]:>10.3f} {raw.get(key, float('nan')):>22.3f} "
+                  f"{codes.get(key, float('nan')):>26.3f}")
+
+
+def _print_confirmed(result, space) -> None:
+    """The confirmed configurations (mean, 95 % interval over seeds, held-out mean) beside the baselines."""
+    objective = space.objective
+    seeds = result.confirmed[0]["seeds"]
+    print(f"\nconfirmed: {len(result.confirmed)} configuration(s) x {len(seeds)} seeds {seeds}, by mean {objective}:")
+    rows = [(f"#{i + 1} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in entry["config"].items()), entry)
+            for i, entry in enumerate(result.confirmed)]
+    rows += [("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),
+             ("k-means on the auto-encoder's codes", result.confirmed_baselines["autoencoder"])]
+    print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
+    for label, entry in rows:
+        interval = entry.get(f"{objective}_ci95")
+        shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "n/a"
+        held = entry.get(f"heldout_{objective}_mean")
+        print(f"  {label[:60]:<60} {entry[f'{objective}_mean']:>6.3f} {entry[f'{objective}_sd']:>6.3f} "
+              f"{shown:>15} {'' if held is None else f'{held:.3f}':>9}")
+    winner = result.confirmed[0]
+    held = winner.get(f"heldout_{objective}_mean")
+    print(f"winner: #1, mean {objective} {winner[f'{objective}_mean']:.3f}"
+          + (f"; held-out {objective} {held:.3f} (the estimate to report: no choice was made on it)"
+              if held is not None else ""))
 
 
 def _analyze(args) -> int:

@@ -88,6 +88,10 @@ class LAConfig(OptimConfig):
     augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
     lr: float = 0.01
     eval_every: int = 1  # LA epochs between evaluations (and always the last): at N = 276,000 one costs an epoch
+    # Held-out scoring (laray.holdout): this fraction of each species' images is scored apart
+    # (heldout_purity...), drawn with holdout_seed, which a sweep keeps fixed across its trials.
+    holdout: float = 0.0
+    holdout_seed: int = 0
 
     def __post_init__(self):
         self._validate_optim()
@@ -103,6 +107,7 @@ class LAConfig(OptimConfig):
                  "must be an integer >= 0", self.recluster_every)
         _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1",
                  self.eval_every)
+        _require(0 <= self.holdout < 1, "holdout", "must be in [0, 1)", self.holdout)
         _require(self.merger in ("mean", "flatten"), "merger", "must be 'mean' or 'flatten'", self.merger)
         _require(self.bank_init in ("codes", "random"), "bank_init", "must be 'codes' or 'random'", self.bank_init)
 

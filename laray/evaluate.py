@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from laray.clustering import kmeans
 from laray.data import model_batch
+from laray.holdout import PREFIX
 from laray.metrics import cluster_scores
 from laray.prefetch import BatchPrefetcher
 
@@ -45,10 +46,13 @@ def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_si
 
 
 def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None = None, seed: int = 0,
-                n_init: int = N_INIT, device: str | torch.device = "cpu") -> tuple[dict, np.ndarray]:
+                n_init: int = N_INIT, device: str | torch.device = "cpu",
+                heldout: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """k-means on the codes (K = number of species unless given, best inertia of n_init seeds) -> (scores, assignments).
 
     Labelled data: purity, nmi, ari, acc. Unlabelled (all labels -1): silhouette (cosine).
+    heldout: a mask (laray.holdout): every code is clustered, the plain scores count the images
+    outside it and heldout_purity... those inside it.
     device: where k-means runs. Training passes its own: at Danish Fungi size (N = 276,000,
     K = 1,604) the CPU would take tens of minutes per evaluation while the GPU waited.
     """
@@ -61,7 +65,12 @@ def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None 
     assignments = min(runs, key=lambda r: r.inertia).labels.cpu().numpy()
     if labelled:
         known = labels >= 0
-        return cluster_scores(labels[known], assignments[known]), assignments
+        if heldout is None:
+            return cluster_scores(labels[known], assignments[known]), assignments
+        selected, held = known & ~heldout, known & heldout
+        scores = cluster_scores(labels[selected], assignments[selected])
+        scores.update({PREFIX + k: v for k, v in cluster_scores(labels[held], assignments[held]).items()})
+        return scores, assignments
     from sklearn.metrics import silhouette_score
 
     if n_clusters < 2 or len(np.unique(assignments)) < 2:

@@ -10,6 +10,9 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
+SCORE_NAMES = ("purity", "nmi", "ari", "acc", "silhouette")  # silhouette: unlabelled data only
+
+
 def contingency(labels_true, labels_pred) -> np.ndarray:
     """Counts (n_clusters, n_species): row = predicted cluster, column = true species."""
     labels_true, labels_pred = np.asarray(labels_true), np.asarray(labels_pred)

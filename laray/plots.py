@@ -55,7 +55,11 @@ def _use_log(x: np.ndarray) -> bool:
 
 
 def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective: str, path) -> Path:
-    """One scatter panel per parameter: each finished trial's objective against its value."""
+    """One scatter panel per parameter: each finished trial's objective against its value.
+
+    Trials that ASHA stopped early (a `stopped_early` column) are drawn hollow: their score is
+    from fewer epochs than the others' and is not comparable with them.
+    """
     if len(trials) == 0 or not params:
         return _message_png(path, "no finished trials")
     missing = [c for c in [objective, *params] if c not in trials.columns]
@@ -63,26 +67,31 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
         raise ValueError(f"trials have no column(s) {missing}; columns are {list(trials.columns)}")
     y_all = pd.to_numeric(trials[objective], errors="coerce").to_numpy(dtype=float)
     finished = np.isfinite(y_all)
-    panels = []  # (name, x, y, numeric) for each parameter
+    stopped_all = (trials["stopped_early"].fillna(False).to_numpy(dtype=bool) if "stopped_early" in trials
+                   else np.zeros(len(trials), dtype=bool))
+    panels = []  # (name, x, y, stopped, numeric) for each parameter
     for name in params:
         col = trials[name]
         if pd.api.types.is_numeric_dtype(col):
             x = col.to_numpy(dtype=float)
             keep = finished & np.isfinite(x)
-            panels.append((name, x[keep], y_all[keep], True))
+            panels.append((name, x[keep], y_all[keep], stopped_all[keep], True))
         else:  # categorical choice: matplotlib places the strings at category positions
             keep = finished & col.notna().to_numpy()
-            panels.append((name, col[keep].astype(str).to_numpy(), y_all[keep], False))
-    if not any(len(x) for _, x, _, _ in panels):
+            panels.append((name, col[keep].astype(str).to_numpy(), y_all[keep], stopped_all[keep], False))
+    if not any(len(x) for _, x, _, _, _ in panels):
         return _message_png(path, "no finished trials")
 
     ncols = min(MAX_PANELS_PER_ROW, len(params))
     nrows = math.ceil(len(params) / ncols)
     fig = _figure(3.2 * ncols, 3.0 * nrows + 0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (name, x, y, numeric) in zip(axes, panels):
+    for ax, (name, x, y, stopped, numeric) in zip(axes, panels):
         if len(x):
-            ax.scatter(x, y, s=18, alpha=0.7)
+            ax.scatter(x[~stopped], y[~stopped], s=18, alpha=0.7, label="ran every epoch")
+            if stopped.any():
+                ax.scatter(x[stopped], y[stopped], s=18, facecolors="none", edgecolors="grey",
+                           label="stopped early by ASHA")
         else:
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
         if numeric and _use_log(x):
@@ -92,8 +101,51 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    n = int(finished.sum())
-    fig.suptitle(f"{objective} against each hyperparameter ({n} finished trial{'s' * (n != 1)})")
+    if (finished & stopped_all).any():
+        axes[0].legend(fontsize=7, loc="best")
+    n, n_stopped = int(finished.sum()), int((finished & stopped_all).sum())
+    fig.suptitle(f"{objective} against each hyperparameter ({n} trial{'s' * (n != 1)} with a score"
+                 + (f", {n_stopped} stopped early: hollow" if n_stopped else "") + ")")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) -> Path:
+    """Each confirmed configuration's objective over its seeds, with its mean and 95 % interval,
+    beside the baselines' means over the same seeds.
+
+    runs: one row per configuration and seed with `rank` (1 = the winner) and the objective
+    (and heldout_<objective> where scored); baselines: {label: {"<objective>_mean": ...}}.
+    """
+    from laray.confirm import interval95
+
+    if len(runs) == 0 or objective not in runs:
+        return _message_png(path, "no confirmation runs")
+    fig = _figure(max(5.0, 1.4 * runs["rank"].nunique() + 3), 4)
+    ax = fig.subplots()
+    held = f"heldout_{objective}"
+    for rank, group in runs.groupby("rank"):
+        values = group[objective].to_numpy(dtype=float)
+        ax.scatter(np.full(len(values), rank - 0.08), values, s=22, color="C0", alpha=0.8,
+                   label="selection part, one seed" if rank == 1 else None)
+        interval = interval95(values)
+        if interval is not None:
+            ax.errorbar(rank - 0.08, values.mean(), yerr=[[values.mean() - interval[0]], [interval[1] - values.mean()]],
+                        color="C0", capsize=4, fmt="_", markersize=14, label="mean, 95 % interval" if rank == 1 else None)
+        if held in group and group[held].notna().any():
+            ax.scatter(np.full(len(group), rank + 0.08), group[held].to_numpy(dtype=float), s=22, marker="x",
+                       color="C2", label="held-out part" if rank == 1 else None)
+    for i, (label, base) in enumerate(baselines.items()):
+        value = base.get(f"{objective}_mean", base.get(objective))
+        if value is not None:
+            ax.axhline(value, color=f"C{3 + i}", linestyle="--", linewidth=1, label=label)
+    ax.set_xticks(sorted(runs["rank"].unique()))
+    ax.set_xticklabels([f"#{r}" for r in sorted(runs["rank"].unique())])
+    ax.set_xlabel("confirmed configuration (by mean)")
+    ax.set_ylabel(objective)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{objective} over {runs.groupby('rank').size().max()} seeds per configuration")
     fig.tight_layout()
     return _save(fig, path)
 

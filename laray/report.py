@@ -1,7 +1,10 @@
 """`laray analyze`: the tables, pictures and report.md of a sweep, built on laray.analysis and laray.plots.
 
-    OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters, purity, nmi, ari, acc,
-                          purity at 2x and 5x the species count, epochs run, time, whether it beats each baseline
+    OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters, purity, nmi, ari, acc
+                          (on the selection part; heldout_purity... on the held-out part), purity at 2x and 5x
+                          the species count, epochs run, stopped_early (ASHA), time, whether it beats each baseline
+    OUT/confirmed.csv     one row per confirmed configuration and seed: rank, hyperparameters, seed, scores,
+                          and the baselines of that seed
     OUT/baselines.csv     k-means on raw pixels and on the auto-encoder's codes (and ImageNet VGG codes if given)
     OUT/per_species.csv   the best trial's clusters, species by species
     OUT/*.png             objective vs each hyperparameter, optimisation history, parameter importances,
@@ -10,8 +13,9 @@
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,9 @@ import pandas as pd
 
 from laray import analysis, plots
 
+BASELINE_NAMES = {"raw_pixels": "k-means on raw pixels", "autoencoder": "k-means on the auto-encoder's codes",
+                  "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes"}
+FEW_TRIALS = 20  # below this many finished trials, parameter importances are mostly noise
 NO_LABELS = ("The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
              "compared by the silhouette of their codes instead.")
 
@@ -69,6 +76,8 @@ class Scored:
     mode: str
     dataset: object  # the decoded images (ImageDataset), or None when they cannot be loaded
     notes: list
+    confirmed: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.confirmed_table; empty: none
+    summary: dict = field(default_factory=dict)  # the sweep's best.json ({} when absent)
 
     @property
     def best(self) -> analysis.Trial | None:
@@ -115,7 +124,13 @@ def score(experiment: str | Path, out: str | Path, label_column: str | None = No
     notes = [] if has_labels else [NO_LABELS]
     if not scored_trials:
         notes.append("No trial has finished an LA epoch yet: scores appear as trials report.")
-    return Scored(experiment, trials, table, baselines, has_labels, objective, mode, dataset, notes)
+    confirmed = analysis.confirmed_table(experiment, objective, mode) if has_labels and label_column is None \
+        else pd.DataFrame()
+    if len(confirmed):
+        confirmed.to_csv(out / "confirmed.csv", index=False)
+    summary_path = experiment / "best.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return Scored(experiment, trials, table, baselines, has_labels, objective, mode, dataset, notes, confirmed, summary)
 
 
 def plot_sweep(scored: Scored, out: str | Path) -> dict:
@@ -127,7 +142,20 @@ def plot_sweep(scored: Scored, out: str | Path) -> dict:
     history, importances = analysis.optuna_history_and_importances(scored.experiment)
     plots.plot_history(history, out / "history.png", objective=scored.objective, mode=scored.mode)
     plots.plot_importances(importances, out / "importances.png")
+    if len(scored.confirmed):
+        plots.plot_confirmed(scored.confirmed, _confirmed_baselines(scored), scored.objective, out / "confirmed.png")
     return importances
+
+
+def _confirmed_baselines(scored: Scored) -> dict:
+    """{readable name: {"<score>_mean": ...}} of the baselines over the confirmation's seeds."""
+    runs = scored.confirmed.drop_duplicates("seed")
+    out = {}
+    for key in ("raw_pixels", "autoencoder"):
+        columns = [c for c in runs if c.startswith(f"{key}_")]
+        if columns:
+            out[BASELINE_NAMES[key]] = {f"{c.removeprefix(key + '_')}_mean": float(runs[c].mean()) for c in columns}
+    return out
 
 
 def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[str]:
@@ -186,10 +214,16 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
     lines = [f"# Sweep report: {experiment.name}", "",
              f"{len(table)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), "
              f"objective **{objective}** ({mode}).", ""]
+    holdout = scored.summary.get("holdout")
+    if holdout and has_labels:
+        lines += [f"Scores are on the selection part: {holdout:.0%} of each species' images is held out, never "
+                  f"selected on, and scored apart (heldout_...): the estimate to report.", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += _confirmed_section(scored)
     if best is not None:
         row = table[table["trial_id"] == best.trial_id].iloc[0]
-        lines += ["## Best trial", "", f"`{best.trial_id}` ({best.status}), folder `{best.folder.name}`", "",
+        lines += ["## Best trial of the search (one seed)", "",
+                  f"`{best.trial_id}` ({best.status}), folder `{best.folder.name}`", "",
                   "| hyperparameter | value |", "| --- | --- |"]
         lines += [f"| {p} | {row[p]:.4g} |" if isinstance(row[p], float) else f"| {p} | {row[p]} |"
                   for p in analysis.PARAMS if p in row]
@@ -197,9 +231,9 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
         lines += ["", "| | " + " | ".join(scores) + " |", "|" + " --- |" * (len(scores) + 1),
                   "| best trial | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |"]
         for name, base in baselines.items():
-            lines.append(f"| baseline: {name.replace('_', ' ')} | " + " | ".join(
+            lines.append(f"| {BASELINE_NAMES.get(name, name)} | " + " | ".join(
                 f"{base[s]:.3f}" if s in base else "" for s in scores) + " |")
-        beats = [n for n in baselines if row.get(f"beats_{n}")]
+        beats = [BASELINE_NAMES.get(n, n) for n in baselines if row.get(f"beats_{n}")]
         lines += ["", f"It beats {', '.join(beats) if beats else 'no baseline'} on {objective}."
                   if baselines else "No baselines were recorded.", ""]
         if has_labels and {"purity_k2x", "purity_k5x"} <= set(row.index):
@@ -212,10 +246,70 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
                                              for r in errored.itertuples()] + [""]
     pictures = [("Objective against each hyperparameter", "objective_vs_params.png"),
                 ("Optimisation history (Optuna)", "history.png"), ("Parameter importances (Optuna)", "importances.png"),
-                ("Species x clusters, best trial", "contingency.png"), ("Cluster montage, best trial", "montage.png")]
+                ("Species x clusters, best trial of the search", "contingency.png"),
+                ("Cluster montage, best trial of the search", "montage.png")]
     for title, name in pictures:
         if (out / name).exists():
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
     if importances:
         lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
+        finished = int(table[objective].notna().sum()) if objective in table else 0
+        if finished < FEW_TRIALS:
+            lines += [f"> These importances rest on {finished} finished trials, fewer than {FEW_TRIALS}: "
+                      "read them as a hint, not a finding.", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _confirmed_section(scored: Scored) -> list[str]:
+    """The report's lead: the confirmed winner over seeds, its held-out score, the baselines on the same seeds."""
+    from laray.confirm import summarize
+
+    runs, objective = scored.confirmed, scored.objective
+    if not len(runs):
+        return []
+    held = f"heldout_{objective}"
+    entries = [(rank, group, summarize(group.to_dict("records"))) for rank, group in runs.groupby("rank")]
+    seeds = sorted(runs["seed"].unique().tolist())
+
+    def interval(summary) -> str:
+        ci = summary.get(f"{objective}_ci95")
+        return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a (one seed)"
+
+    _, group, winner = entries[0]
+    config = group.iloc[0]
+    lines = ["## Confirmed winner", "",
+             f"The search's {len(entries)} best configurations, each re-run with {len(seeds)} fresh seeds "
+             f"({', '.join(map(str, seeds))}; both stages seeded), ranked by their mean {objective}. "
+             f"Intervals are Student's t 95 % intervals of the mean over seeds.", "",
+             "| hyperparameter | value |", "| --- | --- |"]
+    lines += [f"| {p} | {config[p]:.4g} |" if isinstance(config[p], float) else f"| {p} | {config[p]} |"
+              for p in analysis.PARAMS if p in config and not pd.isna(config[p])]
+    lines += ["", f"| | mean {objective} | sd | 95 % interval | held-out {objective} (mean) |",
+              "| --- | --- | --- | --- | --- |"]
+
+    def line(label, summary):
+        held_mean = summary.get(f"{held}_mean")
+        return (f"| {label} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
+                f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |")
+
+    lines.append(line("**LA, confirmed winner**", winner))
+    per_seed = runs.drop_duplicates("seed")
+    for key in ("raw_pixels", "autoencoder"):
+        columns = {c.removeprefix(f"{key}_"): c for c in per_seed if c.startswith(f"{key}_")}
+        if objective in columns:
+            base = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed.to_dict("records")])
+            lines.append(line(BASELINE_NAMES[key] + " (same seeds)", base))
+    if winner.get(f"{held}_mean") is not None:
+        lines += ["", f"The held-out {objective}, {winner[f'{held}_mean']:.3f}, is the figure to report: the selection "
+                  f"{objective} was used to choose this configuration, so it is optimistic."]
+    lines += ["", "All confirmed configurations:", "",
+              "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
+              "|" + " --- |" * (len(analysis.PARAMS) + 5)]
+    for rank, group, summary in entries:
+        first = group.iloc[0]
+        values = " | ".join(f"{first[p]:.4g}" if isinstance(first[p], float) else str(first[p]) for p in analysis.PARAMS)
+        held_mean = summary.get(f"{held}_mean")
+        lines.append(f"| {rank} | {values} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
+                     f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |")
+    lines += ["", "![Confirmed configurations over seeds](confirmed.png)", ""]
+    return lines

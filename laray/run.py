@@ -1,7 +1,7 @@
 """One run of both stages with one set of hyperparameters, and what it leaves in its folder.
 
     OUT/metrics.json      final purity, nmi, ari, acc; the baselines; the per-epoch history; the settings
-    OUT/assignments.csv   idx, path, label (species name), cluster: one row per image
+    OUT/assignments.csv   idx, path, label (species name), cluster (, heldout): one row per image
     OUT/codes.npy         final unit codes (N, d), float32, in idx order
     OUT/checkpoints/      the LA stage's checkpoint (the auto-encoder lives in the reuse store)
 
@@ -24,6 +24,8 @@ from laray.cache import default_cache_dir
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset
 from laray.evaluate import encode_all, score_codes
+from laray.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
+from laray.metrics import SCORE_NAMES
 from laray.models import EncoderVGGMerged
 from laray.train import Callback, finetune_la, pretrain_autoencoder, resolve_device
 
@@ -54,10 +56,13 @@ def raw_pixel_codes(dataset: ImageDataset) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def write_assignments(path: Path, dataset: ImageDataset, clusters: np.ndarray) -> None:
+def write_assignments(path: Path, dataset: ImageDataset, clusters: np.ndarray, heldout: np.ndarray | None = None) -> None:
+    """One row per image; with a held-out split, a `heldout` column says which part scores it."""
     names = np.array(dataset.class_names + [""], dtype=object)  # label -1 -> ""
     frame = pd.DataFrame({"idx": np.arange(len(dataset)), "path": dataset.paths,
                           "label": names[dataset.labels], "cluster": clusters})
+    if heldout is not None:
+        frame["heldout"] = heldout
     tmp = path.with_suffix(".csv.tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
@@ -96,25 +101,32 @@ def train_autoencoder(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, seed: in
 
 
 def compute_baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
-                      device) -> dict:
-    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA."""
+                      device, holdout: tuple[float, int] = NO_HOLDOUT) -> dict:
+    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
+
+    holdout: (fraction, seed) of laray.holdout, so that the baselines are scored on the same parts as the trials.
+    """
     device = resolve_device(device)
+    heldout = holdout_mask(dataset.labels, *holdout)
     ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
     ae_encoder.encoder.load_state_dict(encoder_state)
     return {
-        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device)[0],
+        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device,
+                                  heldout=heldout)[0],
         "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed,
-                                   device=device)[0],
+                                   device=device, heldout=heldout)[0],
     }
 
 
-def baselines_path(store_dir: Path, key: str, merger: str, labels_key: str) -> Path:
-    """Baselines are kept beside the stored auto-encoder they score, per merger and label set."""
-    return Path(store_dir) / key / f"baselines_{merger}_{labels_key}.json"
+def baselines_path(store_dir: Path, key: str, merger: str, labels_key: str,
+                   holdout: tuple[float, int] = NO_HOLDOUT) -> Path:
+    """Baselines are kept beside the stored auto-encoder they score, per merger, label set and held-out split."""
+    return Path(store_dir) / key / f"baselines_{merger}_{labels_key}_{split_tag(*holdout)}.json"
 
 
 def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, seed: int, device,
-                  store_dir: str | os.PathLike, callback: Callback | None = None, progress: bool = True) -> Stage1:
+                  store_dir: str | os.PathLike, callback: Callback | None = None, progress: bool = True,
+                  holdout: tuple[float, int] = NO_HOLDOUT) -> Stage1:
     """Stage 1 and its baselines from the store, trained there first when absent (by one process at a time)."""
     key = store_key(dataset.fingerprint, ae_cfg, seed)
     ae_state, history, trained = get_or_train(
@@ -123,11 +135,11 @@ def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, see
     encoder_state = encoder_part(ae_state)
     baselines = {}
     for merger in mergers:
-        path = baselines_path(store_dir, key, merger, dataset.labels_key)
+        path = baselines_path(store_dir, key, merger, dataset.labels_key, holdout)
         if path.exists():
             baselines[merger] = json.loads(path.read_text())
         else:
-            baselines[merger] = compute_baselines(dataset, encoder_state, ae_cfg, merger, seed, device)
+            baselines[merger] = compute_baselines(dataset, encoder_state, ae_cfg, merger, seed, device, holdout)
             write_json(path, baselines[merger])
     return Stage1(key, encoder_state, history, baselines, trained, "trained" if trained else "store")
 
@@ -144,8 +156,10 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     la_cfg.check_data_size(len(dataset))
     if stage1 is None:
         store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
-        stage1 = stored_stage1(dataset, ae_cfg, [la_cfg.merger], seed, device, store_dir, callback, progress)
+        stage1 = stored_stage1(dataset, ae_cfg, [la_cfg.merger], seed, device, store_dir, callback, progress,
+                               (la_cfg.holdout, la_cfg.holdout_seed))
     baselines = stage1.baselines[la_cfg.merger]
+    heldout = holdout_mask(dataset.labels, la_cfg.holdout, la_cfg.holdout_seed)
 
     def metrics_of(scores: dict, la_history: list) -> dict:
         return {
@@ -164,8 +178,8 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     def write_outputs(la_history: list, codes: torch.Tensor, assignments: np.ndarray) -> dict:
         # Every epoch, so that a run stopped at a report (ASHA, Ctrl-C) still leaves its latest outputs.
         np.save(out / "codes.npy", codes.numpy().astype(np.float32, copy=False))  # no copy: float32 already
-        write_assignments(out / "assignments.csv", dataset, assignments)
-        scores = {k: v for k, v in la_history[-1].items() if k in ("purity", "nmi", "ari", "acc", "silhouette")}
+        write_assignments(out / "assignments.csv", dataset, assignments, heldout)
+        scores = {k: v for k, v in la_history[-1].items() if k.removeprefix(PREFIX) in SCORE_NAMES}
         metrics = metrics_of(scores, la_history)
         write_json(out / "metrics.json", metrics)
         return metrics

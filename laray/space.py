@@ -5,6 +5,9 @@
     num_samples: 8               # trials, unless --num-samples says otherwise
     max_concurrent: 2            # trials at once
     grace_period: 2              # ASHA: LA epochs a trial runs before it may be stopped
+    holdout: 0.5                 # fraction of each species scored apart, never selected on (0: off)
+    confirm_top: 3               # after the search, re-run the best 3 configurations...
+    confirm_seeds: 5             # ...with 5 fresh seeds each (0 for either: no confirmation)
     data: digits                 # data spec, unless --data says otherwise
     fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
       autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
@@ -35,8 +38,11 @@ from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
 OBJECTIVES = ("purity", "nmi", "ari", "acc")
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
 SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
-TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "data", "fixed", "search")
-SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig))
+TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "holdout", "confirm_top",
+            "confirm_seeds", "data", "fixed", "search")
+DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
+SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
+SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
@@ -97,6 +103,19 @@ class SearchSpace:
     grace_period: int = 1
     data: str = "digits"
     source: str = ""
+    confirm_top: int = DEFAULT_CONFIRM_TOP  # configurations re-run after the search (laray.confirm); 0: none
+    confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # fresh seeds each
+
+    def overridden(self, holdout: float | None = None, confirm_top: int | None = None,
+                   confirm_seeds: int | None = None) -> SearchSpace:
+        """This space with the command line's values where given."""
+        la = self.la if holdout is None else dataclasses.replace(self.la, holdout=holdout)
+        return dataclasses.replace(self, la=la, confirm_top=self.confirm_top if confirm_top is None else confirm_top,
+                                   confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds)
+
+    @property
+    def confirms(self) -> bool:
+        return self.confirm_top > 0 and self.confirm_seeds > 0
 
     def check_data_size(self, n_images: int) -> None:
         """Fixed (not searched) k_neighbours and n_centroids must fit the data set; searched ones are clipped."""
@@ -198,15 +217,26 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpaceError(f"{key} must be an integer >= 1, got {value!r}")
         counts[key] = value
+    for key, default in (("confirm_top", DEFAULT_CONFIRM_TOP), ("confirm_seeds", DEFAULT_CONFIRM_SEEDS)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SpaceError(f"{key} must be an integer >= 0 (0: no confirmation), got {value!r}")
+        counts[key] = value
+    holdout = _number(raw.get("holdout", DEFAULT_HOLDOUT))  # fixed.la.holdout is refused below: one place
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise SpaceError(f"holdout must be a fraction in [0, 1) (0: no held-out part), got {holdout!r}")
     data = raw.get("data", "digits")
     if not isinstance(data, str):
         raise SpaceError(f"data must be a data spec string, got {data!r}")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict) or set(fixed) - {"autoencoder", "la"}:
         raise SpaceError(f"fixed must be a mapping with 'autoencoder' and/or 'la', got {fixed!r}")
+    if isinstance(fixed.get("la"), dict) and set(fixed["la"]) & set(SWEEP_SET):
+        raise SpaceError(f"fixed.la: {sorted(set(fixed['la']) & set(SWEEP_SET))} are set by the sweep: use the "
+                         f"top-level key holdout (the split's seed is the sweep's --seed)")
     try:
         ae = from_dict(AutoEncoderConfig, fixed.get("autoencoder"))
-        la = from_dict(LAConfig, fixed.get("la"))
+        la = from_dict(LAConfig, {**(fixed.get("la") or {}), "holdout": float(holdout)})
     except (ConfigError, TypeError) as exc:
         raise SpaceError(f"fixed: {exc}") from None
     search = raw.get("search") or {}

@@ -5,6 +5,9 @@
     STORAGE/NAME/autoencoders/  stage 1, trained once per sweep by a Ray task (laray.sweep_stage1)
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
                                 metrics.json, assignments.csv, codes.npy, worker.json
+    STORAGE/NAME/confirm/       the confirmation (laray.confirm): the top configurations with fresh
+                                seeds, a second Tune experiment whose trials have the same files
+    STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines
 
 Trials receive the data set by reference (a `ListingDigest`: how to list it, digests of the
 driver's listing, the cache key; no per-file entry and never image bytes) and open it on their
@@ -31,6 +34,7 @@ import torch
 
 from laray.cache import default_cache_dir
 from laray.config import replace
+from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
 from laray.run import Stage1
 from laray.space import SIZE_LIMITS, SearchSpace
@@ -42,7 +46,8 @@ log = logging.getLogger("laray.sweep")
 OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
 CRASH_MARKER = "injected_crash.txt"
-REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "loss", "images_per_s", "lr", "epoch")
+REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "heldout_purity", "heldout_nmi", "heldout_ari", "heldout_acc",
+            "loss", "images_per_s", "lr", "epoch")
 
 
 def _trial_dir() -> Path:
@@ -134,6 +139,8 @@ class SweepResult:
     n_trials: int
     n_errored: int
     baselines: dict  # {"raw_pixels": scores, "autoencoder": scores} for the best trial's merger
+    confirmed: list = dataclasses.field(default_factory=list)  # laray.confirm.confirmed: best mean first
+    confirmed_baselines: dict | None = None  # the baselines over the confirmation's seeds
 
 
 def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
@@ -201,11 +208,15 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     threads = max(1, int(cpus_per_trial))
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     device = "cuda" if gpus_per_trial > 0 else device
+    # One held-out split for the whole sweep, confirmation included: drawn with the sweep's seed.
+    space = dataclasses.replace(space, la=replace(space.la, holdout_seed=seed))
+    holdout = (space.la.holdout, seed)
     # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
     stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
-                                            resources, device, threads, cache_dir)
-    trainable = tune.with_parameters(train_trial, data=data.digest(), stage1=stage1, space=space, seed=seed, device=device,
-                                     threads=threads, cache_dir=cache_dir, crash_once_at_epoch=crash_once_at_epoch)
+                                            resources, device, threads, cache_dir, holdout)
+    shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir)
+    trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
+                                     **shared)
     trainable = tune.with_resources(trainable, resources)
 
     if resume:
@@ -240,11 +251,61 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     except RuntimeError:  # no trial reported anything
         best_config = best_metrics = None
     baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
+    confirmed, confirmed_baselines = [], None
+    if space.confirms and best_config is not None:
+        searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
+        confirmed, confirmed_baselines = _confirm(data, searched, space, shared, experiment, experiment_path, seed,
+                                                  resources, verbose, max_failures)
     summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
-               if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines}
+               if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
+               "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines}
     (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
-                       len(results), errored, baselines)
+                       len(results), errored, baselines, confirmed, confirmed_baselines)
+
+
+def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
+    """One confirmation run: a search trial's LA settings (config["la"]) with a fresh seed (config["seed"])."""
+    import ray
+
+    seed = config["seed"]
+    train_trial(config["la"], stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)
+
+
+def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpace, shared: dict, experiment: Path,
+             experiment_path: str, seed: int, resources: dict, verbose: int, max_failures: int):
+    """Re-run the search's top configurations with fresh seeds (laray.confirm) as STORAGE/NAME/confirm/.
+
+    A second Tune experiment, run like the search (same resources, concurrency and failure
+    handling) and resumed like it. Stage 1 is trained once per seed, each kept in the store.
+    """
+    from ray import tune
+
+    seeds = confirmation_seeds(seed, space.confirm_seeds)
+    stage1s, baselines = {}, {}
+    for s in seeds:
+        baselines[s], stage1s[s] = sweep_stage1(data, space.ae, space.mergers(), s, experiment / "autoencoders",
+                                                resources, shared["device"], shared["threads"], shared["cache_dir"],
+                                                (space.la.holdout, seed))
+    trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
+    path = f"{experiment_path}/{CONFIRM_DIR}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        top = pick_top(searched, space.objective, space.mode, space.la.epochs, space.confirm_top)
+        log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
+        tuner = tune.Tuner(
+            trainable, param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
+            run_config=tune.RunConfig(name=CONFIRM_DIR, storage_path=experiment_path, verbose=verbose,
+                                      sync_config=tune.SyncConfig(sync_artifacts=True),
+                                      failure_config=tune.FailureConfig(max_failures=max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in tuner.fit()
+            if r.error is None and r.metrics and space.objective in r.metrics]
+    entries = confirmed(runs, space.objective, space.mode)
+    merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
+    return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
 
 
 def ray_init(address: str | None, dashboard: bool = False) -> None:

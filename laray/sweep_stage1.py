@@ -17,6 +17,7 @@ from pathlib import Path
 from laray.ae_store import get_or_train, store_key
 from laray.config import AutoEncoderConfig
 from laray.data import DataRef, ListingDigest, open_dataset
+from laray.holdout import NO_HOLDOUT
 from laray.run import Stage1, baselines_path, compute_baselines, encoder_part, train_autoencoder, write_json
 
 
@@ -26,7 +27,7 @@ def _print_epoch(record: dict) -> None:
 
 
 def _stage1_task(ref: ListingDigest, ae_cfg: AutoEncoderConfig, key: str, mergers: list[str], seed: int, device: str,
-                 threads: int, cache_dir: str | None, encoder_state: dict | None) -> Stage1:
+                 threads: int, cache_dir: str | None, encoder_state: dict | None, holdout: tuple[float, int]) -> Stage1:
     """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it)."""
     import torch
 
@@ -38,13 +39,16 @@ def _stage1_task(ref: ListingDigest, ae_cfg: AutoEncoderConfig, key: str, merger
             ae_state, history = train_autoencoder(dataset, ae_cfg, seed, device, Path(folder) / "training.ckpt",
                                                   callback=_print_epoch, progress=False)
         encoder_state = encoder_part(ae_state)  # the decoder is not needed after stage 1: it is not shipped
-    baselines = {m: compute_baselines(dataset, encoder_state, ae_cfg, m, seed, device) for m in mergers}
+    baselines = {m: compute_baselines(dataset, encoder_state, ae_cfg, m, seed, device, holdout) for m in mergers}
     return Stage1(key, encoder_state, history, baselines, trained_in_this_run=False, source="object store")
 
 
 def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], seed: int, store_dir: Path,
-                 resources: dict, device: str, threads: int, cache_dir: str | None):
+                 resources: dict, device: str, threads: int, cache_dir: str | None,
+                 holdout: tuple[float, int] = NO_HOLDOUT):
     """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
+
+    holdout: (fraction, seed) of the sweep's held-out split, which the baselines are scored with too.
 
     The task's return value is what the trials get, so each node's object store holds one copy of
     the weights (the driver's too: it reads the same object to keep it in the store).
@@ -57,12 +61,12 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
-        shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None)
+        shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout)
         stage1 = ray.get(shipped)
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
     ae_state, history, _ = get_or_train(store_dir, key, train)
-    paths = {m: baselines_path(store_dir, key, m, ref.labels_key) for m in mergers}
+    paths = {m: baselines_path(store_dir, key, m, ref.labels_key, holdout) for m in mergers}
     if shipped is not None:
         baselines = ray.get(shipped).baselines
     else:  # stored by an earlier run: scored for this label set and these mergers too?
@@ -70,7 +74,7 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
         missing = [m for m in mergers if m not in baselines]
         if missing:
             baselines.update(ray.get(task.remote(ref.digest(), ae_cfg, key, missing, seed, device, threads, cache_dir,
-                                                 encoder_part(ae_state))).baselines)
+                                                 encoder_part(ae_state), holdout)).baselines)
         shipped = ray.put(Stage1(key, encoder_part(ae_state), history, baselines, False, "object store"))
     for merger, scores in baselines.items():
         if not paths[merger].exists():

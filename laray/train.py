@@ -27,6 +27,7 @@ from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_st
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, model_batch
 from laray.evaluate import encode_all, score_codes
+from laray.holdout import holdout_mask
 from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
 from laray.prefetch import BatchPrefetcher
@@ -74,11 +75,11 @@ def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, cfg) ->
                                  f"settings: {settings}")
 
 
-def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bool, seed: int):
-    """(codes, scores, assignments, wall seconds)."""
+def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bool, seed: int, heldout=None):
+    """(codes, scores, assignments, wall seconds); heldout: the images scored apart (laray.holdout)."""
     began = time.perf_counter()
     codes = encode_all(encoder, dataset, device, autocast=fast, prefetch=PREFETCH_DEPTH)
-    scores, assignments = score_codes(codes, dataset.labels, seed=seed, device=device)
+    scores, assignments = score_codes(codes, dataset.labels, seed=seed, device=device, heldout=heldout)
     return codes, scores, assignments, time.perf_counter() - began
 
 
@@ -172,6 +173,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
     fast = device.type == "cuda"
     n = len(dataset)
     cfg.check_data_size(n)
+    heldout = holdout_mask(dataset.labels, cfg.holdout, cfg.holdout_seed)
     torch.manual_seed(seed + 1)
     model = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, cfg.merger)
     model.encoder.load_state_dict(encoder_state)
@@ -222,7 +224,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if evaluated:  # every eval_every epochs and at the last: at large N one evaluation costs about an epoch
             codes = assignments = None  # the last evaluation's (N, d) codes go before the next are made
-            codes, scores, assignments, eval_s = _evaluate(model, dataset, device, fast, seed)
+            codes, scores, assignments, eval_s = _evaluate(model, dataset, device, fast, seed, heldout)
             record.update(scores, eval_s=eval_s)
         record["epoch_s"] = epoch_s
         history.append(record)
@@ -232,5 +234,5 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         if callback is not None:
             callback(record)
     if codes is None:  # nothing left to train (zero epochs, or resumed after the last): evaluate as is
-        codes, scores, assignments, _ = _evaluate(model, dataset, device, fast, seed)
+        codes, scores, assignments, _ = _evaluate(model, dataset, device, fast, seed, heldout)
     return LAResult(model, loss_fn, history, codes, assignments, scores)

@@ -193,8 +193,9 @@ def test_analyze_writes_every_file(sweep, analyzed):
     for name in ("objective_vs_params.png", "history.png", "importances.png", "contingency.png", "montage.png"):
         assert is_png(out / name), name
     columns = set(analyzed.table.columns)
-    assert {"trial_id", "status", *PARAM_NAMES, *SCORES, "epochs", "time_s", "purity_k2x", "purity_k5x",
-            "beats_raw_pixels", "beats_autoencoder"} <= columns
+    assert {"trial_id", "status", *PARAM_NAMES, *SCORES, "epochs", "stopped_early", "time_s", "purity_k2x",
+            "purity_k5x", "beats_raw_pixels", "beats_autoencoder"} <= columns
+    assert not analyzed.table["stopped_early"].any()  # every finished trial ran its 2 planned epochs
     assert sorted(analyzed.table["trial_id"]) == sorted([t[0] for t in FINISHED] + [ERRORED, RUNNING])
     baselines = pd.read_csv(out / "baselines.csv")
     assert list(baselines["baseline"]) == ["raw_pixels", "autoencoder"]
@@ -212,7 +213,8 @@ def test_report_names_best_trial_baselines_and_errored_trial(sweep, analyzed):
     text = analyzed.report
     best = max(FINISHED, key=lambda t: (row(analyzed.table, t[0])["purity"]))[0]
     assert "## Best trial" in text and f"`{best}`" in text.split("## Best trial")[1].split("\n\n")[1]
-    assert "baseline: raw pixels" in text and "baseline: autoencoder" in text
+    assert "| k-means on raw pixels |" in text and "| k-means on the auto-encoder's codes |" in text
+    assert "## Confirmed winner" not in text  # this sweep had no confirmation
     assert "## Errored trials" in text
     errored_section = text.split("## Errored trials")[1]
     assert f"- `{ERRORED}`: {ERROR_LINE}" in errored_section
@@ -297,6 +299,7 @@ def test_optuna_history_and_importances(sweep, analyzed):
     assert importances and set(importances) <= set(PARAM_NAMES)
     assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
     assert "Importances: " in analyzed.report
+    assert "These importances rest on 3 finished trials, fewer than 20" in analyzed.report
 
 
 def test_per_species_table_of_best_trial(sweep, analyzed):

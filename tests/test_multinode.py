@@ -23,7 +23,7 @@ from object_store import object_store_bytes  # noqa: E402
 
 N_IMAGES, SIZE, TRIALS = 1000, 64, 4
 SPACE = {
-    "num_samples": TRIALS, "max_concurrent": 2, "grace_period": 2,
+    "num_samples": TRIALS, "max_concurrent": 2, "grace_period": 2, "confirm_top": 0,
     "fixed": {"autoencoder": {"arch": "vgg11_bn", "width": 0.125, "image_size": SIZE, "epochs": 1, "batch_size": 50},
               "la": {"epochs": 2, "batch_size": 50}},
     "search": {"temperature": {"loguniform": [0.05, 0.5]}, "mixing_rate": {"uniform": [0.3, 0.9]},

@@ -24,6 +24,7 @@ import yaml
 from laray import ae_store
 from laray.ae_store import store_key
 from laray.config import LAConfig, replace
+from laray.confirm import pick_top
 from laray.data import describe
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
@@ -47,8 +48,11 @@ RANGES = {"k_neighbours": (5, 50), "clustering_repeats": (1, 3), "n_centroids": 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, search=None) -> dict:
+def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, search=None, confirm_top=0,
+              confirm_seeds=0) -> dict:
+    """No confirmation unless asked: the tests of the search would pay for it without looking at it."""
     return {"num_samples": num_samples, "max_concurrent": max_concurrent, "grace_period": grace_period,
+            "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
             "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
             "search": {**SEARCH, **(search or {})}}
 
@@ -153,13 +157,18 @@ def test_sweep_runs_every_trial_and_records_it(sweep, sub):
         folder = Path(trial.path)
         assert folder.parent == exp
         assignments = pd.read_csv(folder / "assignments.csv", dtype={"label": str})
-        assert list(assignments.columns) == ["idx", "path", "label", "cluster"]
+        assert list(assignments.columns) == ["idx", "path", "label", "cluster", "heldout"]
         assert len(assignments) == N
         assert assignments["idx"].tolist() == list(range(N))
         assert assignments["path"].tolist() == list(sub.paths)
         assert assignments["label"].tolist() == expected_labels
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["purity"] == pytest.approx(purity(assignments["label"], assignments["cluster"]))
+        # The objective counts the selection half; the held-out half is scored apart (holdout 0.5 by default).
+        selection, held = assignments[~assignments["heldout"]], assignments[assignments["heldout"]]
+        assert len(held) == pytest.approx(N / 2, abs=10)
+        assert metrics["purity"] == pytest.approx(purity(selection["label"], selection["cluster"]))
+        assert metrics["heldout_purity"] == pytest.approx(purity(held["label"], held["cluster"]))
+        assert metrics["config"]["la"]["holdout"] == 0.5 and metrics["config"]["la"]["holdout_seed"] == SEED
         assert metrics["purity"] == pytest.approx(progress["purity"].iloc[-1])  # outputs of the last report
         assert [h["epoch"] for h in la_history(metrics)] == progress["epoch"].tolist()
         assert metrics["n_images"] == N
@@ -286,7 +295,17 @@ def _stop(proc) -> int:
 
 
 def _finished_trial(experiment: Path, epochs: int):
-    return next((f for f in experiment.glob("train_trial_*") if len(rows(f)) >= epochs), None)
+    return next((f for f in experiment.glob("*_trial_*") if len(rows(f)) >= epochs), None)
+
+
+def _recorded_finished(experiment: Path) -> bool:
+    """Tune's saved experiment state lists a TERMINATED trial."""
+    from laray.analysis import tune_trial_states
+
+    try:
+        return any(t.get("status") == "TERMINATED" for t in tune_trial_states(experiment))
+    except (OSError, ValueError):  # being written right now
+        return False
 
 
 def _optuna_trial_count(experiment: Path) -> int:
@@ -378,6 +397,76 @@ def test_killed_sweep_leaves_no_orphan_optuna_trial(killed_sweep):
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states  # the sweep is over: nothing in its study may still be running
     assert set(states) <= {"COMPLETE", "FAIL"} and states.count("COMPLETE") == result.n_trials == 3
+
+
+def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session, sub, tmp_path):
+    """Search, then the 2 best configurations x 2 fresh seeds; the driver is killed during the
+    confirmation and resumed: the finished runs are kept, the rest run, one answer."""
+    raw = raw_space(num_samples=3, max_concurrent=1, confirm_top=2, confirm_seeds=2)
+    space, storage = parse_space(raw), tmp_path / "sweeps"
+    exp = storage / "confirmed"
+    proc, log = _start_driver(ray_session, tmp_path, storage, "confirmed", raw, sub.spec)
+    try:  # killed once Tune has recorded a finished confirmation run, so that a resume must keep it
+        _wait_until(lambda: _recorded_finished(exp / "confirm"), proc, log, "a confirmation run was recorded")
+        proc.kill()
+    finally:
+        _stop(proc)
+    first = _finished_trial(exp / "confirm", LA["epochs"])
+    first_progress = (first / "progress.csv").read_text()
+    assert len(list((exp / "confirm").glob("*/metrics.json"))) < 4  # killed before the confirmation ended
+    result = run_sweep(sub, space, str(storage), "confirmed", seed=SEED, resume=True, verbose=0)
+    assert (first / "progress.csv").read_text() == first_progress  # not run again
+    best = json.loads((exp / "best.json").read_text())
+    assert len(result.confirmed) == 2 and best["confirmed"] == json.loads(json.dumps(result.confirmed))
+
+    # the search's two best (complete trials first), each re-run with seeds 1 and 2, both stages seeded
+    searched = [(json.loads((f / "params.json").read_text()), rows(f).iloc[-1].to_dict())
+                for f in exp.glob("train_trial_*") if f.is_dir()]
+    top = pick_top(searched, "purity", "max", LA["epochs"], 2)
+    assert sorted(json.dumps(e["config"], sort_keys=True) for e in result.confirmed) == \
+        sorted(json.dumps(c, sort_keys=True) for c in top)
+    runs = [json.loads(f.read_text()) for f in (exp / "confirm").glob("*/metrics.json")]
+    assert len(runs) == 4 and sorted(m["seed"] for m in runs) == [1, 1, 2, 2]
+    assert all(len(rows(f)) == LA["epochs"] for f in (exp / "confirm").glob("confirm_trial_*"))  # no ASHA here
+    stage1_keys = sorted(p.name for p in (exp / "autoencoders").iterdir() if p.is_dir())
+    assert stage1_keys == sorted(store_key(sub.key, space.ae, s) for s in (0, 1, 2))
+    for m in runs:
+        assert m["autoencoder"]["key"] == store_key(sub.key, space.ae, m["seed"])
+        assert m["config"]["la"]["holdout_seed"] == SEED  # one held-out split for every run
+
+    # each entry's values are its runs', in seed order; summaries computed from them; best mean first
+    for entry in result.confirmed:
+        mine = sorted((m for m in runs if all(m["config"]["la"][k] == v for k, v in entry["config"].items())),
+                      key=lambda m: m["seed"])
+        assert entry["seeds"] == [1, 2] == [m["seed"] for m in mine]
+        assert entry["purity"] == [m["purity"] for m in mine]
+        assert entry["purity_mean"] == pytest.approx(np.mean(entry["purity"]))
+        assert entry["purity_sd"] == pytest.approx(np.std(entry["purity"], ddof=1))
+        lo, hi = entry["purity_ci95"]
+        assert lo <= entry["purity_mean"] <= hi
+        assert entry["heldout_purity_mean"] == pytest.approx(np.mean([m["heldout_purity"] for m in mine]))
+        assert {"nmi_mean", "ari_ci95", "acc_sd"} <= set(entry)
+    assert result.confirmed[0]["purity_mean"] >= result.confirmed[1]["purity_mean"]
+
+    # the baselines over the same seeds, as each seed's stage 1 scored them
+    baselines = result.confirmed_baselines
+    assert baselines["raw_pixels"]["seeds"] == [1, 2]
+    per_seed = [next(m["baselines"] for m in runs if m["seed"] == s) for s in (1, 2)]
+    assert baselines["autoencoder"]["purity"] == [b["autoencoder"]["purity"] for b in per_seed]
+    assert "heldout_purity_mean" in baselines["raw_pixels"]
+
+    # laray analyze: confirmed.csv (one row per configuration and seed), its picture, the report's lead
+    from laray.report import analyze
+
+    text = analyze(exp, tmp_path / "analysis").read_text()
+    table = pd.read_csv(tmp_path / "analysis" / "confirmed.csv")
+    assert len(table) == 4 and sorted(table["rank"]) == [1, 1, 2, 2]
+    for entry, rank in zip(result.confirmed, (1, 2)):
+        assert table[table["rank"] == rank]["purity"].tolist() == pytest.approx(entry["purity"])
+    assert {"seed", "heldout_purity", "raw_pixels_purity", "autoencoder_heldout_purity"} <= set(table.columns)
+    assert (tmp_path / "analysis" / "confirmed.png").stat().st_size > 0
+    assert text.index("## Confirmed winner") < text.index("## Best trial of the search")
+    assert "k-means on raw pixels (same seeds)" in text and f"{result.confirmed[0]['purity_mean']:.3f}" in text
 
 
 def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):
@@ -488,7 +577,9 @@ def test_bundled_spaces_parse():
     assert demo.source.endswith("demo.yaml")
     assert demo.objective == "purity" and demo.mode == "max" and demo.data == "digits"
     assert set(demo.search) == set(FIVE)
+    assert (demo.la.holdout, demo.confirm_top, demo.confirm_seeds) == (0.5, 2, 3)
     default = load_space(ROOT / "search_spaces" / "default.yaml")
+    assert (default.la.holdout, default.confirm_top, default.confirm_seeds) == (0.5, 3, 5)
     assert set(default.search) >= set(FIVE)
     assert default.ae.arch == "vgg16_bn" and default.ae.pretrained == "imagenet"
     assert default.search["n_centroids"].kind == "fraction" and default.search["n_centroids"].log is True
@@ -524,6 +615,11 @@ BAD_SPACES = {
     "fixed.la with an unknown key": (("fixed", "la", "momentun"), 0.9, "momentun"),
     "fixed.autoencoder invalid": (("fixed", "autoencoder", "arch"), "resnet50", "arch"),
     "unknown fixed section": (("fixed", "optimizer"), {"lr": 0.1}, "fixed"),
+    "holdout of 1": (("holdout",), 1.0, "holdout"),
+    "holdout as text": (("holdout",), "half", "holdout"),
+    "holdout in fixed.la": (("fixed", "la", "holdout"), 0.3, "holdout"),
+    "negative confirm_top": (("confirm_top",), -1, "confirm_top"),
+    "fractional confirm_seeds": (("confirm_seeds",), 2.5, "confirm_seeds"),
 }
 
 
@@ -684,5 +780,5 @@ def test_cli_sweep_help():
                           timeout=120)
     assert done.returncode == 0
     for option in ("--space", "--num-samples", "--storage", "--name", "--resume", "--max-failures",
-                   "--cpus-per-trial", "--gpus-per-trial"):
+                   "--cpus-per-trial", "--gpus-per-trial", "--holdout", "--confirm-top", "--confirm-seeds"):
         assert option in done.stdout

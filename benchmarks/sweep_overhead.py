@@ -26,7 +26,7 @@ import torch
 from laray.config import replace
 from laray.data import describe, open_dataset
 from laray.run import demo_configs, stored_stage1, train_run
-from laray.space import parse_space
+from laray.space import SWEEP_SET, parse_space
 
 TRIALS = 8
 
@@ -39,7 +39,7 @@ def timed(fn):
 
 def one_trial_space(ae, la) -> dict:
     """A space with nothing left to search: every setting fixed at the direct run's."""
-    fixed_la = {k: v for k, v in vars(la).items() if k not in ("temperature", "mixing_rate")}
+    fixed_la = {k: v for k, v in vars(la).items() if k not in ("temperature", "mixing_rate", *SWEEP_SET)}
     # No held-out part and no confirmation: the same single run as the direct one.
     return {"num_samples": 1, "max_concurrent": 1, "grace_period": la.epochs, "holdout": 0, "confirm_top": 0,
             "fixed": {"autoencoder": vars(ae), "la": fixed_la},

@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -277,16 +278,21 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
     """Re-run the search's top configurations with fresh seeds (laray.confirm) as STORAGE/NAME/confirm/.
 
     A second Tune experiment, run like the search (same resources, concurrency and failure
-    handling) and resumed like it. Stage 1 is trained once per seed, each kept in the store.
+    handling) and resumed like it. Stage 1 is trained once per seed (the seeds' tasks at once),
+    each kept in the store.
     """
     from ray import tune
 
     seeds = confirmation_seeds(seed, space.confirm_seeds)
-    stage1s, baselines = {}, {}
-    for s in seeds:
-        baselines[s], stage1s[s] = sweep_stage1(data, space.ae, space.mergers(), s, experiment / "autoencoders",
-                                                resources, shared["device"], shared["threads"], shared["cache_dir"],
-                                                (space.la.holdout, seed))
+
+    def stage1_of(s: int):
+        return sweep_stage1(data, space.ae, space.mergers(), s, experiment / "autoencoders", resources,
+                            shared["device"], shared["threads"], shared["cache_dir"], (space.la.holdout, seed))
+
+    # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        done = dict(zip(seeds, pool.map(stage1_of, seeds)))
+    baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
     path = f"{experiment_path}/{CONFIRM_DIR}"
     if tune.Tuner.can_restore(path):

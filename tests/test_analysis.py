@@ -422,7 +422,7 @@ def test_unlabelled_report_compares_silhouette_with_baselines(sweep, unlabelled_
         metrics["baselines"]["autoencoder"]["silhouette"] = 0.99
         path.write_text(json.dumps(metrics))
     text = report.analyze(exp, tmp_path / "out", cache_dir=str(sweep.cache)).read_text()
-    assert "It beats raw_pixels on silhouette." in text
+    assert "It beats k-means on raw pixels on silhouette." in text
 
 
 def test_predict_on_unlabelled_sweep_uses_best_silhouette(sweep, unlabelled_sweep, tmp_path):

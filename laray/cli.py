@@ -324,12 +324,16 @@ def _print_search_best(result, space) -> None:
                   f"{codes.get(key, float('nan')):>26.3f}")
 
 
+SHORT = {"temperature": "tau", "mixing_rate": "m", "k_neighbours": "k", "clustering_repeats": "R",
+         "n_centroids": "C"}  # the method's symbols, so that a configuration fits on one line
+
+
 def _print_confirmed(result, space) -> None:
     """The confirmed configurations (mean, 95 % interval over seeds, held-out mean) beside the baselines."""
     objective = space.objective
     seeds = result.confirmed[0]["seeds"]
     print(f"\nconfirmed: {len(result.confirmed)} configuration(s) x {len(seeds)} seeds {seeds}, by mean {objective}:")
-    rows = [(f"#{i + 1} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+    rows = [(f"#{i + 1} " + " ".join(f"{SHORT.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
                                       for k, v in entry["config"].items()), entry)
             for i, entry in enumerate(result.confirmed)]
     rows += [("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),

@@ -237,11 +237,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                 num_samples=num_samples or space.num_samples,
                 max_concurrent_trials=space.max_concurrent,
             ),
-            # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
-                                      sync_config=tune.SyncConfig(sync_artifacts=True),
-                                      failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            run_config=_run_config(name, storage_path, verbose, max_failures),
         )
     results = tuner.fit()
     _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
@@ -263,6 +259,16 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
                        len(results), errored, baselines, confirmed, confirmed_baselines)
+
+
+def _run_config(name: str, storage_path: str, verbose: int, max_failures: int):
+    from ray import tune
+
+    # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
+    return tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
+                          sync_config=tune.SyncConfig(sync_artifacts=True),
+                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
 
 def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
@@ -303,10 +309,7 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
         tuner = tune.Tuner(
             trainable, param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
-            run_config=tune.RunConfig(name=CONFIRM_DIR, storage_path=experiment_path, verbose=verbose,
-                                      sync_config=tune.SyncConfig(sync_artifacts=True),
-                                      failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures))
     runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in tuner.fit()
             if r.error is None and r.metrics and space.objective in r.metrics]
     entries = confirmed(runs, space.objective, space.mode)

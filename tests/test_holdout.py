@@ -47,3 +47,28 @@ def test_score_codes_scores_each_part_of_one_clustering():
     assert split["heldout_purity"] == pytest.approx(cluster_scores(labels[heldout], assignments[heldout])["purity"])
     assert {"nmi", "ari", "acc", "heldout_nmi", "heldout_ari", "heldout_acc"} <= set(split)
     assert "heldout_purity" not in plain
+
+
+def test_the_parts_are_disjoint_and_cover_every_labelled_image():
+    labels = np.concatenate([species([9, 4, 13]), np.full(5, -1)])
+    held = holdout_mask(labels, 0.4, seed=2)
+    selection = (labels >= 0) & ~held
+    assert not (selection & held).any() and ((selection | held) == (labels >= 0)).all()
+
+
+def test_the_objective_counts_the_selection_part_only():
+    """Codes that cluster the held-out images perfectly and the selection images badly: the plain
+    scores must be the selection part's (low), the held-out ones high, and neither the overall mix."""
+    labels = species([30, 30, 30])
+    heldout = holdout_mask(labels, 0.5, seed=0)
+    centres = torch.eye(3) * 10
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.empty(90, 3)
+    codes[heldout] = centres[torch.from_numpy(labels[heldout])]  # on their species' centre
+    codes[~heldout] = centres[torch.randint(3, (int((~heldout).sum()),), generator=gen)]  # on a random one
+    codes += 0.01 * torch.randn(90, 3, generator=gen)
+    scores, assignments = score_codes(codes, labels, seed=0, heldout=heldout)
+    overall = cluster_scores(labels, assignments)["purity"]
+    assert scores["heldout_purity"] == pytest.approx(1.0)
+    assert scores["purity"] < 0.6 and scores["purity"] < overall < scores["heldout_purity"]
+    assert scores["purity"] == pytest.approx(cluster_scores(labels[~heldout], assignments[~heldout])["purity"])

@@ -357,7 +357,8 @@ def _analyze(args) -> int:
                          imagenet_weights=args.imagenet_weights, cache_dir=args.cache_dir)
     except (FileNotFoundError, DataError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0])
-    print(f"wrote {report.parent}: report.md, trials.csv, baselines.csv, plots")
+    confirmed = ", confirmed.csv" if (report.parent / "confirmed.csv").exists() else ""
+    print(f"wrote {report.parent}: report.md, trials.csv{confirmed}, baselines.csv, plots")
     return 0
 
 

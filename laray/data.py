@@ -25,8 +25,8 @@ from laray.dataref import DIGITS, DataRef, ListingDigest, describe, digits_key, 
 from laray.dataref import labels_key as labels_key_of
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
-__all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", "load_dataset", "open_dataset", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", "load_dataset", "open_dataset",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 log = logging.getLogger("laray.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,8 +13,8 @@ from torch import nn
 
 from laray.clustering import kmeans
 
-# Elements of the (rows x N) scores, and of the (rows x (1+k) x d) bank rows, that one chunk of a
-# step holds: 16 MiB in float32, so that a step's memory does not grow with N (the bank does).
+# Elements of the (rows x N) scores that one chunk of a step holds, forward or backward: 64 MiB in
+# float32, so that a step's memory stays bounded whatever N (the bank itself grows with N).
 STEP_CHUNK_ELEMENTS = 1 << 24
 
 

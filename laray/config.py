@@ -86,6 +86,7 @@ class LAConfig(OptimConfig):
     merger: str = "mean"
     bank_init: str = "codes"
     augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
+    crop_min_area: float = 0.5  # augmentation's random crops keep at least this share of the image
     lr: float = 0.01
     eval_every: int = 1  # LA epochs between evaluations (and always the last): at N = 276,000 one costs an epoch
     # Held-out scoring (laray.holdout): this fraction of each species' images is scored apart
@@ -107,6 +108,7 @@ class LAConfig(OptimConfig):
                  "must be an integer >= 0", self.recluster_every)
         _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1",
                  self.eval_every)
+        _require(0 < self.crop_min_area <= 1, "crop_min_area", "must be in (0, 1]", self.crop_min_area)
         _require(0 <= self.holdout < 1, "holdout", "must be in [0, 1)", self.holdout)
         _require(self.merger in ("mean", "flatten"), "merger", "must be 'mean' or 'flatten'", self.merger)
         _require(self.bank_init in ("codes", "random"), "bank_init", "must be 'codes' or 'random'", self.bank_init)

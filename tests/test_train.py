@@ -266,6 +266,24 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
                     resume=True, progress=False)
 
 
+def test_crop_min_area_reaches_the_augmentation(tiny, encoder_state, monkeypatch):
+    import laray.train
+    from laray.augment import augment_batch
+
+    seen = []
+
+    def recording(images, gen, min_area=0.5, jitter=0.4):
+        seen.append(min_area)
+        return augment_batch(images, gen, min_area, jitter)
+
+    monkeypatch.setattr(laray.train, "augment_batch", recording)
+    finetune_la(tiny, encoder_state, AE, replace(LA, epochs=1, augment=True, crop_min_area=0.8), seed=0,
+                device="cpu", progress=False)
+    assert seen and set(seen) == {0.8}
+    with pytest.raises(ConfigError, match="crop_min_area"):
+        replace(LA, crop_min_area=0.0)
+
+
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):
     evaluated, received = [], []
     result = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=5, eval_every=2), seed=5, device="cpu",

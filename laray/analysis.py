@@ -21,10 +21,10 @@ import torch
 from laray.confirm import CONFIRM_DIR
 from laray.evaluate import score_codes
 from laray.holdout import PREFIX
-from laray.metrics import cluster_scores, contingency
+from laray.metrics import LABEL_SCORES, cluster_scores, contingency
 
 PARAMS = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")
-SCORES = ("purity", "nmi", "ari", "acc")
+SCORES = LABEL_SCORES
 K_MULTIPLES = (2, 5)  # purity also at 2x and 5x the number of species: purity grows with K
 
 

@@ -16,8 +16,9 @@ import math
 import numpy as np
 
 from laray.holdout import PREFIX
+from laray.metrics import LABEL_SCORES
 
-SCORES = ("purity", "nmi", "ari", "acc")
+SCORES = LABEL_SCORES
 CONFIRM_DIR = "confirm"  # STORAGE/NAME/confirm/: the confirmation's Tune experiment
 
 

@@ -10,7 +10,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
-SCORE_NAMES = ("purity", "nmi", "ari", "acc", "silhouette")  # silhouette: unlabelled data only
+LABEL_SCORES = ("purity", "nmi", "ari", "acc")  # against species labels
+SCORE_NAMES = (*LABEL_SCORES, "silhouette")  # silhouette: unlabelled data only
 
 
 def contingency(labels_true, labels_pred) -> np.ndarray:

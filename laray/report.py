@@ -148,13 +148,15 @@ def plot_sweep(scored: Scored, out: str | Path) -> dict:
 
 
 def _confirmed_baselines(scored: Scored) -> dict:
-    """{readable name: {"<score>_mean": ...}} of the baselines over the confirmation's seeds."""
-    runs = scored.confirmed.drop_duplicates("seed")
+    """{readable name: laray.confirm.summarize of its scores} of the baselines over the confirmation's seeds."""
+    from laray.confirm import summarize
+
+    per_seed = scored.confirmed.drop_duplicates("seed").to_dict("records")
     out = {}
     for key in ("raw_pixels", "autoencoder"):
-        columns = [c for c in runs if c.startswith(f"{key}_")]
+        columns = {c.removeprefix(f"{key}_"): c for c in scored.confirmed if c.startswith(f"{key}_")}
         if columns:
-            out[BASELINE_NAMES[key]] = {f"{c.removeprefix(key + '_')}_mean": float(runs[c].mean()) for c in columns}
+            out[BASELINE_NAMES[key]] = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed])
     return out
 
 
@@ -293,12 +295,9 @@ def _confirmed_section(scored: Scored) -> list[str]:
                 f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |")
 
     lines.append(line("**LA, confirmed winner**", winner))
-    per_seed = runs.drop_duplicates("seed")
-    for key in ("raw_pixels", "autoencoder"):
-        columns = {c.removeprefix(f"{key}_"): c for c in per_seed if c.startswith(f"{key}_")}
-        if objective in columns:
-            base = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed.to_dict("records")])
-            lines.append(line(BASELINE_NAMES[key] + " (same seeds)", base))
+    for name, base in _confirmed_baselines(scored).items():
+        if f"{objective}_mean" in base:
+            lines.append(line(name + " (same seeds)", base))
     if winner.get(f"{held}_mean") is not None:
         lines += ["", f"The held-out {objective}, {winner[f'{held}_mean']:.3f}, is the figure to report: the selection "
                   f"{objective} was used to choose this configuration, so it is optimistic."]

@@ -19,8 +19,13 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
-def augment_batch(images: torch.Tensor, gen: torch.Generator, min_area: float = 0.5, jitter: float = 0.4) -> torch.Tensor:
-    """images (b, 3, H, W) float in [0, 1] -> augmented, same shape, clamped to [0, 1]."""
+def augment_batch(images: torch.Tensor, gen: torch.Generator, min_area: float = 0.5, jitter: float = 0.4,
+                  flip: bool = True) -> torch.Tensor:
+    """images (b, 3, H, W) float in [0, 1] -> augmented, same shape, clamped to [0, 1].
+
+    flip: mirror half of the images left-right (the draw is made either way, so that turning it
+    off leaves every other draw of the same seed as it was).
+    """
     b = len(images)
     # Crop of relative area in [min_area, 1] and aspect ratio in [3/4, 4/3], anywhere inside the image.
     area = _uniform(gen, b, min_area, 1.0)
@@ -29,7 +34,8 @@ def augment_batch(images: torch.Tensor, gen: torch.Generator, min_area: float = 
     h = torch.sqrt(area / ratio).clamp(max=1.0)
     cx = _uniform(gen, b, -1.0, 1.0) * (1 - w)  # in affine_grid's [-1, 1] coordinates
     cy = _uniform(gen, b, -1.0, 1.0) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    mirrored = torch.rand(b, generator=gen) < 0.5
+    flip = torch.where(mirrored & flip, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy

@@ -87,6 +87,7 @@ class LAConfig(OptimConfig):
     bank_init: str = "codes"
     augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
     crop_min_area: float = 0.5  # augmentation's random crops keep at least this share of the image
+    flip: bool = True  # augmentation mirrors half the images; off where mirroring changes the class (digits)
     lr: float = 0.01
     eval_every: int = 1  # LA epochs between evaluations (and always the last): at N = 276,000 one costs an epoch
     # Held-out scoring (laray.holdout): this fraction of each species' images is scored apart

@@ -266,22 +266,35 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
                     resume=True, progress=False)
 
 
-def test_crop_min_area_reaches_the_augmentation(tiny, encoder_state, monkeypatch):
+def test_crop_and_flip_settings_reach_the_augmentation(tiny, encoder_state, monkeypatch):
     import laray.train
     from laray.augment import augment_batch
 
     seen = []
 
-    def recording(images, gen, min_area=0.5, jitter=0.4):
-        seen.append(min_area)
-        return augment_batch(images, gen, min_area, jitter)
+    def recording(images, gen, min_area=0.5, jitter=0.4, flip=True):
+        seen.append((min_area, flip))
+        return augment_batch(images, gen, min_area, jitter, flip)
 
     monkeypatch.setattr(laray.train, "augment_batch", recording)
-    finetune_la(tiny, encoder_state, AE, replace(LA, epochs=1, augment=True, crop_min_area=0.8), seed=0,
+    finetune_la(tiny, encoder_state, AE, replace(LA, epochs=1, augment=True, crop_min_area=0.8, flip=False), seed=0,
                 device="cpu", progress=False)
-    assert seen and set(seen) == {0.8}
+    assert seen and set(seen) == {(0.8, False)}
     with pytest.raises(ConfigError, match="crop_min_area"):
         replace(LA, crop_min_area=0.0)
+
+
+def test_flip_off_leaves_every_image_unmirrored_and_every_other_draw_as_it_was():
+    from laray.augment import augment_batch
+
+    images = torch.rand(32, 3, 16, 16)
+    flipped = augment_batch(images, torch.Generator().manual_seed(3), min_area=0.6, flip=True)
+    plain = augment_batch(images, torch.Generator().manual_seed(3), min_area=0.6, flip=False)
+    # Same seed, same crops and jitter: each image is either the same or its left-right mirror.
+    same = [torch.allclose(f, p, atol=1e-5) for f, p in zip(flipped, plain)]
+    mirrored = [torch.allclose(f, p.flip(-1), atol=1e-5) for f, p in zip(flipped, plain)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 4 <= sum(mirrored) <= 28 and 4 <= sum(same) <= 28  # about half were mirrored, half not
 
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):

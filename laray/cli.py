@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from laray import __version__
+from laray.errors import LarayError
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN
 
 
@@ -196,12 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(commands)
     _add_sweep_command(commands)
     _add_analysis_commands(commands)
+    _add_debug_option(parser)
     return parser
 
 
 def _fail(reason: str) -> int:
     print(f"laray: error: {reason}", file=sys.stderr)
     return 1
+
+
+def _debugging(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("LARAY_DEBUG", "") not in ("", "0")
+
+
+def _add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """--debug on the command and on every sub-command (`laray train --debug` as well as `laray --debug train`)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of a failure (also LARAY_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_option(sub)
 
 
 def _data_check(args) -> int:
@@ -225,27 +242,24 @@ def _format_record(record: dict) -> str:
 
 
 def _train(args) -> int:
-    from laray.config import ConfigError, load_config, replace
-    from laray.data import DataError, load_dataset
+    from laray.config import load_config, replace
+    from laray.data import load_dataset
     from laray.run import default_configs, train_run
-    from laray.train import NonFiniteLossError
+    from laray.train import resolve_device
 
-    try:
-        ae_cfg, la_cfg = default_configs(args.data)
-        if args.config:
-            ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
-        ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
-                         image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size,
-                         lr=args.ae_lr)
-        la_cfg = replace(la_cfg, epochs=args.la_epochs, lr=args.la_lr, temperature=args.temperature, mixing_rate=args.mixing_rate,
-                         k_neighbours=args.k_neighbours, clustering_repeats=args.clustering_repeats,
-                         n_centroids=args.n_centroids, augment=args.augment, batch_size=args.batch_size)
-        dataset = load_dataset(args.data, ae_cfg.image_size, label_column=args.label_column,
-                               path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
-        metrics = train_run(dataset, args.out, ae_cfg, la_cfg, seed=args.seed, device=args.device,
-                            resume=args.resume, store_dir=args.store, callback=lambda r: print(_format_record(r)))
-    except (ConfigError, DataError, NonFiniteLossError, ValueError) as exc:
-        return _fail(str(exc).splitlines()[0])
+    device = resolve_device(args.device)  # before the data are decoded or anything is written
+    ae_cfg, la_cfg = default_configs(args.data)
+    if args.config:
+        ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
+    ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
+                     image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size, lr=args.ae_lr)
+    la_cfg = replace(la_cfg, epochs=args.la_epochs, lr=args.la_lr, temperature=args.temperature,
+                     mixing_rate=args.mixing_rate, k_neighbours=args.k_neighbours, clustering_repeats=args.clustering_repeats,
+                     n_centroids=args.n_centroids, augment=args.augment, batch_size=args.batch_size)
+    dataset = load_dataset(args.data, ae_cfg.image_size, label_column=args.label_column,
+                           path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
+    metrics = train_run(dataset, args.out, ae_cfg, la_cfg, seed=args.seed, device=device,
+                        resume=args.resume, store_dir=args.store, callback=lambda r: print(_format_record(r)))
     final = " ".join(f"{k} {metrics[k]:.3f}" for k in ("purity", "nmi", "ari", "acc", "silhouette") if k in metrics)
     print(f"final: {final}")
     for name, scores in metrics["baselines"].items():
@@ -273,28 +287,25 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from laray.data import DataError, describe
-    from laray.space import SpaceError, load_space
+    from laray.data import describe
+    from laray.space import load_space
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep
 
-    try:
-        space = load_space(args.space).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
-                                                  confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
-        spec = args.data or space.data
-        name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
-        # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
-        data = describe(spec, space.ae.image_size, label_column=args.label_column, path_column=args.path_column,
-                        image_root=args.image_root)
-        for note in data.notes:
-            logging.getLogger("laray.data").warning(note)
-        space.check_data_size(len(data))
-        ray_init(args.address, dashboard=args.dashboard)
-        result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
-                           cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                           max_failures=args.max_failures, resume=args.resume, device=args.device,
-                           cache_dir=args.cache_dir)
-    except (SpaceError, DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
-        return _fail(str(exc).splitlines()[0])
+    space = load_space(args.space).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
+                                              confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
+    spec = args.data or space.data
+    name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
+    # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
+    data = describe(spec, space.ae.image_size, label_column=args.label_column, path_column=args.path_column,
+                    image_root=args.image_root)
+    for note in data.notes:
+        logging.getLogger("laray.data").warning(note)
+    space.check_data_size(len(data))
+    ray_init(args.address, dashboard=args.dashboard)
+    result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
+                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       max_failures=args.max_failures, resume=args.resume, device=args.device,
+                       cache_dir=args.cache_dir)
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
     if result.best_config is None:
         return _fail("no trial reported a score")
@@ -349,28 +360,20 @@ def _print_confirmed(result, space) -> None:
 
 
 def _analyze(args) -> int:
-    from laray.data import DataError
     from laray.report import analyze
 
-    try:
-        report = analyze(args.experiment, args.out, label_column=args.label_column, objective=args.objective,
-                         imagenet_weights=args.imagenet_weights, cache_dir=args.cache_dir)
-    except (FileNotFoundError, DataError, ValueError) as exc:
-        return _fail(str(exc).splitlines()[0])
+    report = analyze(args.experiment, args.out, label_column=args.label_column, objective=args.objective,
+                     imagenet_weights=args.imagenet_weights, cache_dir=args.cache_dir)
     confirmed = ", confirmed.csv" if (report.parent / "confirmed.csv").exists() else ""
     print(f"wrote {report.parent}: report.md, trials.csv{confirmed}, baselines.csv, plots")
     return 0
 
 
 def _predict(args) -> int:
-    from laray.data import DataError
     from laray.predict import predict
 
-    try:
-        frame = predict(args.experiment, args.data, args.out, trial=args.trial, device=args.device,
-                        cache_dir=args.cache_dir, image_root=args.image_root, path_column=args.path_column)
-    except (FileNotFoundError, DataError, ValueError) as exc:
-        return _fail(str(exc).splitlines()[0])
+    frame = predict(args.experiment, args.data, args.out, trial=args.trial, device=args.device,
+                    cache_dir=args.cache_dir, image_root=args.image_root, path_column=args.path_column)
     print(f"wrote {args.out}: {len(frame)} images in {frame['cluster'].nunique()} clusters")
     return 0
 
@@ -396,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
     try:
         return args.run(args)
-    except OSError as exc:  # e.g. an unwritable cache folder: a reason, not a traceback
-        return _fail(str(exc))
+    except (LarayError, ValueError, OSError) as exc:  # expected: bad input, a full disk, a running sweep
+        if _debugging(args):
+            raise
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from laray.holdout import PREFIX
 from laray.metrics import cluster_scores
 from laray.prefetch import BatchPrefetcher
 
-# k-means restarts per evaluation (best inertia kept): with 5, one set of codes scored 0.68 to 0.92 purity by
-# the evaluation's seed alone (README, "Quality on digits").
+# k-means restarts per evaluation (best inertia kept): with 5, the same codes scored up to 0.13 purity apart
+# from one evaluation seed to another; with 20, 0.04 at most (benchmarks/eval_restarts.py; README, "Quality").
 N_INIT = 20
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): score a fixed random sample of this many codes
 

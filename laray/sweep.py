@@ -37,8 +37,10 @@ from laray.cache import default_cache_dir
 from laray.config import replace
 from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
+from laray.errors import LarayError
 from laray.run import Stage1
 from laray.space import SIZE_LIMITS, SearchSpace
+from laray.sweep_lock import SweepLock
 from laray.sweep_stage1 import sweep_stage1
 from laray.train import NonFiniteLossError
 
@@ -199,66 +201,71 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     experiment = experiment_local or Path(tempfile.gettempdir()) / "laray" / name
     storage_path = storage if experiment_local is None else str(experiment.parent)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    check_resources(cpus_per_trial, gpus_per_trial, device)
     if resume and not tune.Tuner.can_restore(experiment_path):
         raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
     if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
         raise ValueError("the number of trials of a sweep cannot change when it is resumed")
-    if not resume and tune.Tuner.can_restore(experiment_path):
-        raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
-    experiment.mkdir(parents=True, exist_ok=True)
-    threads = max(1, int(cpus_per_trial))
-    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
-    device = "cuda" if gpus_per_trial > 0 else device
-    # One held-out split for the whole sweep, confirmation included: drawn with the sweep's seed.
-    space = dataclasses.replace(space, la=replace(space.la, holdout_seed=seed))
-    holdout = (space.la.holdout, seed)
-    # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
-    stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
-                                            resources, device, threads, cache_dir, holdout)
-    shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir)
-    trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
-                                     **shared)
-    trainable = tune.with_resources(trainable, resources)
+    # One driver at a time: a second one, or a --resume of a running sweep, is refused here before it
+    # touches the experiment (laray.sweep_lock). With cloud storage the lock sits beside this driver only.
+    with SweepLock(experiment):
+        if not resume and tune.Tuner.can_restore(experiment_path):
+            raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
+        experiment.mkdir(parents=True, exist_ok=True)
+        threads = max(1, int(cpus_per_trial))
+        resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+        device = "cuda" if gpus_per_trial > 0 else device
+        # One held-out split for the whole sweep, confirmation included: drawn with the sweep's seed.
+        space = dataclasses.replace(space, la=replace(space.la, holdout_seed=seed))
+        holdout = (space.la.holdout, seed)
+        # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
+        stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
+                                                resources, device, threads, cache_dir, holdout)
+        shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir)
+        trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
+                                         **shared)
+        trainable = tune.with_resources(trainable, resources)
 
-    if resume:
-        _fail_orphaned_optuna_trials(experiment, name)
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        param_space = space.tune_space(len(data))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=_optuna_search(space, experiment, name, seed),
-                # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=max(1, space.la.epochs),
-                                        grace_period=min(space.grace_period, max(1, space.la.epochs))),
-                metric=space.objective, mode=space.mode,
-                num_samples=num_samples or space.num_samples,
-                max_concurrent_trials=space.max_concurrent,
-            ),
-            run_config=_run_config(name, storage_path, verbose, max_failures),
-        )
-    results = tuner.fit()
-    _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
-    errored = sum(1 for r in results if r.error is not None)
-    try:
-        best = results.get_best_result(metric=space.objective, mode=space.mode, scope="last")
-        best_config, best_metrics = dict(best.config), dict(best.metrics)
-    except RuntimeError:  # no trial reported anything
-        best_config = best_metrics = None
-    baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
-    confirmed, confirmed_baselines = [], None
-    if space.confirms and best_config is not None:
-        searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
-        confirmed, confirmed_baselines = _confirm(data, searched, space, shared, experiment, experiment_path, seed,
-                                                  resources, verbose, max_failures)
-    summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
-               if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
-               "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines}
-    (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
-    return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
-                       len(results), errored, baselines, confirmed, confirmed_baselines)
+        if resume:
+            _fail_orphaned_optuna_trials(experiment, name)
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False)
+        else:
+            param_space = space.tune_space(len(data))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    search_alg=_optuna_search(space, experiment, name, seed),
+                    # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=max(1, space.la.epochs),
+                                            grace_period=min(space.grace_period, max(1, space.la.epochs))),
+                    metric=space.objective, mode=space.mode,
+                    num_samples=num_samples or space.num_samples,
+                    max_concurrent_trials=space.max_concurrent,
+                ),
+                run_config=_run_config(name, storage_path, verbose, max_failures),
+            )
+        results = tuner.fit()
+        _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
+        errored = sum(1 for r in results if r.error is not None)
+        try:
+            best = results.get_best_result(metric=space.objective, mode=space.mode, scope="last")
+            best_config, best_metrics = dict(best.config), dict(best.metrics)
+        except RuntimeError:  # no trial reported anything
+            best_config = best_metrics = None
+        baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
+        confirmed, confirmed_baselines = [], None
+        if space.confirms and best_config is not None:
+            searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
+            confirmed, confirmed_baselines = _confirm(data, searched, space, shared, experiment, experiment_path, seed,
+                                                      resources, verbose, max_failures)
+        summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
+                   if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
+                   "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines}
+        (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+        return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
+                           len(results), errored, baselines, confirmed, confirmed_baselines)
 
 
 def _run_config(name: str, storage_path: str, verbose: int, max_failures: int):
@@ -315,6 +322,29 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
     entries = confirmed(runs, space.objective, space.mode)
     merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
     return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -> None:
+    """Refuse, before anything is created, a trial that no node of the running Ray cluster can ever hold.
+
+    Tune would otherwise wait forever for it. An autoscaler may add nodes: like Tune itself
+    (ray.tune.execution.cluster_info), laray takes ~/ray_bootstrap_config.yaml, which `ray up` puts
+    on the head node, as the sign of one, and then checks nothing.
+    """
+    import ray
+
+    if device.startswith("cuda") and gpus_per_trial <= 0:
+        raise LarayError(f"--device {device} in a sweep needs --gpus-per-trial > 0: Ray hides the GPUs from "
+                         "trials that did not ask for one")
+    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for option, wanted, key in (("--cpus-per-trial", cpus_per_trial, "CPU"),
+                                ("--gpus-per-trial", gpus_per_trial, "GPU")):
+        most = max((r.get(key, 0) for r in nodes), default=0)
+        if wanted > most:
+            raise LarayError(f"{option} {wanted:g}: no node of this Ray cluster has that many {key}s (the most is "
+                             f"{most:g}) and no autoscaler can add one; Tune would wait forever")
 
 
 def ray_init(address: str | None, dashboard: bool = False) -> None:

@@ -26,6 +26,7 @@ from laray.augment import augment_batch
 from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, model_batch
+from laray.errors import LarayError
 from laray.evaluate import encode_all, score_codes
 from laray.holdout import holdout_mask
 from laray.la import LocalAggregationLoss, MemoryBank
@@ -36,14 +37,26 @@ Callback = Callable[[dict], None]
 PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LarayError, RuntimeError):
     """Training produced a NaN or infinite loss; the message names the epoch, step and hyperparameters."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (CUDA when there is one), or the device named; one that this machine lacks is a LarayError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LarayError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LarayError(f"--device {device}: this machine has no CUDA device that PyTorch can use; "
+                         "use --device cpu (or auto)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise LarayError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise LarayError(f"--device {device}: laray runs on cpu or cuda")
+    return resolved
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int) -> int:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,15 @@ def test_step_memory_benchmark_quick_mode_prints_measured_figures():
         plain_mb, laray_mb, plain_ms, laray_ms, gap = (float(v) for v in row[2:])
         assert plain_ms > 0 and laray_ms > 0 and plain_mb >= 0 and laray_mb >= 0
         assert gap < 1e-4  # the two ways compute the same loss
+
+
+def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_restarts.py"), "--quick", "--restarts", "1",
+                          "20", "--seeds", "3"], capture_output=True, text=True, timeout=300, check=True).stdout
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("synthetic")]
+    for cell, spread in ((row[1], row[2]), (row[4], row[5])):  # "lo-hi", "(hi - lo)", then seconds
+        lo, hi = (float(v) for v in cell.split("-"))
+        assert 0 < lo <= hi <= 1 and float(spread.strip("()")) == pytest.approx(hi - lo, abs=1.5e-3)
 
 
 def test_data_cache_benchmark_quick_mode_prints_measured_figures():

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -362,6 +363,48 @@ def test_interrupted_sweep_resumes_to_the_requested_trials(ray_session, sub, tmp
 
     study = _check_resumed(result, experiment, name, before, first, first_progress, sub)
     assert len(study.trials) == 3
+
+
+def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, sub, tmp_path):
+    """Two drivers on one sweep once ran side by side into one Optuna study: now the second is refused."""
+    from laray.sweep_lock import LOCK_NAME, SweepRunningError
+    from ray import tune
+
+    name, storage = "busy", tmp_path / "results"
+    experiment = storage / name
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
+    try:
+        _wait_until(lambda: tune.Tuner.can_restore(str(experiment)), proc, log, "the sweep saved its state")
+        holder = f"pid {proc.pid} on {socket.gethostname()}"
+        with pytest.raises(SweepRunningError, match=holder):
+            run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, verbose=0)
+        with pytest.raises(SweepRunningError, match=holder):
+            run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
+    finally:
+        rc = _stop(proc)
+    assert rc == 0, log.read_text()[-3000:]
+    assert len(list(experiment.glob("experiment_state-*.json"))) == 1  # one driver's state, not two
+    assert len(only_study(experiment, name).trials) == 3  # the 3 requested, not 3 per driver
+    assert json.loads((experiment / "best.json").read_text())["n_trials"] == 3
+    assert (experiment / LOCK_NAME).read_text() == ""  # released at the end
+
+
+def test_trials_that_no_node_can_hold_are_refused_before_anything_is_created(ray_session, sub, tmp_path,
+                                                                            monkeypatch):
+    from laray.errors import LarayError
+    from laray.sweep import check_resources
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml: no autoscaler
+    space, storage = parse_space(raw_space()), tmp_path / "results"
+    with pytest.raises(LarayError, match=r"--gpus-per-trial 1: .*the most is 0.*no autoscaler"):
+        run_sweep(sub, space, str(storage), "gpu", gpus_per_trial=1, verbose=0)
+    with pytest.raises(LarayError, match=r"--cpus-per-trial 3: .*the most is 2"):
+        run_sweep(sub, space, str(storage), "cpu", cpus_per_trial=3, verbose=0)
+    with pytest.raises(LarayError, match=r"--device cuda .*--gpus-per-trial > 0"):
+        run_sweep(sub, space, str(storage), "cuda", device="cuda", verbose=0)
+    assert not storage.exists()
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: autoscaling\n")
+    check_resources(4, 1, "cuda")  # an autoscaler may add such a node: nothing refused
 
 
 @pytest.fixture(scope="module")

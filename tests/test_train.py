@@ -608,6 +608,35 @@ def test_cli_rejects_invalid_settings_before_loading_data(tmp_path, capsys, monk
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_without_cuda_fails_in_one_line_before_anything_is_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LARAY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LARAY_DEBUG", raising=False)
+    out, store = tmp_path / "out", tmp_path / "store"
+    argv = ["train", "--device", "cuda", "--out", str(out), "--store", str(store)]
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("laray: error: --device cuda: this machine has no CUDA device")
+    assert main(["train", "--device", "tpu:x", "--out", str(out)]) == 1
+    assert "--device tpu:x: not a device name" in capsys.readouterr().err
+    assert not out.exists() and not store.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("how", ["--debug after the command", "--debug before it", "LARAY_DEBUG=1"])
+def test_debug_shows_the_traceback_of_an_expected_failure(tmp_path, capsys, monkeypatch, how):
+    from laray.errors import LarayError
+
+    monkeypatch.delenv("LARAY_DEBUG", raising=False)
+    argv = ["train", "--device", "cuda", "--out", str(tmp_path / "out")]
+    if how == "LARAY_DEBUG=1":
+        monkeypatch.setenv("LARAY_DEBUG", "1")
+    else:
+        argv = argv + ["--debug"] if how.endswith("command") else ["--debug"] + argv
+    with pytest.raises(LarayError, match="no CUDA device"):  # raised, so Python prints its traceback
+        main(argv)
+
+
 # ---------------------------------------------------------------------------------------------- 6. laray train
 
 

@@ -65,6 +65,16 @@ def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
         assert 0 < lo <= hi <= 1 and float(spread.strip("()")) == pytest.approx(hi - lo, abs=1.5e-3)
 
 
+def test_paper_model_reproduces_the_readme_totals():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_model.py")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.startswith("PROJECTION")
+    (total,) = [line.split()[1:] for line in out.splitlines() if line.startswith("total")]
+    readme = (ROOT / "README.md").read_text()
+    row = re.search(r"^\| \*\*search and confirmation\*\* \| (.+) \|$", readme, flags=re.M).group(1)
+    assert [f"{float(v):.1f}" for v in total] == [c.strip(" *") for c in row.split("|")]
+
+
 def test_data_cache_benchmark_quick_mode_prints_measured_figures():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--quick"],
                          capture_output=True, text=True, check=True, timeout=300).stdout

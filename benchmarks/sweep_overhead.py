@@ -25,7 +25,8 @@ import torch
 
 from laray.config import replace
 from laray.data import describe, open_dataset
-from laray.run import demo_configs, stored_stage1, train_run
+from laray.config import demo_configs
+from laray.run import stored_stage1, train_run
 from laray.space import SWEEP_SET, parse_space
 
 TRIALS = 8

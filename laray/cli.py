@@ -241,23 +241,40 @@ def _format_record(record: dict) -> str:
             f"{record['images_per_s']:.0f} img/s")
 
 
-def _train(args) -> int:
-    from laray.config import load_config, replace
-    from laray.data import load_dataset
-    from laray.run import default_configs, train_run
-    from laray.train import resolve_device
+def _check_device_name(device: str) -> None:
+    """The form of --device, before torch is imported (whether this machine has it is checked after)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise LarayError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N")
 
-    device = resolve_device(args.device)  # before the data are decoded or anything is written
+
+def _train(args) -> int:
+    from laray.config import default_configs, load_config, replace
+    from laray.dataref import describe
+
+    # Settings, device name and data listing first: a usage error costs no torch import.
+    _check_device_name(args.device)
     ae_cfg, la_cfg = default_configs(args.data)
     if args.config:
         ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
     ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
                      image_size=args.image_size, epochs=args.ae_epochs, batch_size=args.batch_size, lr=args.ae_lr)
     la_cfg = replace(la_cfg, epochs=args.la_epochs, lr=args.la_lr, temperature=args.temperature,
-                     mixing_rate=args.mixing_rate, k_neighbours=args.k_neighbours, clustering_repeats=args.clustering_repeats,
-                     n_centroids=args.n_centroids, augment=args.augment, batch_size=args.batch_size)
-    dataset = load_dataset(args.data, ae_cfg.image_size, label_column=args.label_column,
-                           path_column=args.path_column, image_root=args.image_root, cache_dir=args.cache_dir)
+                     mixing_rate=args.mixing_rate, k_neighbours=args.k_neighbours,
+                     clustering_repeats=args.clustering_repeats, n_centroids=args.n_centroids, augment=args.augment,
+                     batch_size=args.batch_size)
+    ref = describe(args.data, ae_cfg.image_size, label_column=args.label_column, path_column=args.path_column,
+                   image_root=args.image_root)
+    la_cfg.check_data_size(len(ref))
+    for note in ref.notes:
+        logging.getLogger("laray.data").warning(note)
+
+    from laray.data import open_dataset
+    from laray.run import train_run
+    from laray.train import resolve_device
+
+    device = resolve_device(args.device)  # a device this machine lacks: before anything is decoded or written
+    dataset = open_dataset(ref, args.cache_dir)
     metrics = train_run(dataset, args.out, ae_cfg, la_cfg, seed=args.seed, device=device,
                         resume=args.resume, store_dir=args.store, callback=lambda r: print(_format_record(r)))
     final = " ".join(f"{k} {metrics[k]:.3f}" for k in ("purity", "nmi", "ari", "acc", "silhouette") if k in metrics)
@@ -287,10 +304,10 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from laray.data import describe
+    from laray.dataref import describe
     from laray.space import load_space
-    from laray.sweep import OPTUNA_DB, ray_init, run_sweep
 
+    _check_device_name(args.device)
     space = load_space(args.space).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
                                               confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
     spec = args.data or space.data
@@ -301,6 +318,8 @@ def _sweep(args) -> int:
     for note in data.notes:
         logging.getLogger("laray.data").warning(note)
     space.check_data_size(len(data))
+    from laray.sweep import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
+
     ray_init(args.address, dashboard=args.dashboard)
     result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,

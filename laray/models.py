@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torchvision.models import get_weight, vgg as tv_vgg
 
-# torchvision's configuration letter for each architecture we support.
-ARCHS = {"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D", "vgg19_bn": "E"}
+from laray.config import ARCHS as ARCH_NAMES
+
+ARCHS = dict(zip(ARCH_NAMES, "ABDE"))  # torchvision's configuration letter for each architecture we support
 MERGERS = ("mean", "flatten", None)
 MIN_CHANNELS = 8
 

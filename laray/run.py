@@ -32,19 +32,6 @@ from laray.train import Callback, finetune_la, pretrain_autoencoder, resolve_dev
 RAW_BASELINE_SIDE = 32  # raw-pixel baseline on images downsampled to at most this side: N x 3,072 floats
 
 
-def demo_configs() -> tuple[AutoEncoderConfig, LAConfig]:
-    """CPU-sized settings for the embedded digits: both stages in a minute or two on 2 cores."""
-    ae = AutoEncoderConfig(arch="vgg11_bn", width=0.25, image_size=32, epochs=5, batch_size=64, lr=0.05)
-    # The demo sweep's winner, without mirroring (a mirrored digit is another digit): README, "Quality on digits".
-    la = LAConfig(epochs=10, batch_size=64, lr=0.01, temperature=0.04, mixing_rate=0.2, k_neighbours=300,
-                  clustering_repeats=7, n_centroids=240, augment=True, flip=False)
-    return ae, la
-
-
-def default_configs(spec: str) -> tuple[AutoEncoderConfig, LAConfig]:
-    return demo_configs() if spec == "digits" else (AutoEncoderConfig(), LAConfig())
-
-
 def raw_pixel_codes(dataset: ImageDataset) -> torch.Tensor:
     """Flattened pixels in [0, 1], downsampled (area) to at most RAW_BASELINE_SIDE px: the baseline's features."""
     chunks = []

@@ -4,23 +4,37 @@ A sweep's trials share their stage-1 settings, so the first trial to ask trains 
 auto-encoder and every later one (or a concurrent one, which waits on a file lock)
 loads it. The store is a folder, local or on storage shared by a cluster's nodes.
 Each training appends a line to KEY/trainings.log, so "trained once" can be checked.
+
+KEY/autoencoder.pt is written whole or not at all (a temporary file, then a rename), and
+KEY/autoencoder.sha256 records its hash (in `sha256sum` format). A load checks both the hash and
+that the file loads; an entry that fails is removed and trained again, under the lock, with one
+warning naming the file. A file without a recorded hash (stored before laray recorded one, or a
+writer killed between the two renames) is kept when it loads, and its hash recorded then.
+`read_baselines` checks the stored baselines beside it: unreadable ones are removed and scored again.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from laray.checkpoint import save_atomic
 from laray.config import AutoEncoderConfig
+from laray.errors import naming_full_disk
 from laray.filelock import exclusive
+
+WEIGHTS, DIGEST = "autoencoder.pt", "autoencoder.sha256"
+
+log = logging.getLogger("laray.store")
 
 
 def store_key(data_fingerprint: str, cfg: AutoEncoderConfig, seed: int) -> str:
@@ -28,28 +42,113 @@ def store_key(data_fingerprint: str, cfg: AutoEncoderConfig, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+class _BadEntry(Exception):
+    """A stored auto-encoder that fails verification; the message names the file and what is wrong."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write beside `path`, flush to the disk, rename: a writer killed at any point leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _verified(folder: Path) -> tuple[dict, str, bool] | None:
+    """(what autoencoder.pt holds, its sha256, whether that hash was recorded); None when there is no file.
+
+    Raises _BadEntry when the file's hash differs from the recorded one or the file does not load.
+    """
+    final, digest = folder / WEIGHTS, folder / DIGEST
+    try:
+        data = final.read_bytes()
+    except FileNotFoundError:
+        return None
+    actual = hashlib.sha256(data).hexdigest()
+    try:
+        recorded = digest.read_text().split()[0]
+    except FileNotFoundError:
+        recorded = None
+    except (OSError, ValueError, IndexError):  # unreadable or empty: no hash to trust
+        recorded = ""
+    if recorded is not None and recorded != actual:
+        raise _BadEntry(f"{final}: its sha256 {actual[:16]}... differs from the one in {DIGEST}")
+    try:
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch reports a torn file many ways (RuntimeError, EOFError, pickle's errors...)
+        raise _BadEntry(f"{final}: does not load ({(str(exc) or type(exc).__name__).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or not {"model", "history"} <= saved.keys():
+        raise _BadEntry(f"{final}: holds no auto-encoder (model and history)")
+    return saved, actual, recorded is not None
+
+
 def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path], tuple[dict, list]]) -> tuple[dict, list, bool]:
     """(auto-encoder state_dict, stage-1 history, whether this call trained it).
 
     `train(checkpoint_path)` trains stage 1, checkpointing (and resuming) at checkpoint_path,
     and returns (state_dict, history). Only one process trains a key; the others wait and load.
+    A stored auto-encoder that fails verification is trained again (one warning naming it).
     """
     folder = Path(store_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / "autoencoder.pt"
-    if not final.exists():
-        with exclusive(folder / "lock"):
-            if not final.exists():  # nobody finished it while we waited
-                state, history = train(folder / "training.ckpt")
-                save_atomic({"model": state, "history": history}, final)
-                with open(folder / "trainings.log", "a") as log:
-                    log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()}\n")
-                return state, history, True
-    saved = torch.load(final, map_location="cpu", weights_only=True)
-    return saved["model"], saved["history"], False
+    try:
+        stored = _verified(folder)
+        if stored is not None and stored[2]:
+            return stored[0]["model"], stored[0]["history"], False
+    except _BadEntry:
+        pass  # judged again under the lock, where removing it is safe
+    with naming_full_disk(folder, "the auto-encoder"), exclusive(folder / "lock"):
+        for leftover in folder.glob(".*.tmp"):  # of a writer killed while it held the lock: only its holder writes
+            leftover.unlink(missing_ok=True)
+        try:
+            stored = _verified(folder)
+        except _BadEntry as bad:
+            log.warning("stored auto-encoder %s; removed it, training again", bad)
+            stored = None
+        if stored is not None:  # somebody finished it while we waited, or it only lacked its recorded hash
+            saved, sha, recorded = stored
+            if not recorded:
+                _write_atomic(folder / DIGEST, f"{sha}  {WEIGHTS}\n".encode())
+            return saved["model"], saved["history"], False
+        # training.ckpt stays (the trainer resumes from it); baselines left beside a removed
+        # auto-encoder go: they scored that one
+        for leftover in [folder / WEIGHTS, folder / DIGEST, *folder.glob("baselines_*.json")]:
+            leftover.unlink(missing_ok=True)
+        state, history = train(folder / "training.ckpt")
+        buffer = io.BytesIO()
+        torch.save({"model": state, "history": history}, buffer)
+        data = buffer.getvalue()
+        _write_atomic(folder / WEIGHTS, data)
+        _write_atomic(folder / DIGEST, f"{hashlib.sha256(data).hexdigest()}  {WEIGHTS}\n".encode())
+        with open(folder / "trainings.log", "a") as log_file:
+            log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()}\n")
+        return state, history, True
+
+
+def read_baselines(path: str | os.PathLike) -> dict | None:
+    """The baselines stored at `path`; None when absent, or unreadable (then removed, with a warning naming it)."""
+    path = Path(path)
+    try:
+        scores = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        problem = f"unreadable ({exc})"
+    else:
+        if isinstance(scores, dict) and all(isinstance(scores.get(k), dict) for k in ("raw_pixels", "autoencoder")):
+            return scores
+        problem = "not the scores of raw_pixels and autoencoder"
+    log.warning("stored baselines %s: %s; removed them, scoring again", path, problem)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def trainings(store_dir: str | os.PathLike, key: str) -> int:
     """How many times stage 1 was trained for this key (1 when reuse worked)."""
-    log = Path(store_dir) / key / "trainings.log"
-    return len(log.read_text().splitlines()) if log.exists() else 0
+    log_path = Path(store_dir) / key / "trainings.log"
+    return len(log_path.read_text().splitlines()) if log_path.exists() else 0

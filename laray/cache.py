@@ -7,11 +7,18 @@ under a temporary name and renamed into place, so an interrupted decode leaves n
 half-written cache. One process decodes a key at a time (a file lock beside the
 entry): on a cluster node, the node's other trials wait for it, then map the entry.
 Every decode appends a line to CACHE/decodes.log, so "decoded once per node" can be checked.
+
+An entry is verified before it is mapped, in time independent of its size: the metadata parses
+and matches its own checksum, and the array's header gives the expected shape, dtype and order
+for a file of exactly the expected length. An entry that fails (a truncated copy, a disk error,
+a file edited by hand) is removed and decoded again, with one warning naming the file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -24,9 +31,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from laray.decode import DecodeError, decode_image
+from laray.errors import naming_full_disk
 from laray.filelock import exclusive
 
 DECODER_VERSION = 2  # bump when decode_image's output changes
+
+log = logging.getLogger("laray.cache")
 
 
 @dataclass
@@ -80,6 +90,7 @@ def _decode_one(args: tuple[str, int]):
 def _decode_all(paths: list[str], size: int, workers: int, out_path: Path, desc: str):
     """Decode into a memmap at out_path; returns (kept, original sizes, failed)."""
     images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    _preallocate(out_path)
     kept, originals, failed = [], [], []
     jobs = [(p, size) for p in paths]
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None)
@@ -106,8 +117,81 @@ def _decode_all(paths: list[str], size: int, workers: int, out_path: Path, desc:
     return np.array(kept, dtype=np.int64), np.array(originals, dtype=np.int64).reshape(-1, 2), failed
 
 
-def _read_entry(array_path: Path, meta_path: Path, key: str) -> DecodedImages:
-    meta = json.loads(meta_path.read_text())
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of the (sparse) array file now: a full disk then fails here with ENOSPC.
+
+    Without it the disk fills while pages of the memory map are written, which the kernel
+    reports as SIGBUS: the process dies without a word.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+            # a file system that cannot preallocate: the entry is written all the same
+
+
+class _BadEntry(Exception):
+    """A cache entry that fails verification: which file, and what is wrong with it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+def _checksum(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    path.write_text(json.dumps({**meta, "checksum": _checksum(meta)}))
+
+
+def _verified_meta(meta_path: Path, size: int, n_paths: int) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise _BadEntry(meta_path, f"unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict) or "checksum" not in meta:
+        raise _BadEntry(meta_path, "metadata without its checksum (written by an older laray?)")
+    if meta.pop("checksum") != _checksum(meta):
+        raise _BadEntry(meta_path, "metadata does not match its checksum")
+    if meta.get("size") != size or meta.get("n_paths") != n_paths:
+        raise _BadEntry(meta_path, f"metadata of {meta.get('n_paths')} images at {meta.get('size')} px, "
+                                   f"expected {n_paths} at {size} px")
+    return meta
+
+
+def _verify_array(array_path: Path, meta: dict) -> None:
+    """Header and length of the .npy file; its pixels are not read (the cache may hold tens of GB)."""
+    expected = (meta["n_paths"], meta["size"], meta["size"], 3)
+    with open(array_path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"npy format version {version}")
+        except (ValueError, EOFError) as exc:
+            raise _BadEntry(array_path, f"unreadable array header ({exc})") from None
+        if shape != expected or dtype != np.uint8 or fortran_order:
+            raise _BadEntry(array_path, f"array of shape {shape}, dtype {dtype}"
+                                        f"{', Fortran order' if fortran_order else ''}; expected {expected} uint8")
+        length, wanted = os.fstat(handle.fileno()).st_size, handle.tell() + int(np.prod(expected))
+        if length != wanted:
+            raise _BadEntry(array_path, f"{length} bytes where its header says {wanted} (truncated?)")
+
+
+def _read_entry(array_path: Path, meta_path: Path, key: str, size: int, n_paths: int) -> DecodedImages:
+    """The entry, verified then mapped; _BadEntry when it fails, FileNotFoundError when a file is absent."""
+    meta = _verified_meta(meta_path, size, n_paths)
+    _verify_array(array_path, meta)
     images = np.load(array_path, mmap_mode="r")
     n_ok = len(meta["kept"])
     return DecodedImages(images[:n_ok], np.array(meta["kept"], dtype=np.int64),
@@ -126,12 +210,29 @@ def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | No
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = key or fingerprint(paths, size)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if array_path.exists() and meta_path.exists():
-        return _read_entry(array_path, meta_path, key)
-    with exclusive(cache_dir / f"{key}.lock"):  # the node's other processes wait here, then map the entry
-        if array_path.exists() and meta_path.exists():
-            return _read_entry(array_path, meta_path, key)
+    try:
+        return _read_entry(array_path, meta_path, key, size, len(paths))
+    except (FileNotFoundError, _BadEntry):
+        pass  # absent, being written, or bad: judged again under the lock, where removing it is safe
+    with naming_full_disk(cache_dir, f"the decoded images {key}.npy"), exclusive(cache_dir / f"{key}.lock"):
+        # the node's other processes wait here, then map the entry
+        try:
+            return _read_entry(array_path, meta_path, key, size, len(paths))
+        except FileNotFoundError:
+            present, absent = (array_path, meta_path) if array_path.exists() else (meta_path, array_path)
+            if present.exists():  # e.g. killed between the two renames of _decode_entry
+                log.warning("decode cache entry %s: no %s beside it; removed it, decoding again", present,
+                            absent.name)
+        except _BadEntry as bad:
+            log.warning("decode cache entry %s; removed it, decoding again", bad)
+        _remove_entry(cache_dir, key)
         return _decode_entry(paths, size, cache_dir, workers, desc, key)
+
+
+def _remove_entry(cache_dir: Path, key: str) -> None:
+    """The entry's files and the temporaries of a decode that was killed; only the lock's holder calls this."""
+    for path in [cache_dir / f"{key}.npy", cache_dir / f"{key}.json", *cache_dir.glob(f".{key}.*")]:
+        path.unlink(missing_ok=True)
 
 
 def _decode_entry(paths: list[str], size: int, cache_dir: Path, workers: int | None, desc: str,
@@ -148,7 +249,7 @@ def _decode_entry(paths: list[str], size: int, cache_dir: Path, workers: int | N
         meta = {"kept": kept.tolist(), "original_sizes": originals.tolist(), "failed": failed, "size": size,
                 "n_paths": len(paths)}
         tmp_meta = tmp_array.with_suffix(".json")
-        tmp_meta.write_text(json.dumps(meta))
+        _write_meta(tmp_meta, meta)
         os.replace(tmp_array, array_path)  # array first: the meta file's presence marks a complete entry
         os.replace(tmp_meta, meta_path)
         with open(cache_dir / "decodes.log", "a") as log:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from laray.ae_store import get_or_train, store_key
+from laray.ae_store import get_or_train, read_baselines, store_key
 from laray.cache import default_cache_dir
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset
@@ -123,8 +123,9 @@ def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, see
     baselines = {}
     for merger in mergers:
         path = baselines_path(store_dir, key, merger, dataset.labels_key, holdout)
-        if path.exists():
-            baselines[merger] = json.loads(path.read_text())
+        stored = read_baselines(path)  # None when absent, or unreadable (warned about and removed)
+        if stored is not None:
+            baselines[merger] = stored
         else:
             baselines[merger] = compute_baselines(dataset, encoder_state, ae_cfg, merger, seed, device, holdout)
             write_json(path, baselines[merger])

@@ -10,11 +10,10 @@ a shared file system they could not.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from laray.ae_store import get_or_train, store_key
+from laray.ae_store import get_or_train, read_baselines, store_key
 from laray.config import AutoEncoderConfig
 from laray.data import DataRef, ListingDigest, open_dataset
 from laray.holdout import NO_HOLDOUT
@@ -70,7 +69,8 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
     if shipped is not None:
         baselines = ray.get(shipped).baselines
     else:  # stored by an earlier run: scored for this label set and these mergers too?
-        baselines = {m: json.loads(paths[m].read_text()) for m in mergers if paths[m].exists()}
+        # an unreadable file is warned about and removed: scored again below, and rewritten
+        baselines = {m: scores for m in mergers if (scores := read_baselines(paths[m])) is not None}
         missing = [m for m in mergers if m not in baselines]
         if missing:
             baselines.update(ray.get(task.remote(ref.digest(), ae_cfg, key, missing, seed, device, threads, cache_dir,

@@ -51,6 +51,16 @@ def _add_data_options(parser) -> None:
                              "each node's own unless this names one)")
 
 
+def _defaults(field: str, stage: int = 0) -> str:
+    """'default: X' for a training setting: the digits' CPU-sized value, and the one for other data if it differs."""
+    from laray.config import default_configs
+
+    digits, other = (getattr(default_configs(spec)[stage], field) for spec in ("digits", ""))
+    if digits is None and other is None:
+        return "default: none"
+    return f"default: {digits}" if digits == other else f"default: {digits} for digits, {other} for other data"
+
+
 def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", help="one run of both stages with one set of hyperparameters (no Ray)",
@@ -61,28 +71,43 @@ def _add_train_command(commands) -> None:
     train.add_argument("--data", default="digits", metavar="SPEC",
                        help="'digits' (default), a folder with one sub-folder per species, or a CSV file")
     train.add_argument("--out", required=True, metavar="DIR", help="folder for the run's outputs")
-    train.add_argument("--config", metavar="FILE", help="YAML with 'autoencoder:' and 'la:' sections")
+    train.add_argument("--config", metavar="FILE",
+                       help="YAML with 'autoencoder:' and 'la:' sections (default: none, the data's defaults)")
     _add_data_options(train)
     stage1 = train.add_argument_group("stage 1: auto-encoder")
-    stage1.add_argument("--arch", help="vgg11_bn, vgg13_bn, vgg16_bn or vgg19_bn")
-    stage1.add_argument("--width", type=float, help="channel multiplier (1.0 for pretrained weights)")
-    stage1.add_argument("--pretrained", metavar="WEIGHTS", help="'imagenet' or a local torchvision state_dict file")
-    stage1.add_argument("--image-size", type=_positive_int, metavar="N", help="square image side in pixels")
-    stage1.add_argument("--ae-epochs", type=int, metavar="N")
-    stage1.add_argument("--ae-lr", type=float, metavar="LR")
+    stage1.add_argument("--arch", help="vgg11_bn, vgg13_bn, vgg16_bn or vgg19_bn (" + _defaults("arch") + ")")
+    stage1.add_argument("--width", type=float, help="channel multiplier, 1.0 for pretrained weights ("
+                        + _defaults("width") + ")")
+    stage1.add_argument("--pretrained", metavar="WEIGHTS", help="'imagenet' or a local torchvision state_dict file ("
+                        + _defaults("pretrained") + ")")
+    stage1.add_argument("--image-size", type=_positive_int, metavar="N",
+                        help="square image side in pixels (" + _defaults("image_size") + ")")
+    stage1.add_argument("--ae-epochs", type=int, metavar="N", help="epochs of stage 1 (" + _defaults("epochs") + ")")
+    stage1.add_argument("--ae-lr", type=float, metavar="LR",
+                        help="stage 1's SGD learning rate, cosine-annealed (" + _defaults("lr") + ")")
     stage2 = train.add_argument_group("stage 2: Local Aggregation")
-    stage2.add_argument("--la-epochs", type=int, metavar="N")
-    stage2.add_argument("--la-lr", type=float, metavar="LR")
-    stage2.add_argument("--temperature", type=float)
-    stage2.add_argument("--mixing-rate", type=float)
-    stage2.add_argument("--k-neighbours", type=int, metavar="K")
-    stage2.add_argument("--clustering-repeats", type=int, metavar="R")
-    stage2.add_argument("--n-centroids", type=int, metavar="C")
+    stage2.add_argument("--la-epochs", type=int, metavar="N", help="epochs of LA (" + _defaults("epochs", 1) + ")")
+    stage2.add_argument("--la-lr", type=float, metavar="LR",
+                        help="LA's SGD learning rate, cosine-annealed (" + _defaults("lr", 1) + ")")
+    stage2.add_argument("--temperature", type=float, metavar="T",
+                        help="τ of the LA loss: lower sharpens it (" + _defaults("temperature", 1) + ")")
+    stage2.add_argument("--mixing-rate", type=float, metavar="M",
+                        help="weight of a fresh code in its memory-bank entry (" + _defaults("mixing_rate", 1) + ")")
+    stage2.add_argument("--k-neighbours", type=int, metavar="K",
+                        help="background neighbours per image (" + _defaults("k_neighbours", 1) + ")")
+    stage2.add_argument("--clustering-repeats", type=int, metavar="R",
+                        help="k-means runs whose clusters define close neighbours ("
+                             + _defaults("clustering_repeats", 1) + ")")
+    stage2.add_argument("--n-centroids", type=int, metavar="C",
+                        help="clusters of each of those k-means runs (" + _defaults("n_centroids", 1) + ")")
     stage2.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="random crops, flips and colour jitter during LA")
-    train.add_argument("--batch-size", type=int, metavar="B", help="for both stages")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+                        help="random crops, flips and colour jitter during LA (" + _defaults("augment", 1) + ")")
+    train.add_argument("--batch-size", type=int, metavar="B",
+                       help="for both stages (" + _defaults("batch_size") + ")")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of both stages: same seed, same data, same result (default: %(default)s)")
+    train.add_argument("--device", default="auto",
+                       help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: %(default)s)")
     train.add_argument("--store", metavar="DIR",
                        help="where trained auto-encoders are kept for reuse (default: ~/.cache/laray/autoencoders)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -106,9 +131,12 @@ def _add_sweep_command(commands) -> None:
     sweep.add_argument("--name", metavar="NAME",
                        help="experiment name (default: the space's name and the start time, e.g. demo-20261123-0450; "
                             "with --resume: the newest sweep of that space in --storage)")
-    sweep.add_argument("--address", metavar="ADDR", help="Ray cluster to join ('auto': the running one)")
-    sweep.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N")
-    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N", help="fractions allowed, e.g. 0.5")
+    sweep.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to join ('auto': the running one; default: a local Ray for this sweep)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N",
+                       help="CPUs Ray reserves for each trial, also its torch threads (default: %(default)s)")
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N",
+                       help="GPUs Ray reserves for each trial, fractions allowed, e.g. 0.5 (default: %(default)s)")
     sweep.add_argument("--max-failures", type=int, default=2, metavar="N",
                        help="restarts of a trial whose worker dies, from its last checkpoint (default: %(default)s)")
     sweep.add_argument("--holdout", type=_fraction, metavar="F",
@@ -120,8 +148,10 @@ def _add_sweep_command(commands) -> None:
     sweep.add_argument("--confirm-seeds", type=_count, metavar="S",
                        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
-    sweep.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
-    sweep.add_argument("--device", default="auto", help="auto, cpu or cuda (with --gpus-per-trial > 0: cuda)")
+    sweep.add_argument("--seed", type=int, default=0,
+                       help="seed of the sampler and of every trial's training (default: %(default)s)")
+    sweep.add_argument("--device", default="auto",
+                       help="auto, cpu or cuda (default: %(default)s; with --gpus-per-trial > 0: cuda)")
     sweep.add_argument("--dashboard", action="store_true",
                        help="start Ray's dashboard on 127.0.0.1:8265 (needs the 'dashboard' extra)")
     sweep.set_defaults(run=_sweep)
@@ -144,9 +174,11 @@ def _add_analysis_commands(commands) -> None:
                     "baselines.csv, per_species.csv, plots, a cluster montage of the best trial and report.md.")
     add_experiment_options(analyze)
     analyze.add_argument("--label-column", metavar="COL",
-                         help="score against another column of the data's CSV (e.g. genus) instead of the species")
+                         help="score against another column of the data's CSV, e.g. genus (default: the labels "
+                              "the sweep used)")
     analyze.add_argument("--imagenet-weights", metavar="FILE",
-                         help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline")
+                         help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline "
+                              "(default: none, no such baseline)")
     analyze.set_defaults(run=_analyze)
 
     predict = commands.add_parser(
@@ -156,11 +188,14 @@ def _add_analysis_commands(commands) -> None:
     predict.add_argument("--experiment", required=True, metavar="DIR", help="the sweep's folder, STORAGE/NAME")
     predict.add_argument("--trial", default="best", metavar="ID", help="a trial id (or prefix), or 'best' (default)")
     predict.add_argument("--data", required=True, metavar="SPEC", help="'digits', a folder of images, or a CSV file")
-    predict.add_argument("--out", required=True, metavar="FILE.csv")
-    predict.add_argument("--path-column", default=DEFAULT_PATH_COLUMN, metavar="COL")
-    predict.add_argument("--image-root", metavar="DIR")
-    predict.add_argument("--cache-dir", metavar="DIR")
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--out", required=True, metavar="FILE.csv", help="where to write path, cluster, distance")
+    predict.add_argument("--path-column", default=DEFAULT_PATH_COLUMN, metavar="COL",
+                         help="CSV column holding the image path (default: %(default)s)")
+    predict.add_argument("--image-root", metavar="DIR",
+                         help="folder that relative CSV paths resolve against (default: the CSV's folder)")
+    predict.add_argument("--cache-dir", metavar="DIR",
+                         help="decode cache folder (default: $LARAY_CACHE_DIR, else ~/.cache/laray)")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     predict.set_defaults(run=_predict)
 
 

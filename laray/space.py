@@ -43,7 +43,7 @@ TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period"
 DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
 SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data: there in every install
 
 
 class SpaceError(ValueError):
@@ -250,10 +250,18 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, **counts)
 
 
+def bundled_spaces() -> list[str]:
+    """The names of the search spaces that come with laray (`--space demo`, `--space default`)."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """A YAML search space; a bare name like 'demo' means search_spaces/demo.yaml of this project."""
+    """A YAML search space; a bare name like 'demo' means the bundled laray/search_spaces/demo.yaml."""
     path = Path(path)
-    if not path.exists() and not path.suffix and (SPACES_DIR / f"{path}.yaml").exists():
+    if not path.exists() and not path.suffix:
+        if str(path) not in bundled_spaces():
+            raise SpaceError(f"no search space {str(path)!r}: not a file, nor one of the bundled spaces "
+                             f"({', '.join(bundled_spaces())})")
         path = SPACES_DIR / f"{path}.yaml"
     try:
         raw = yaml.safe_load(path.read_text())

@@ -29,6 +29,62 @@ def test_cli_help_and_version():
     assert out.stdout.startswith("laray ")
 
 
+def _commands(parser, path=("laray",)):
+    """(command path, its parser) for the CLI and every sub-command, however deep."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_option_of_every_command_has_help_with_its_default():
+    import argparse
+
+    from laray.cli import build_parser
+
+    missing = []
+    for path, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            name = f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            flag = action.nargs == 0  # store_true and --x/--no-x: off unless given
+            if not action.help:
+                missing.append(f"{name}: no help")
+            elif action.option_strings and not (flag or action.required or "default" in action.help):
+                missing.append(f"{name}: help names no default")
+    assert not missing, "\n".join(missing)
+
+
+def test_wheel_holds_the_bundled_spaces_and_a_plain_install_finds_them(tmp_path):
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # built from a copy: a build leaves build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", "build", "runs", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("laray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"laray/search_spaces/demo.yaml", "laray/search_spaces/default.yaml"} <= set(names)
+    site = tmp_path / "site"  # a plain (non-editable) install of the wheel alone, ahead of the editable one
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    code = ("import laray, sys; from laray.space import load_space; from laray.cli import main; "
+            "print(laray.__file__); print(load_space('demo').source); main(['sweep', '--help'])")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    module, space = done.stdout.splitlines()[:2]
+    assert module.startswith(str(site)) and space == str(site / "laray" / "search_spaces" / "demo.yaml")
+    assert "--confirm-seeds" in done.stdout
+
+
 def test_la_step_benchmark_quick_mode_prints_measured_figures():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "la_step.py"), "--quick", "--steps", "3",
                           "--seed-steps", "1"], capture_output=True, text=True, check=True, timeout=300).stdout

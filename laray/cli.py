@@ -8,6 +8,7 @@ import os
 import sys
 
 from laray import __version__
+from laray.config import ARCHS
 from laray.errors import LarayError
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN
 
@@ -221,6 +222,30 @@ def _add_data_commands(commands) -> None:
     check.set_defaults(run=_data_check)
 
 
+def _add_weights_commands(commands) -> None:
+    weights = commands.add_parser("weights", help="ImageNet weights for nodes without internet",
+                                  description="ImageNet weights for nodes without internet.")
+    weights.set_defaults(parser=weights)
+    weights_commands = weights.add_subparsers(dest="weights_command", metavar="COMMAND")
+    fetch = weights_commands.add_parser(
+        "fetch", help="download torchvision's ImageNet weights of a VGG into a file",
+        description="Download torchvision's ImageNet weights of a VGG (or take them from torch's cache) into FILE. "
+                    "Run it where there is internet, put FILE where every node can read it, and set "
+                    "'pretrained: FILE' in the space's autoencoder section (or --pretrained FILE for laray train).")
+    fetch.add_argument("arch", choices=ARCHS, help="the architecture: " + ", ".join(ARCHS))
+    fetch.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict")
+    fetch.set_defaults(run=_weights_fetch)
+
+
+def _weights_fetch(args) -> int:
+    from laray.weights import fetch
+
+    path, size, digest = fetch(args.arch, args.out)
+    print(f"wrote {path}: {size / 1e6:.1f} MB, sha256 {digest}")
+    print(f"use it with 'pretrained: {path}' in a space's autoencoder section, or laray train --pretrained {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laray",
@@ -233,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(commands)
     _add_sweep_command(commands)
     _add_analysis_commands(commands)
+    _add_weights_commands(commands)
     _add_debug_option(parser)
     return parser
 

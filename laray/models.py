@@ -12,7 +12,7 @@ import os
 
 import torch
 from torch import nn
-from torchvision.models import get_weight, vgg as tv_vgg
+from torchvision.models import vgg as tv_vgg
 
 from laray.config import ARCHS as ARCH_NAMES
 
@@ -35,8 +35,9 @@ def _scaled_cfg(arch: str, width: float) -> list:
 def _load_pretrained_features(arch: str, pretrained: str) -> dict:
     """The `features.*` part of a torchvision VGG state_dict, keys without the prefix."""
     if pretrained == "imagenet":
-        # Downloads into the torch cache once; needs the internet.
-        state = get_weight(f"{arch.upper()}_Weights.IMAGENET1K_V1").get_state_dict(progress=True)
+        from laray.weights import imagenet_state  # torch's cache, else a download, else advice
+
+        state = imagenet_state(arch)
     elif os.path.isfile(pretrained):
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
     else:

@@ -88,9 +88,9 @@ class _KeepsWriteError:
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], keep_previous: bool = False) -> None:
     """write(file) into a temporary file beside `path`, flushed to disk, then renamed over `path`.
 
-    A kill at any moment leaves `path` whole (the old or the new one); a full disk raises DiskFullError
-    naming the folder and leaves `path` (and its .prev) as they were. keep_previous: move the old `path`
-    to its .prev first.
+    A kill at any moment leaves `path` whole, the old or the new one (keep_previous: the old one becomes
+    .prev first, and a kill between the two renames leaves only .prev, which load_with_fallback takes);
+    a full disk raises DiskFullError naming the folder and leaves `path` and its .prev as they were.
     """
     path = Path(path)
     # A name of its own (writers of one store may share it across nodes); open() not mkstemp: the usual mode.
@@ -121,7 +121,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     # One process writes a given checkpoint: temporary files beside it were left by a killed earlier write.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    # Into a Python file, not a file name: torch's own writer reports a full disk without its errno.
+    # Into write_atomic's file, not to a file name: torch's own file writer loses a full disk's errno.
     write_atomic(path, lambda file: torch.save(obj, file), keep_previous=True)
 
 

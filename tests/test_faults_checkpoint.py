@@ -6,6 +6,7 @@ injected by monkeypatching) stops the run with a DiskFullError naming the folder
 earlier file stays byte-identical. Tiny models on a few digits, one torch thread.
 """
 import errno
+import io
 import logging
 import os
 import shutil
@@ -330,6 +331,44 @@ def test_full_disk_while_writing_an_output_names_the_folder_and_keeps_the_files(
         OUTPUTS[name](out, tiny)
     monkeypatch.undo()
     assert str(out) in str(caught.value) and name in str(caught.value) and "\n" not in str(caught.value)
+    assert files(out) == before
+
+
+class AlmostFullDisk(io.FileIO):
+    """A file with `room` bytes left on its disk: a short write, then ENOSPC, as the kernel does."""
+
+    def __init__(self, file, room: int):
+        super().__init__(file, "wb")
+        self.room = room
+
+    def write(self, data):
+        if self.room == 0:
+            raise enospc()
+        data = memoryview(data).cast("B")[:self.room]
+        self.room -= len(data)
+        return super().write(data)
+
+
+@pytest.mark.parametrize("room", ["none", "100 bytes", "half the file"])
+@pytest.mark.parametrize("name", ["la.ckpt", "codes.npy", "assignments.csv", "metrics.json"])
+def test_enospc_is_recognised_whatever_the_library_makes_of_it(tiny, tmp_path, monkeypatch, name, room):
+    """torch's writer turns a short write then ENOSPC into a RuntimeError, numpy's into an OSError without errno."""
+    writes = {**OUTPUTS,
+              "la.ckpt": lambda out, dataset: save_atomic({"weights": torch.ones(100_000)}, out / "la.ckpt"),
+              "codes.npy": lambda out, dataset: write_codes(out / "codes.npy", torch.ones(N, 1000)),
+              "metrics.json": lambda out, dataset: write_json(out / "metrics.json", {"history": list(range(9999))})}
+    out = tmp_path / "out"
+    out.mkdir()
+    for write in writes.values():
+        write(out, tiny)
+    before = files(out)
+    left = {"none": 0, "100 bytes": 100, "half the file": len(before[name]) // 2}[room]
+    monkeypatch.setattr("laray.checkpoint.open", lambda file, mode: io.BufferedWriter(AlmostFullDisk(file, left)),
+                        raising=False)
+    with pytest.raises(DiskFullError) as caught:
+        writes[name](out, tiny)
+    monkeypatch.undo()
+    assert str(out) in str(caught.value) and name in str(caught.value)
     assert files(out) == before
 
 

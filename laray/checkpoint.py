@@ -3,16 +3,25 @@
 Keys: model, optimizer, scheduler, epoch (epochs completed), config, history,
 rng (torch CPU/CUDA, numpy, python), and for stage 2 the LA state (memory bank,
 cluster labels, reclustering count).
+
+Each save keeps the checkpoint it replaces as NAME.prev (so a checkpoint takes twice
+its size on disk); resuming falls back to it when the latest cannot be read.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
-import tempfile
+import uuid
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
+
+from laray.errors import LarayError, naming_full_disk
+
+log = logging.getLogger("laray.checkpoint")
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config", "history", "rng")
 
@@ -43,23 +52,112 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn checkpoint."""
+class CheckpointError(LarayError):
+    """Neither the checkpoint nor the one kept before it can be read; the message says what to do."""
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where save_atomic keeps the checkpoint it replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return path.with_name(path.name + ".prev")
 
 
-def load_checkpoint(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
-    """Load strictly: weights_only, and every key of the contract present."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def checkpoint_exists(path: str | os.PathLike) -> bool:
+    """True when there is something to resume from: a kill between save_atomic's two renames leaves only .prev."""
+    return Path(path).exists() or previous_path(path).exists()
+
+
+class _KeepsWriteError:
+    """A file whose write() remembers the OSError it raised: torch's writer turns it into a RuntimeError
+    ("unexpected pos") and numpy's into an OSError without errno, and a full disk must still be told apart."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], keep_previous: bool = False) -> None:
+    """write(file) into a temporary file beside `path`, flushed to disk, then renamed over `path`.
+
+    A kill at any moment leaves `path` whole, the old or the new one (keep_previous: the old one becomes
+    .prev first, and a kill between the two renames leaves only .prev, which load_with_fallback takes);
+    a full disk raises DiskFullError naming the folder and leaves `path` and its .prev as they were.
+    """
+    path = Path(path)
+    # A name of its own (writers of one store may share it across nodes); open() not mkstemp: the usual mode.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    with naming_full_disk(path.parent, path.name):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                watched = _KeepsWriteError(file)
+                try:
+                    write(watched)
+                except Exception as exc:
+                    if watched.error is not None and watched.error is not exc:
+                        raise watched.error from exc  # what the disk said, not what the library made of it
+                    raise
+                file.flush()
+                os.fsync(file.fileno())  # a full disk shows by here (network file systems), before the rename
+            if keep_previous and path.exists():
+                os.replace(path, previous_path(path))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save through write_atomic, keeping the checkpoint it replaces as .prev."""
+    path = Path(path)
+    # One process writes a given checkpoint: temporary files beside it were left by a killed earlier write.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    # Into write_atomic's file, not to a file name: torch's own file writer loses a full disk's errno.
+    write_atomic(path, lambda file: torch.save(obj, file), keep_previous=True)
+
+
+def _check_keys(state: dict, path, required) -> dict:
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: not a laray checkpoint of this stage")
     return state
+
+
+def load_checkpoint(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
+    """Load strictly: weights_only, and every key of the contract present."""
+    return _check_keys(torch.load(path, map_location="cpu", weights_only=True), path, required)
+
+
+def load_with_fallback(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
+    """The checkpoint at `path`, else its .prev with a warning naming both; CheckpointError when neither reads."""
+    path = Path(path)
+    prev = previous_path(path)
+    problems = {}
+    for candidate in (path, prev):
+        if not candidate.exists():
+            problems[candidate] = "missing"
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a torn or corrupt file fails in many ways inside torch's reader
+            lines = str(exc).strip().splitlines()
+            problems[candidate] = f"unreadable ({type(exc).__name__}: {lines[0][:120] if lines else ''})"
+            continue
+        if candidate == prev:
+            log.warning("checkpoint %s is %s; resuming from the previous one, %s", path, problems[path], prev)
+        return _check_keys(state, candidate, required)
+    delete = " and ".join(str(p) for p in (path, prev) if p.exists())
+    todo = f"delete {delete} to start afresh, or run without --resume" if delete else "run without --resume"
+    raise CheckpointError(f"cannot resume: checkpoint {path} is {problems[path]} and {prev.name} is {problems[prev]}; "
+                          + todo)

@@ -3,7 +3,10 @@
     OUT/metrics.json      final purity, nmi, ari, acc; the baselines; the per-epoch history; the settings
     OUT/assignments.csv   idx, path, label (species name), cluster (, heldout): one row per image
     OUT/codes.npy         final unit codes (N, d), float32, in idx order
-    OUT/checkpoints/      the LA stage's checkpoint (the auto-encoder lives in the reuse store)
+    OUT/checkpoints/      the LA stage's checkpoint la.ckpt and the one before it, la.ckpt.prev
+                          (the auto-encoder lives in the reuse store)
+
+Every file is written to a temporary file and renamed: a kill or a full disk leaves the previous one.
 
 `laray train` calls `train_run`; the sweep's trainable calls it too.
 """
@@ -21,8 +24,10 @@ import torch.nn.functional as F
 
 from laray.ae_store import get_or_train, read_baselines, store_key
 from laray.cache import default_cache_dir
+from laray.checkpoint import write_atomic
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset
+from laray.errors import naming_full_disk
 from laray.evaluate import encode_all, score_codes
 from laray.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
 from laray.metrics import SCORE_NAMES
@@ -50,15 +55,17 @@ def write_assignments(path: Path, dataset: ImageDataset, clusters: np.ndarray, h
                           "label": names[dataset.labels], "cluster": clusters})
     if heldout is not None:
         frame["heldout"] = heldout
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda file: frame.to_csv(file, index=False))
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=float)
+    write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def write_codes(path: Path, codes: torch.Tensor) -> None:
+    array = codes.numpy().astype(np.float32, copy=False)  # no copy: float32 already
+    write_atomic(path, lambda file: np.save(file, array))
 
 
 @dataclasses.dataclass
@@ -138,7 +145,8 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     """Stage 1 (given, or reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
     device = resolve_device(device)  # a device this machine lacks fails before anything is created
     out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with naming_full_disk(out, "checkpoints/"):
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if dataset.image_size != ae_cfg.image_size:
         raise ValueError(f"data decoded at {dataset.image_size} px but image_size is {ae_cfg.image_size}")
     la_cfg.check_data_size(len(dataset))
@@ -165,7 +173,8 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
 
     def write_outputs(la_history: list, codes: torch.Tensor, assignments: np.ndarray) -> dict:
         # Every epoch, so that a run stopped at a report (ASHA, Ctrl-C) still leaves its latest outputs.
-        np.save(out / "codes.npy", codes.numpy().astype(np.float32, copy=False))  # no copy: float32 already
+        # Each file atomically, metrics.json last; a full disk stops the run naming `out` (laray.errors).
+        write_codes(out / "codes.npy", codes)
         write_assignments(out / "assignments.csv", dataset, assignments, heldout)
         scores = {k: v for k, v in la_history[-1].items() if k.removeprefix(PREFIX) in SCORE_NAMES}
         metrics = metrics_of(scores, la_history)

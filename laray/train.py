@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from laray.augment import augment_batch
-from laray.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from laray.checkpoint import checkpoint_exists, load_with_fallback, rng_state, save_atomic, set_rng_state
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, model_batch
 from laray.errors import LarayError
@@ -104,9 +104,12 @@ def _save(path, model, optimizer, scheduler, epoch, cfg, history, **extra) -> No
 
 
 def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, list, dict]:
-    """Restore a checkpoint written by _save; returns (epochs done, history, the whole state)."""
-    state = load_checkpoint(path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng",
-                                            *required))
+    """Restore a checkpoint written by _save (or the one before it, when it is unreadable).
+
+    Returns (epochs done, history, the whole state).
+    """
+    state = load_with_fallback(path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng",
+                                               *required))
     if state["config"] != dataclasses.asdict(cfg):
         raise ValueError(f"checkpoint {path} was written with another config; start afresh or use the same settings")
     model.load_state_dict(state["model"])
@@ -128,7 +131,7 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg)
     start, history = 0, []
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         start, history, _ = _resume(checkpoint, model, optimizer, scheduler, cfg)
 
     for epoch in range(start, cfg.epochs):
@@ -198,7 +201,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
                                    seed=seed)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg)
     start, history = 0, []
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         start, history, state = _resume(checkpoint, model, optimizer, scheduler, cfg, required=("la",))
         loss_fn.load_state_dict(state["la"])
     elif cfg.bank_init == "codes":

@@ -227,7 +227,8 @@ def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
     assert a["scheduler"] == b["scheduler"]
     for slot_a, slot_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(slot_a["momentum_buffer"], slot_b["momentum_buffer"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]  # no temporary files left
+    # No temporary files left; each checkpoint kept the one before it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.prev", "b.ckpt", "b.ckpt.prev"]
 
     # A finished checkpoint resumes to the same model without training; another config is refused.
     again, history_c = pretrain_autoencoder(tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True,
@@ -259,7 +260,7 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     assert without_timing(b.history) == without_timing(a.history)
     assert torch.equal(a.codes, b.codes)
     assert np.array_equal(a.assignments, b.assignments) and a.scores == b.scores
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.prev", "b.ckpt", "b.ckpt.prev"]
 
     with pytest.raises(ValueError, match="another config"):
         finetune_la(tiny, encoder_state, AE, replace(cfg, temperature=0.1), seed=5, device="cpu", checkpoint=ckpt,
@@ -316,8 +317,7 @@ def test_save_atomic_never_leaves_a_torn_checkpoint(tmp_path, monkeypatch):
     save_atomic({"epoch": 1}, path)
 
     def torn_save(obj, file):
-        with open(file, "wb") as handle:
-            handle.write(b"half a checkpoint")
+        file.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torn_save)

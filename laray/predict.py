@@ -15,6 +15,7 @@ import torch
 
 from laray import analysis
 from laray.checkpoint import load_checkpoint
+from laray.errors import LarayError
 from laray.evaluate import encode_all
 from laray.models import EncoderVGGMerged
 
@@ -43,7 +44,12 @@ def load_clusterer(trial: analysis.Trial) -> tuple[EncoderVGGMerged, torch.Tenso
         raise ValueError(f"trial {trial.trial_id} has no finished LA epoch (checkpoint, metrics.json, assignments.csv)")
     ae, la = trial.metrics["config"]["autoencoder"], trial.metrics["config"]["la"]
     encoder = EncoderVGGMerged(ae["arch"], None, ae["width"], la["merger"])
-    encoder.load_state_dict(load_checkpoint(checkpoint)["model"])
+    try:
+        state = load_checkpoint(checkpoint)
+    except Exception as exc:  # torn or damaged: its .prev is an epoch older than the codes, so no fallback here
+        raise LarayError(f"cannot read {checkpoint} ({type(exc).__name__}); run the trial again or pick another "
+                         "with --trial") from None
+    encoder.load_state_dict(state["model"])
     encoder.eval()
     codes = torch.from_numpy(np.load(trial.folder / "codes.npy"))
     clusters = trial.assignments["cluster"].to_numpy()

@@ -37,8 +37,9 @@ from laray.cache import default_cache_dir
 from laray.config import replace
 from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
-from laray.errors import LarayError
-from laray.run import Stage1
+from laray.checkpoint import write_atomic
+from laray.errors import LarayError, naming_full_disk
+from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
 from laray.sweep_stage1 import sweep_stage1
@@ -105,9 +106,9 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
     la_ckpt = out / "checkpoints" / "la.ckpt"
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a restart: continue from the last reported epoch
-        with checkpoint.as_directory() as folder:
-            la_ckpt.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(folder) / "la.ckpt", la_ckpt)
+        with checkpoint.as_directory() as folder:  # atomic: a kill or a full disk mid-copy leaves no torn la.ckpt
+            copy = (Path(folder) / "la.ckpt").read_bytes()  # tens of MB
+            write_atomic(la_ckpt, lambda f: f.write(copy))
 
     def report(record: dict) -> None:
         if record["stage"] != "local_aggregation":
@@ -118,7 +119,8 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
             return  # not evaluated (eval_every): nothing for ASHA to compare
         metrics = {k: record[k] for k in REPORTED if k in record}
         _write_worker_record(out / "worker.json", worker)
-        with tempfile.TemporaryDirectory() as folder:
+        with naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"), \
+                tempfile.TemporaryDirectory() as folder:
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if record["epoch"] == crash_once_at_epoch and not (out / CRASH_MARKER).exists():
@@ -263,7 +265,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
                    if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
                    "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines}
-        (experiment / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_json(experiment / "best.json", summary)  # atomic; a full disk is named
         return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
                            len(results), errored, baselines, confirmed, confirmed_baselines)
 

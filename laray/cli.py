@@ -153,6 +153,8 @@ def _add_sweep_command(commands) -> None:
                        help="seed of the sampler and of every trial's training (default: %(default)s)")
     sweep.add_argument("--device", default="auto",
                        help="auto, cpu or cuda (default: %(default)s; with --gpus-per-trial > 0: cuda)")
+    sweep.add_argument("--verbose", action="store_true",
+                       help="Ray Tune's own progress table and messages too, besides laray's line per trial event")
     sweep.add_argument("--dashboard", action="store_true",
                        help="start Ray's dashboard on 127.0.0.1:8265 (needs the 'dashboard' extra)")
     sweep.set_defaults(run=_sweep)
@@ -381,20 +383,22 @@ def _sweep(args) -> int:
     space.check_data_size(len(data))
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
 
-    ray_init(args.address, dashboard=args.dashboard)
+    ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
     result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_failures=args.max_failures, resume=args.resume, device=args.device,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, verbose=2 if args.verbose else 1)
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
     if result.best_config is None:
         return _fail("no trial reported a score")
     _print_search_best(result, space)
     if result.confirmed:
         _print_confirmed(result, space)
-    print(f"results:      {result.experiment}")
-    print(f"optuna:       optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
-    print(f"tensorboard:  tensorboard --logdir {result.experiment}")
+    print(f"\nresults in {result.experiment}: best.json, optuna.db, one folder per trial")
+    print("next:")
+    print(f"  laray analyze {result.experiment}      # report.md, tables and pictures")
+    print(f"  tensorboard --logdir {result.experiment}")
+    print(f"  optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     return 0
 
 

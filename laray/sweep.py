@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from laray.cache import default_cache_dir
+from laray.checkpoint import write_atomic
 from laray.config import replace
 from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
-from laray.checkpoint import write_atomic
 from laray.errors import LarayError, naming_full_disk
 from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
@@ -78,7 +78,8 @@ def _write_worker_record(path: Path, record: dict) -> None:
 
 
 def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: SearchSpace, seed: int, device: str,
-                threads: int, cache_dir: str | None = None, crash_once_at_epoch: int | None = None) -> None:
+                threads: int, cache_dir: str | None = None, crash_once_at_epoch: int | None = None,
+                quiet: bool = False) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
     It opens `data` on its node (from the node's cache folder, decoding once per node) and
@@ -86,9 +87,13 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
     decoded the data, its start-up time and its peak resident memory.
     crash_once_at_epoch: a fault drill (used by the tests): the worker process dies right after
     reporting that LA epoch, once per trial, as if its node had gone away.
+    quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
     """
     import ray
     from ray import tune
+
+    if quiet:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     from laray.run import train_run
 
@@ -223,7 +228,12 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
         stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
                                                 resources, device, threads, cache_dir, holdout)
-        shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir)
+        shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir,
+                      quiet=verbose < 2)
+        if verbose < 2:
+            from laray.progress import quiet_ray
+
+            quiet_ray()
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
                                          **shared)
         trainable = tune.with_resources(trainable, resources)
@@ -246,7 +256,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                     num_samples=num_samples or space.num_samples,
                     max_concurrent_trials=space.max_concurrent,
                 ),
-                run_config=_run_config(name, storage_path, verbose, max_failures),
+                run_config=_run_config(name, storage_path, verbose, max_failures, "search", space),
             )
         results = tuner.fit()
         _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
@@ -270,11 +280,15 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                            len(results), errored, baselines, confirmed, confirmed_baselines)
 
 
-def _run_config(name: str, storage_path: str, verbose: int, max_failures: int):
+def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace):
+    """verbose 0: silent; 1: laray's line per trial event (laray.progress); 2: Ray Tune's own table as well."""
     from ray import tune
 
+    from laray.progress import SweepProgress
+
+    progress = [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent)] if verbose else []
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
-    return tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose,
+    return tune.RunConfig(name=name, storage_path=storage_path, verbose=max(0, verbose - 1), callbacks=progress,
                           sync_config=tune.SyncConfig(sync_artifacts=True),
                           failure_config=tune.FailureConfig(max_failures=max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
@@ -318,7 +332,7 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
         tuner = tune.Tuner(
             trainable, param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
-            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures))
+            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space))
     runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in tuner.fit()
             if r.error is None and r.metrics and space.objective in r.metrics]
     entries = confirmed(runs, space.objective, space.mode)
@@ -349,11 +363,16 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -
                              f"{most:g}) and no autoscaler can add one; Tune would wait forever")
 
 
-def ray_init(address: str | None, dashboard: bool = False) -> None:
-    """Start or join Ray; the dashboard, when asked for, binds to 127.0.0.1 only."""
+def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) -> None:
+    """Start or join Ray; the dashboard, when asked for, binds to 127.0.0.1 only.
+
+    quiet: without Ray's notice that token authentication is on (as it is by default).
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if quiet:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     if address:

@@ -853,6 +853,29 @@ def test_cli_sweep_with_a_malformed_space_names_the_key(tmp_path):
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"ray_initialized": False}
 
 
+def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
+    """A whole `laray sweep` in its own process, with its own Ray: what the user sees."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw_space(num_samples=2, max_concurrent=2, confirm_top=1, confirm_seeds=1)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", LARAY_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "laray.cli", "sweep", "--space", str(space), "--data", sub.spec,
+                           "--storage", str(tmp_path / "results"), "--name", "console", "--cpus-per-trial", "1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    lines = console.splitlines()
+    assert sum(re.match(r"\[search [^]]+\] trial \w+ epoch \d/2  purity \d\.\d{3}", line) is not None
+               for line in lines) >= 2
+    assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 1/1 trials ended \(1 done\)", line) for line in lines)
+    assert any("at most" in line and "left" in line for line in lines)
+    for noise in ("Checkpoint successfully created", "snapshotting has been triggered", "driver_artifacts",
+                  "Configuration for experiment", "A new study created", "Traceback"):
+        assert noise not in console, noise
+    experiment = tmp_path / "results" / "console"
+    assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout
+
+
 def test_cli_sweep_help():
     done = subprocess.run([sys.executable, "-m", "laray.cli", "sweep", "--help"], capture_output=True, text=True,
                           timeout=120)

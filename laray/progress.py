@@ -1,0 +1,126 @@
+"""The sweep's console: a line per trial event, each with the sweep's state and an estimate of the time left.
+
+A Ray Tune callback on the driver. The estimate is an upper bound: every unfinished trial is
+counted to its last epoch, at the median seconds per epoch seen so far, with as many trials at
+once as the concurrency limit allows; ASHA stopping trials early makes the real rest shorter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+
+from ray import tune
+
+
+class _VanishedFile(logging.Filter):
+    """Drops Tune's traceback when a snapshot listed a file that was gone when copied.
+
+    On one machine Tune copies the trials' folders while they write; laray writes every file
+    through a temporary one renamed into place, and a temporary file can vanish between the
+    listing and the copy. The next snapshot copies everything again.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], FileNotFoundError))
+
+
+def quiet_ray() -> None:
+    """Ray Tune's and Optuna's own console off on the driver (laray's lines stand in for it); --verbose keeps it."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine prints its header and hints even when silent
+    # num_to_keep forces a state snapshot at times, and Tune warns each time, to no use here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _VanishedFile) for f in state_logger.filters):
+        state_logger.addFilter(_VanishedFile())
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class SweepProgress(tune.Callback):
+    """Prints, for `label` ("search" or "confirm"), every trial's start, each evaluated epoch and its end.
+
+    The sweep's state is read from Tune's own list of trials at each event, so a resumed sweep
+    counts the trials it had finished before.
+    """
+
+    def __init__(self, label: str, epochs: int, objective: str, concurrency: int):
+        # Pickled with Tune's run config (tuner.pkl) and restored with it on --resume: plain values only.
+        self.label, self.epochs, self.objective, self.concurrency = label, epochs, objective, max(1, concurrency)
+        self.setup()
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        """At the start of every fit, a resumed one too: Tune says how many trials there will be."""
+        self.n_trials = total_num_samples or num_samples or 0
+        self.began = time.monotonic()
+        self.epoch_s: list[float] = []  # seconds per LA epoch, every report so far
+        self.reported: dict[str, int] = {}  # trial id -> the epoch of its last report seen here
+        self.announced: set[str] | None = None  # trials whose end was said; None until the first step
+
+    def _say(self, text: str) -> None:
+        print(f"[{self.label} {duration(time.monotonic() - self.began)}] {text}", file=sys.stdout, flush=True)
+
+    def _epoch(self, trial) -> int:
+        return int((trial.last_result or {}).get("epoch", 0))
+
+    def _state(self, trials) -> str:
+        status = {t.trial_id: t.status for t in trials}
+        ended = {t.trial_id for t in trials if status[t.trial_id] in ("TERMINATED", "ERROR")}
+
+        def count(state, test=lambda t: True):
+            return sum(status[t.trial_id] == state and test(t) for t in trials)
+
+        counts = {"running": count("RUNNING"), "done": count("TERMINATED", lambda t: self._epoch(t) >= self.epochs),
+                  "stopped early": count("TERMINATED", lambda t: self._epoch(t) < self.epochs),
+                  "failed": count("ERROR"), "waiting": max(0, self.n_trials - len(trials)) + count("PENDING")}
+        total = max(self.n_trials, len(trials))
+        text = f"{len(ended)}/{total} trials ended ({', '.join(f'{n} {k}' for k, n in counts.items() if n)})"
+        if self.epoch_s:
+            left = sum(self.epochs - self._epoch(t) for t in trials if t.trial_id not in ended)
+            left += max(0, self.n_trials - len(trials)) * self.epochs
+            text += f", at most {duration(left * statistics.median(self.epoch_s) / self.concurrency)} left"
+        return text
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"trial {trial.trial_id} started; {self._state(trials)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", 0))
+        before = self.reported.get(trial.trial_id, epoch - 1)  # a resumed trial: its first report counts one epoch
+        self.reported[trial.trial_id] = epoch
+        if result.get("time_this_iter_s") and epoch > before:  # eval_every > 1 reports every few epochs
+            self.epoch_s.append(result["time_this_iter_s"] / (epoch - before))
+        score, held = result.get(self.objective), result.get(f"heldout_{self.objective}")
+        speed = result.get("images_per_s")
+        text = f"trial {trial.trial_id} epoch {epoch}/{self.epochs}"
+        text += f"  {self.objective} {score:.3f}" if score is not None else ""
+        text += f" (held-out {held:.3f})" if held is not None else ""
+        text += f"  {speed:,.0f} img/s" if speed else ""
+        self._say(f"{text}; {self._state(trials)}")
+
+    def on_step_end(self, iteration, trials, **info):
+        # Trials that ASHA stops end without on_trial_complete: every ending is announced from here.
+        if self.announced is None:  # those a resumed sweep had finished before are not news
+            self.announced = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.announced:
+                self.announced.add(t.trial_id)
+                epoch = self._epoch(t)
+                how = ("FAILED (its error.txt says why)" if t.status == "ERROR" else "finished" if epoch >= self.epochs
+                       else f"stopped by ASHA after {epoch}/{self.epochs} epochs")
+                self._say(f"trial {t.trial_id} {how}; {self._state(trials)}")
+
+    def on_experiment_end(self, trials, **info):
+        self.on_step_end(0, trials)

@@ -1,9 +1,9 @@
-"""Time one Local Aggregation training step: laray's way against the seed article's way.
+"""Time one Local Aggregation training step: laray's way against a direct implementation.
 
 A step is the loss on a batch of codes plus its backward pass (the encoder is left
 out: it costs the same both ways). laray reclusters once per epoch, so its figure
 is the step plus one reclustering amortised over the N / batch steps of an epoch.
-The seed's way, rebuilt here from the defects listed in ALGORITHM.md, refits R
+The direct way, written here as LA is often first implemented, refits R
 scikit-learn KMeans and a cosine ball tree on the whole bank for every batch,
 builds (batch x N) boolean masks and intersects them in Python, and rebuilds
 float64 tensors from numpy.
@@ -63,8 +63,8 @@ def laray_step_times(cfg: dict, steps: int, device: str) -> dict:
     return {"recluster_s": recluster_s, "step_s": step_s, "amortised_s": step_s + recluster_s / steps_per_epoch}
 
 
-def seed_way_step(bank: np.ndarray, codes: torch.Tensor, indices: np.ndarray, cfg: dict) -> float:
-    """One step done the seed article's way; returns the loss."""
+def direct_step(bank: np.ndarray, codes: torch.Tensor, indices: np.ndarray, cfg: dict) -> float:
+    """One step done the direct way; returns the loss."""
     from scipy.spatial.distance import cosine as cosine_distance
     from sklearn.cluster import KMeans
     from sklearn.neighbors import NearestNeighbors
@@ -110,7 +110,7 @@ def seed_way_step(bank: np.ndarray, codes: torch.Tensor, indices: np.ndarray, cf
     return loss.item()
 
 
-def seed_way_time(cfg: dict, steps: int) -> float:
+def direct_time(cfg: dict, steps: int) -> float:
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((cfg["n"], cfg["d"]))
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
@@ -119,7 +119,7 @@ def seed_way_time(cfg: dict, steps: int) -> float:
         codes = torch.randn(cfg["batch"], cfg["d"], requires_grad=True)
         indices = rng.choice(cfg["n"], cfg["batch"], replace=False)
         start = time.perf_counter()
-        seed_way_step(bank, codes, indices, cfg)
+        direct_step(bank, codes, indices, cfg)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test (seconds)")
     parser.add_argument("--steps", type=int, default=20, help="timed laray steps per measurement")
-    parser.add_argument("--seed-steps", type=int, default=3, help="timed seed-way steps (each takes seconds)")
+    parser.add_argument("--direct-steps", type=int, default=3, help="timed direct-way steps (each takes seconds)")
     parser.add_argument("--device", default="cpu", help="torch device for laray's way (cpu, cuda)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the N scaling table")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one scaling row in a child process
@@ -174,12 +174,12 @@ def main(argv=None) -> int:
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
 
     ours = laray_step_times(cfg, args.steps, args.device)
-    seed_s = seed_way_time(cfg, args.seed_steps)
+    direct_s = direct_time(cfg, args.direct_steps)
     print(f"laray  reclustering (R={cfg['R']} k-means runs): {ours['recluster_s'] * 1e3:9.1f} ms, once per epoch")
     print(f"laray  step (loss + backward + bank update):  {ours['step_s'] * 1e3:9.2f} ms")
     print(f"laray  step, reclustering amortised:           {ours['amortised_s'] * 1e3:9.2f} ms")
-    print(f"seed's step (refit per batch, masks):          {seed_s * 1e3:9.1f} ms  (median of {args.seed_steps})")
-    print(f"speed-up, amortised: {seed_s / ours['amortised_s']:.0f}x")
+    print(f"direct step (refit per batch, masks):          {direct_s * 1e3:9.1f} ms  (median of {args.direct_steps})")
+    print(f"speed-up, amortised: {direct_s / ours['amortised_s']:.0f}x")
 
     if not args.no_scaling:
         print(f"\nscaling with N (d={cfg['d']}, k={cfg['k']}, R={cfg['R']}, C={cfg['C']}, batch={cfg['batch']}):")

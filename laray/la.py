@@ -1,6 +1,6 @@
 """Local Aggregation: memory bank and loss (Zhuang, Zhai, Yamins 2019, arXiv:1903.12355).
 
-Notation as in the paper and ALGORITHM.md: v_i the unit code of image i, M the
+Notation as in the paper and docs/method.md: v_i the unit code of image i, M the
 memory bank (N, d), B_i the background neighbours, C_i the close neighbours,
 tau the temperature. Both classes are nn.Modules whose state (bank vectors,
 cluster labels, reclustering count) are buffers, so a state_dict checkpoints them.

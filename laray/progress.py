@@ -1,8 +1,8 @@
 """The sweep's console: a line per trial event, each with the sweep's state and an estimate of the time left.
 
-A Ray Tune callback on the driver. The estimate is an upper bound: every unfinished trial is
-counted to its last epoch, at the median seconds per epoch seen so far, with as many trials at
-once as the concurrency limit allows; ASHA stopping trials early makes the real rest shorter.
+A Ray Tune callback on the driver. The estimate ("up to ~X left") counts every unfinished trial to
+its last epoch, at the median seconds per epoch seen so far, with as many trials at once as the
+concurrency limit allows: ASHA stopping trials early makes the real rest shorter, slower epochs longer.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class SweepProgress(tune.Callback):
         if self.epoch_s:
             left = sum(self.epochs - self._epoch(t) for t in trials if t.trial_id not in ended)
             left += max(0, self.n_trials - len(trials)) * self.epochs
-            text += f", at most {duration(left * statistics.median(self.epoch_s) / self.concurrency)} left"
+            text += f", up to ~{duration(left * statistics.median(self.epoch_s) / self.concurrency)} left"
         return text
 
     def on_trial_start(self, iteration, trials, trial, **info):

@@ -1,4 +1,4 @@
-"""Stage 1 models: VGG encoder, SegNet-style mirrored decoder, merged encoder (ALGORITHM.md, "Stage 1")."""
+"""Stage 1 models: VGG encoder, SegNet-style mirrored decoder, merged encoder."""
 from __future__ import annotations
 
 import pytest

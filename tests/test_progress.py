@@ -24,7 +24,7 @@ def test_lines_count_the_trials_and_bound_the_time_left(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("[search ") and "trial a epoch 1/8  purity 0.812 (held-out 0.800)  612 img/s" in line
     # 7 + 7 epochs of the two running trials, 4 x 8 of those not started: 46 epochs x 4 s / 2 at once
-    assert "0/6 trials ended (2 running, 4 waiting), at most 1 min 32 s left" in line
+    assert "0/6 trials ended (2 running, 4 waiting), up to ~1 min 32 s left" in line
 
     progress.on_step_end(0, [a, b])
     assert capsys.readouterr().out == ""  # nothing ended

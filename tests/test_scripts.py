@@ -87,7 +87,7 @@ def test_wheel_holds_the_bundled_spaces_and_a_plain_install_finds_them(tmp_path)
 
 def test_la_step_benchmark_quick_mode_prints_measured_figures():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "la_step.py"), "--quick", "--steps", "3",
-                          "--seed-steps", "1"], capture_output=True, text=True, check=True, timeout=300).stdout
+                          "--direct-steps", "1"], capture_output=True, text=True, check=True, timeout=300).stdout
     speedup = float(re.search(r"speed-up, amortised: (\d+)x", out).group(1))
     assert speedup > 1  # laray's step must at least beat the per-batch refit at any size
     rows = re.findall(r"^\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?\d+)", out, flags=re.M)

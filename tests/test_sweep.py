@@ -868,7 +868,7 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     assert sum(re.match(r"\[search [^]]+\] trial \w+ epoch \d/2  purity \d\.\d{3}", line) is not None
                for line in lines) >= 2
     assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 1/1 trials ended \(1 done\)", line) for line in lines)
-    assert any("at most" in line and "left" in line for line in lines)
+    assert any("up to ~" in line and "left" in line for line in lines)
     for noise in ("Checkpoint successfully created", "snapshotting has been triggered", "driver_artifacts",
                   "Configuration for experiment", "A new study created", "Traceback"):
         assert noise not in console, noise

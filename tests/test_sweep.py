@@ -415,7 +415,10 @@ def killed_sweep(ray_session, sub, tmp_path_factory):
     experiment = storage / name
     proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
     try:
-        _wait_until(lambda: _optuna_trial_count(experiment) >= 2, proc, log, "a second trial was sampled")
+        # The first trial's results reach STORAGE with Tune's next snapshot, which on a loaded machine can
+        # come after the second trial was sampled: wait for both.
+        _wait_until(lambda: _optuna_trial_count(experiment) >= 2 and _finished_trial(experiment, LA["epochs"]),
+                    proc, log, "a second trial was sampled and the first one's results saved")
         proc.kill()  # no chance to save anything: Tune's experiment state is whatever it last wrote
     finally:
         _stop(proc)

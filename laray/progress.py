@@ -35,6 +35,8 @@ def quiet_ray() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    # On --resume, trials killed before their first report have no results yet; Tune re-runs them.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     state_logger = logging.getLogger("ray.tune.execution.experiment_state")
     if not any(isinstance(f, _VanishedFile) for f in state_logger.filters):
         state_logger.addFilter(_VanishedFile())

@@ -202,11 +202,15 @@ def _add_analysis_commands(commands) -> None:
     predict.set_defaults(run=_predict)
 
 
+def _command_group(commands, name: str, help_text: str):
+    """A command whose sub-commands do the work (`laray data check`, `laray weights fetch`); alone, its help."""
+    group = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    group.set_defaults(parser=group)
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+
 def _add_data_commands(commands) -> None:
-    data = commands.add_parser("data", help="inspect and validate data sets",
-                               description="Inspect and validate data sets.")
-    data.set_defaults(parser=data)
-    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    data_commands = _command_group(commands, "data", "inspect and validate data sets")
     check = data_commands.add_parser(
         "check", help="decode every image; print counts per label, image sizes and bad files",
         description="Decode every image of a data set and print the images per label, the original "
@@ -225,10 +229,7 @@ def _add_data_commands(commands) -> None:
 
 
 def _add_weights_commands(commands) -> None:
-    weights = commands.add_parser("weights", help="ImageNet weights for nodes without internet",
-                                  description="ImageNet weights for nodes without internet.")
-    weights.set_defaults(parser=weights)
-    weights_commands = weights.add_subparsers(dest="weights_command", metavar="COMMAND")
+    weights_commands = _command_group(commands, "weights", "ImageNet weights for nodes without internet")
     fetch = weights_commands.add_parser(
         "fetch", help="download torchvision's ImageNet weights of a VGG into a file",
         description="Download torchvision's ImageNet weights of a VGG (or take them from torch's cache) into FILE. "

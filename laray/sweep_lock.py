@@ -48,6 +48,10 @@ class SweepLock:
         self._beat: threading.Thread | None = None
         self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
+    def _running(self, holder: dict, detail: str = "") -> SweepRunningError:
+        return SweepRunningError(f"the sweep in {self.path.parent} is running: its driver is {_describe(holder)}"
+                                 f"{detail}; wait for it to end, or choose another --name")
+
     def _read(self) -> dict | None:
         text = self.path.read_text() if self.path.exists() else ""
         try:
@@ -68,9 +72,7 @@ class SweepLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = self._read() or {}
-            raise SweepRunningError(f"the sweep in {self.path.parent} is running: its driver is "
-                                    f"{_describe(holder)}; wait for it to end, or choose another --name") from None
+            raise self._running(self._read() or {}) from None
         holder = self._read()
         if holder is not None:
             age = time.time() - holder.get("heartbeat", 0)
@@ -78,9 +80,7 @@ class SweepLock:
             if elsewhere and age < self.stale_s:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
-                raise SweepRunningError(f"the sweep in {self.path.parent} is running: its driver is "
-                                        f"{_describe(holder)} (heartbeat {age:.0f} s ago); wait for it to end, "
-                                        "or choose another --name")
+                raise self._running(holder, f" (heartbeat {age:.0f} s ago)")
             why = f"no heartbeat for {age:.0f} s" if elsewhere else "its process is gone"
             log.warning("taking over the sweep lock %s left by %s: %s", self.path, _describe(holder), why)
         self._fd = fd

@@ -114,6 +114,7 @@ def run_point(args) -> None:
     row["decode_s"] = float(logged[-1][-2]) if logged else None  # the decode of this key (an earlier run's if reused)
     row["cache_bytes"], row["decoded_bytes"] = (cache / f"{ref.key}.npy").stat().st_size, ref.decoded_bytes
     row["bank_bytes"] = n * EncoderVGGMerged(AE["arch"], None, AE["width"], "mean").code_dim(size) * 4
+    row["codes_bytes"] = row["bank_bytes"]  # an evaluation's codes, mapped from the trial's codes.npy (N x d float32)
     space = parse_space({
         "num_samples": 1, "max_concurrent": 1, "grace_period": 1, "holdout": 0, "confirm_top": 0,
         "fixed": {"autoencoder": {**AE, "image_size": size},
@@ -167,11 +168,21 @@ COLUMNS = ["N", "px", "species", "decode s", "cache MB", "store peak MB", "store
            "bank MB", "mapped MB", "start-up s", "stage-1 s", "eval s", "LA epoch s", "point s"]
 
 
+def rss_bytes(r: dict) -> float | None:
+    return None if r.get("peak_rss_mb") is None else r["peak_rss_mb"] * 2**20  # the worker records MiB
+
+
+def mapped_bytes(r: dict) -> int:
+    """What the worker maps: the decoded cache, and the codes.npy an evaluation writes (older points: cache only)."""
+    return r["cache_bytes"] + r.get("codes_bytes", 0)
+
+
 def cells(r: dict) -> list[str]:
     ratio = None if r.get("store_peak_bytes") is None else 100 * r["store_peak_bytes"] / r["decoded_bytes"]
     return [str(r["n"]), str(r["size"]), str(r["species"]), fmt(r.get("decode_s")), fmt(r.get("cache_bytes"), MB),
-            fmt(r.get("store_peak_bytes"), MB), fmt(ratio, digits=2), fmt(r.get("peak_rss_mb"), digits=0),
-            fmt(r.get("bank_bytes"), MB), fmt(r.get("cache_bytes"), MB), fmt(r.get("startup_s")),
+            fmt(r.get("store_peak_bytes"), MB), fmt(ratio, digits=2), fmt(rss_bytes(r), MB, digits=0),
+            fmt(r.get("bank_bytes"), MB), fmt(mapped_bytes(r) if "cache_bytes" in r else None, MB),
+            fmt(r.get("startup_s")),
             fmt(r.get("stage1_s")) + ("" if r.get("stage1") != "preset" else "*"), fmt(r.get("eval_s")),
             fmt(r.get("epoch_s")), fmt(r.get("point_s"), digits=0) + (" CUT" if r.get("cut") else "")]
 
@@ -193,11 +204,11 @@ def verdicts(rows: list[dict], size: int) -> None:
         print("object store: n/a (fewer than two points measured)")
     if len(done) >= 2:
         lo, hi = done[0], done[-1]
-        rss = hi["peak_rss_mb"] - lo["peak_rss_mb"]
-        data = (hi["bank_bytes"] + hi["cache_bytes"] - lo["bank_bytes"] - lo["cache_bytes"]) / MB
+        rss = (rss_bytes(hi) - rss_bytes(lo)) / MB
+        data = (hi["bank_bytes"] + mapped_bytes(hi) - lo["bank_bytes"] - mapped_bytes(lo)) / MB
         verdict = "within" if rss <= data else "ABOVE"
         print(f"worker memory: {verdict} the target: peak RSS grew {rss:.0f} MB from N={lo['n']} to N={hi['n']}; "
-              f"bank + mapped cache grew {data:.0f} MB ({rss / data:.2f} MB of RSS per MB of bank + cache)")
+              f"bank + mapped files (cache, codes) grew {data:.0f} MB ({rss / data:.2f} MB of RSS per MB of them)")
         more = hi["eval_s"] > hi["epoch_s"]
         print(f"evaluation vs LA epoch at N={hi['n']}: one evaluation {hi['eval_s']:.1f} s, one LA epoch "
               f"{hi['epoch_s']:.1f} s: evaluation costs {'MORE' if more else 'less'} than an epoch "

@@ -90,7 +90,7 @@ def _decode_one(args: tuple[str, int]):
 def _decode_all(paths: list[str], size: int, workers: int, out_path: Path, desc: str):
     """Decode into a memmap at out_path; returns (kept, original sizes, failed)."""
     images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-    _preallocate(out_path)
+    preallocate(out_path)
     kept, originals, failed = [], [], []
     jobs = [(p, size) for p in paths]
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None)
@@ -117,7 +117,7 @@ def _decode_all(paths: list[str], size: int, workers: int, out_path: Path, desc:
     return np.array(kept, dtype=np.int64), np.array(originals, dtype=np.int64).reshape(-1, 2), failed
 
 
-def _preallocate(path: Path) -> None:
+def preallocate(path: Path) -> None:
     """Reserve the disk blocks of the (sparse) array file now: a full disk then fails here with ENOSPC.
 
     Without it the disk fills while pages of the memory map are written, which the kernel

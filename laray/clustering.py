@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 import torch
 
-# Upper bound on the elements of one score matrix chunk (16 Mi floats = 64 MiB in float32): large
-# enough for efficient products, small beside a worker's memory whatever N and K.
-CHUNK_ELEMENTS = 1 << 24
+# Upper bound on the elements of one score matrix chunk (4 Mi floats = 16 MiB in float32): large
+# enough for efficient products, small beside a worker's memory whatever N and K. On 2 CPU cores
+# (N = 50,000, d = 128, K = 1,604) 10 iterations took 3.75 s with it, 4.54 s with 64 MiB chunks.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class KMeansResult(NamedTuple):

@@ -24,24 +24,26 @@ SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): score a fixed random sample of
 
 @torch.no_grad()
 def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_size: int = 256,
-               autocast: bool = False, prefetch: int = 3) -> torch.Tensor:
-    """Unit codes (N, d) float32 on the CPU of every image in index order, the encoder in eval mode.
+               autocast: bool = False, prefetch: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit codes (N, d) float32 of every image in index order, the encoder in eval mode.
 
+    out: the (N, d) float32 tensor to fill, on any device (a memory-mapped file's, or the memory
+    bank itself), so that no second N x d array is made; by default a new one on the CPU.
     prefetch: batches read ahead by a background thread (laray.prefetch); 0 reads in the loop.
     """
     was_training = encoder.training
     encoder.eval()
-    codes = None  # filled in place: a list of batches then torch.cat would hold the codes twice
+    codes = out  # filled in place: a list of batches then torch.cat would hold the codes twice
     batches = [np.arange(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
     try:
         with BatchPrefetcher(dataset, batches, device, prefetch) as feed:
             for idx, images in feed:
                 x = model_batch(images, device, channels_last=autocast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    batch = F.normalize(encoder(x).float(), dim=1).cpu()
+                    batch = F.normalize(encoder(x).float(), dim=1)
                 if codes is None:
-                    codes = batch.new_empty(len(dataset), batch.shape[1])
-                codes[idx[0]:idx[-1] + 1] = batch
+                    codes = torch.empty(len(dataset), batch.shape[1])
+                codes[idx[0]:idx[-1] + 1] = batch.to(codes.device)
     finally:
         encoder.train(was_training)
     return codes
@@ -63,8 +65,13 @@ def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None 
         n_clusters = len(np.unique(labels[labels >= 0])) if labelled else 10
     n_clusters = max(1, min(n_clusters, len(codes)))
     x = codes.to(device).float()
-    runs = [kmeans(x, n_clusters, seed=seed + i) for i in range(n_init)]
-    assignments = min(runs, key=lambda r: r.inertia).labels.cpu().numpy()
+    best = None  # only the best run is kept: 20 runs' labels would be 20 more N-long arrays
+    for i in range(n_init):
+        run = kmeans(x, n_clusters, seed=seed + i)
+        if best is None or run.inertia < best.inertia:
+            best = run
+        del run
+    assignments = best.labels.cpu().numpy()
     if labelled:
         known = labels >= 0
         if heldout is None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from laray.ae_store import get_or_train, read_baselines, store_key
-from laray.cache import default_cache_dir
+from laray.cache import default_cache_dir, preallocate
 from laray.checkpoint import write_atomic
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset
@@ -66,6 +66,47 @@ def write_json(path: Path, obj) -> None:
 def write_codes(path: Path, codes: torch.Tensor) -> None:
     array = codes.numpy().astype(np.float32, copy=False)  # no copy: float32 already
     write_atomic(path, lambda file: np.save(file, array))
+
+
+class CodesFile:
+    """An evaluation's codes written straight into a memory-mapped .npy beside `path`, then renamed over it.
+
+    At Danish Fungi size the codes are one more N x d array beside the memory bank (141 MB at
+    N = 276,000, d = 128). Mapped from the file that is written anyway, they are pages the kernel
+    can write back and drop, not private memory (benchmarks/sweep_scale.py measures the worker).
+    A kill before `publish` leaves the previous codes.npy whole, as write_atomic does.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self._map, self._pending = None, False
+
+    def new(self, n: int, d: int) -> torch.Tensor:
+        self._map = None  # the previous evaluation's map: its file was renamed into place or is overwritten
+        with naming_full_disk(self.path.parent, self.path.name):
+            self._map = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n, d))
+            preallocate(self.partial)  # a full disk fails here, not as SIGBUS while the map is written
+        self._pending = True
+        return torch.from_numpy(self._map)
+
+    def holds(self, codes: torch.Tensor) -> bool:
+        return self._map is not None and codes.data_ptr() == self._map.ctypes.data
+
+    def publish(self) -> None:
+        """The codes of the last `new` to disk, renamed over `path` (once: a second call finds them there)."""
+        if not self._pending:
+            return
+        self._pending = False
+        with naming_full_disk(self.path.parent, self.path.name):
+            self._map.flush()  # msync: written back before the rename makes them the run's codes
+            os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        """Remove codes never published (a run stopped by an error): the folder keeps only whole files."""
+        if self._pending:
+            self._map, self._pending = None, False
+            self.partial.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -174,17 +215,24 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     def write_outputs(la_history: list, codes: torch.Tensor, assignments: np.ndarray) -> dict:
         # Every epoch, so that a run stopped at a report (ASHA, Ctrl-C) still leaves its latest outputs.
         # Each file atomically, metrics.json last; a full disk stops the run naming `out` (laray.errors).
-        write_codes(out / "codes.npy", codes)
+        if codes_file.holds(codes):
+            codes_file.publish()
+        else:
+            write_codes(out / "codes.npy", codes)
         write_assignments(out / "assignments.csv", dataset, assignments, heldout)
         scores = {k: v for k, v in la_history[-1].items() if k.removeprefix(PREFIX) in SCORE_NAMES}
         metrics = metrics_of(scores, la_history)
         write_json(out / "metrics.json", metrics)
         return metrics
 
-    result = finetune_la(dataset, stage1.encoder_state, ae_cfg, la_cfg, seed, device, checkpoint=out / "checkpoints" / "la.ckpt",
-                         resume=resume, callback=callback, progress=progress, on_evaluated=write_outputs)
-    if not result.history:  # zero LA epochs: score the encoder as it is
-        return write_outputs([{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes,
-                             result.assignments)
-    metrics = write_outputs(result.history, result.codes, result.assignments)
-    return metrics
+    codes_file = CodesFile(out / "codes.npy")
+    try:
+        result = finetune_la(dataset, stage1.encoder_state, ae_cfg, la_cfg, seed, device,
+                             checkpoint=out / "checkpoints" / "la.ckpt", resume=resume, callback=callback,
+                             progress=progress, on_evaluated=write_outputs, codes_buffer=codes_file.new)
+        if not result.history:  # zero LA epochs: score the encoder as it is
+            return write_outputs([{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes,
+                                 result.assignments)
+        return write_outputs(result.history, result.codes, result.assignments)
+    finally:
+        codes_file.discard()

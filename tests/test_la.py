@@ -54,7 +54,9 @@ def test_loss_matches_reference_before_first_recluster():
     assert loss(codes, indices).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_gradcheck_double():
+@pytest.mark.parametrize("dense_ratio", [0, 10**6])
+def test_gradcheck_double(monkeypatch, dense_ratio):
+    monkeypatch.setattr(laray.la, "DENSE_BACKWARD_RATIO", dense_ratio)
     torch.manual_seed(0)
     loss = make_loss(n=20, d=5, k=6, R=2, C=4, tau=0.3, dtype=torch.float64)
     loss.recluster()
@@ -63,14 +65,17 @@ def test_gradcheck_double():
     assert torch.autograd.gradcheck(lambda c: loss(c, indices), (codes,))
 
 
-def test_chunked_step_equals_one_chunk_in_loss_and_gradient(monkeypatch):
-    """At large N the step runs in row chunks; each row's result must not depend on the chunking."""
+@pytest.mark.parametrize("dense_ratio", [0, 10**6])  # the backward from gathered rows of M; from dense scores
+def test_chunked_step_equals_one_chunk_in_loss_and_gradient(monkeypatch, dense_ratio):
+    """At large N the step runs in blocks of bank columns (forward) and of rows (backward); no result may
+    depend on the blocking, nor on which backward runs."""
     torch.manual_seed(1)
     loss = make_loss(n=60, k=12, R=2, C=6)
     loss.recluster()
     indices = torch.randperm(60)[:16]
+    monkeypatch.setattr(laray.la, "DENSE_BACKWARD_RATIO", dense_ratio)
     results = []
-    for chunk in (1 << 24, 60 * 3):  # everything at once; 3 rows at a time
+    for chunk in (1 << 24, 60 * 3):  # everything at once; blocks of 13 columns and of 1 to 3 rows
         monkeypatch.setattr(laray.la, "STEP_CHUNK_ELEMENTS", chunk)
         codes = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
         value = loss(codes, indices)
@@ -98,9 +103,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_a_step_makes_nothing_the_size_of_batch_times_bank(monkeypatch):
-    """A step's memory must not grow with N beyond the bank: (b, N) scores exist a chunk of rows at a time."""
-    monkeypatch.setattr(laray.la, "STEP_CHUNK_ELEMENTS", 4 * 500)  # chunks of 4 rows
+@pytest.mark.parametrize("dense_ratio", [0, 10**6])
+def test_a_step_makes_nothing_the_size_of_batch_times_bank(monkeypatch, dense_ratio):
+    """A step's memory must not grow with N beyond the bank: (b, N) scores exist a block at a time."""
+    monkeypatch.setattr(laray.la, "STEP_CHUNK_ELEMENTS", 4 * 500)  # 62 columns, or 4 rows, at a time
+    monkeypatch.setattr(laray.la, "DENSE_BACKWARD_RATIO", dense_ratio)
     loss = make_loss(n=500, d=8, k=20)
     loss.recluster()
     codes = torch.randn(32, 8, requires_grad=True)

@@ -26,8 +26,9 @@ from laray.cli import main
 from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict, load_config, replace
 from laray.data import ImageDataset, load_dataset
 from laray.la import LocalAggregationLoss, MemoryBank
-from laray.models import AutoEncoderVGG
-from laray.run import train_run
+from laray.evaluate import encode_all
+from laray.models import AutoEncoderVGG, EncoderVGGMerged
+from laray.run import Stage1, train_run
 from laray.train import NonFiniteLossError, finetune_la, pretrain_autoencoder
 
 N = 48  # tiny subset: 3 batches of 16 per epoch
@@ -464,6 +465,58 @@ def test_train_run_reuses_the_autoencoder(tiny, tmp_path):
     third = train_run(tiny, tmp_path / "run3", AE, replace(LA, epochs=0), seed=1, device="cpu", store_dir=store,
                       progress=False)
     assert third["autoencoder"]["trained_in_this_run"] is True and third["autoencoder"]["key"] != key
+
+
+def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encoder_state, tmp_path, monkeypatch):
+    """train_run's evaluations encode straight into a memory map of the codes.npy they publish: the codes
+    that k-means clusters are the file's pages, no N x d array of the worker's own; a run stopped by an
+    error leaves the last published codes.npy whole and no partial file."""
+    stage1 = Stage1("key", encoder_state, [], {"mean": {}})
+    seen = []
+    real_score_codes = train_mod.score_codes
+
+    def spy(codes, *args, **kwargs):
+        seen.append((codes.data_ptr(), sorted(p.name for p in (tmp_path / "out").iterdir())))
+        return real_score_codes(codes, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "score_codes", spy)
+    metrics = train_run(tiny, tmp_path / "out", AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False,
+                        stage1=stage1)
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2] and len(seen) == 2
+    assert all(".codes.npy.partial" in names for _, names in seen)  # clustered while they were being written
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["assignments.csv", "checkpoints", "codes.npy", "metrics.json"]
+    codes = np.load(tmp_path / "out" / "codes.npy")
+    assert codes.dtype == np.float32 and codes.shape == (N, 8 * 8)  # width 0.125: 64 channels, mean merger
+    np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-5)
+    # The same codes as a run that keeps them in memory, bit for bit.
+    plain = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False)
+    assert np.array_equal(codes, plain.codes.numpy())
+
+    seen.clear()
+
+    def fail_in_the_second_evaluation(codes, *args, **kwargs):
+        if len(seen) == 1:
+            raise Stop
+        return spy(codes, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "score_codes", fail_in_the_second_evaluation)
+    before = (tmp_path / "out" / "codes.npy").read_bytes()
+    with pytest.raises(Stop):
+        train_run(tiny, tmp_path / "out", AE, replace(LA, epochs=2, temperature=0.2), seed=0, device="cpu",
+                  progress=False, stage1=stage1)
+    assert not (tmp_path / "out" / ".codes.npy.partial").exists()
+    assert (tmp_path / "out" / "codes.npy").read_bytes() != before  # epoch 1's codes of this run, published
+    np.load(tmp_path / "out" / "codes.npy")  # whole
+
+
+def test_encode_all_fills_the_tensor_it_is_given(tiny, encoder_state):
+    model = EncoderVGGMerged(AE.arch, None, AE.width, "mean")
+    model.encoder.load_state_dict(encoder_state)
+    out = torch.full((N, model.code_dim(32)), float("nan"))
+    codes = encode_all(model, tiny, torch.device("cpu"), batch_size=7, out=out)
+    assert codes is out and torch.isfinite(out).all()
+    torch.testing.assert_close(out, encode_all(model, tiny, torch.device("cpu")), rtol=0, atol=0)
 
 
 def test_train_run_checks_data_size_before_training(tiny, tmp_path):

@@ -29,15 +29,19 @@ def _rows_per_chunk(n_cols: int) -> int:
 def _assign(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row of x and the squared distance to it (x_sq: the rows' squared norms)."""
     c_sq = (centroids * centroids).sum(1)  # (C,)
-    labels, dists = [], []
-    step = _rows_per_chunk(len(centroids))
-    for start in range(0, len(x), step):
+    n, step = len(x), _rows_per_chunk(len(centroids))
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    dists = x.new_empty(n)
+    # One score buffer for every chunk: a new 16 MiB block per chunk, freed between small lasting
+    # allocations, grew glibc's heap by 800 MB in a 5-iteration k-means at N = 276,000 on 2 threads.
+    buffer = x.new_empty(min(step, n) * len(centroids))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        part = buffer[:(rows.stop - start) * len(centroids)].view(rows.stop - start, len(centroids))
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms.
-        part = torch.addmm(c_sq, x[start:start + step], centroids.T, alpha=-2.0)  # (chunk, C)
-        d, lab = part.min(1)
-        labels.append(lab)
-        dists.append(d)
-    return torch.cat(labels), (torch.cat(dists) + x_sq).clamp_min_(0)
+        torch.addmm(c_sq, x[rows], centroids.T, alpha=-2.0, out=part)  # (chunk, C)
+        torch.min(part, 1, out=(dists[rows], labels[rows]))
+    return labels, (dists + x_sq).clamp_min_(0)
 
 
 def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, n_clusters: int, gen: torch.Generator) -> torch.Tensor:
@@ -77,7 +81,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means
     if init not in ("k-means++", "random"):
         raise ValueError(f"unknown init {init!r}; valid: 'k-means++', 'random'")
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    x_sq = (x * x).sum(1)  # (N,)
+    x_sq = torch.einsum("ij,ij->i", x, x)  # (N,), without the (N, d) temporary that (x * x).sum(1) makes
     if init == "k-means++":
         centroids = _kmeans_plus_plus(x, x_sq, n_clusters, gen)
     else:

@@ -141,18 +141,19 @@ class _BackgroundScores(torch.autograd.Function):
         b, n = len(v), len(M)
         own = v.new_empty(b)
         top, top_j = v.new_empty(b, 0), indices.new_empty(b, 0)
-        cols = max(k + 1, STEP_CHUNK_ELEMENTS // max(b, 1))  # the first block holds k entries besides i
+        cols = min(n, max(k + 1, STEP_CHUNK_ELEMENTS // max(b, 1)))  # the first block holds k entries besides i
+        buffer = v.new_empty(b * cols)  # one for every block: see laray.clustering._assign on glibc's heap
         for start in range(0, n, cols):
-            sims = v @ M[start:start + cols].T  # (b, cols)
-            here = ((indices >= start) & (indices < start + sims.shape[1])).nonzero().flatten()
+            width = min(cols, n - start)
+            sims = torch.mm(v, M[start:start + width].T, out=buffer[:b * width].view(b, width))  # (b, width)
+            here = ((indices >= start) & (indices < start + width)).nonzero().flatten()
             own[here] = sims[here, indices[here] - start]
             sims[here, indices[here] - start] = float("-inf")  # the neighbours are other entries
-            scores, cols_j = sims.topk(min(k, sims.shape[1]), dim=1, sorted=False)  # order is not needed
+            scores, cols_j = sims.topk(min(k, width), dim=1, sorted=False)  # order is not needed
             top, top_j = torch.cat([top, scores], 1), torch.cat([top_j, cols_j + start], 1)
             if top.shape[1] > k:
                 top, pick = top.topk(k, dim=1, sorted=False)
                 top_j = top_j.gather(1, pick)
-            del sims  # before the next block's product: one block alive at a time
         scores = torch.cat([own[:, None], top], 1)
         B = torch.cat([indices[:, None], top_j], 1)
         ctx.save_for_backward(M, B)  # M is the bank itself, not a copy; it changes only after backward
@@ -162,15 +163,19 @@ class _BackgroundScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores, _grad_B):
         M, B = ctx.saved_tensors
-        n, width = len(M), B.shape[1]
-        grad_v = torch.empty(len(B), M.shape[1], dtype=grad_scores.dtype, device=grad_scores.device)
+        (n, d), width = M.shape, B.shape[1]
+        grad_v = torch.empty(len(B), d, dtype=grad_scores.dtype, device=grad_scores.device)
         dense = n <= DENSE_BACKWARD_RATIO * width
-        rows = max(1, STEP_CHUNK_ELEMENTS // (n if dense else width * M.shape[1]))
+        per_row = n if dense else width * d
+        rows = min(len(B), max(1, STEP_CHUNK_ELEMENTS // per_row))
+        buffer = M.new_empty(rows * per_row)  # one for every chunk of rows, as in forward
         for start in range(0, len(B), rows):
-            part = slice(start, start + rows)
-            if dense:
-                grad = grad_scores.new_zeros(len(B[part]), n).scatter_(1, B[part], grad_scores[part])
-                grad_v[part] = grad @ M
-            else:
-                grad_v[part] = torch.bmm(grad_scores[part, None, :], M[B[part]]).squeeze(1)  # (rows, d)
+            part = slice(start, min(start + rows, len(B)))
+            size = part.stop - start
+            if dense:  # the chosen gradients scattered into (rows, N) scores, times M
+                grad = buffer[:size * n].view(size, n).zero_().scatter_(1, B[part], grad_scores[part])
+                torch.mm(grad, M, out=grad_v[part])
+            else:  # the chosen gradients times the chosen rows of M, (rows, 1+k, d)
+                chosen = torch.index_select(M, 0, B[part].flatten(), out=buffer[:size * per_row].view(-1, d))
+                torch.bmm(grad_scores[part, None, :], chosen.view(size, width, d), out=grad_v[part, None, :])
         return grad_v, None, None, None

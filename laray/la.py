@@ -132,8 +132,7 @@ class _BackgroundScores(torch.autograd.Function):
     twice the bank's size at b = 256, d = 128). Backward: d(v_i.M_j)/dv_i = M_j, from the
     (rows, 1+k, d) chosen rows of M; while N <= DENSE_BACKWARD_RATIO (1 + k), a dense (rows, N)
     scatter times M costs less on the CPU (gathering rows is slow there) and is used instead.
-    On 2 CPU cores, b = 256, d = 128, k = 300, forward + backward: 7.7 ms at N = 5,000, 67 ms
-    at 50,000, 310 ms at 276,000 (row chunks that each read the whole bank took 8.5, 73 and 402).
+    Its time and memory against plain autograd: benchmarks/step_memory.py (README, "Why it is fast").
     """
 
     @staticmethod

@@ -53,8 +53,8 @@ def release_free_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
 
     glibc keeps what a phase freed (the step's blocks, k-means' buffers) for later mallocs, so
-    without it a worker's resident memory carries the peak of one phase into the next: at
-    N = 50,000 on 2 CPUs, an evaluation's peak fell from 1,402 to 1,220 MB with it.
+    without it a worker's resident memory carries the peak of one phase into the next
+    (benchmarks/sweep_scale.py measures the worker's peak).
     """
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)

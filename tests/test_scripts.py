@@ -158,3 +158,17 @@ def test_sweep_overhead_benchmark_quick_mode_prints_measured_figures(tmp_path):
     row = re.search(r"^\s+1\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)%", out, flags=re.M)
     assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0
     assert re.search(r"saves 7 x ([\d.]+) s = ([\d.]+) s", out)
+
+
+def test_heap_growth_benchmark_small_size_prints_measured_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap_growth.py"), "--n", "3000", "--iters", "2",
+                          "--steps", "2", "--repeats", "1"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    rows = re.findall(r"^(k-means|LA steps), .*?\s+1\s+(\d+)\s+(\d+)\s+([+-]\d+)\s+(\d+)\s+(\d+)\s+([+-]\d+)$",
+                      out, flags=re.M)
+    assert [r[0] for r in rows] == ["k-means", "k-means", "LA steps"], out
+    for row in rows:  # growth = after - before, to the rounding of each
+        rss_before, rss_after, rss_growth, anon_before, anon_after, anon_growth = (int(v) for v in row[1:])
+        assert abs(rss_after - rss_before - rss_growth) <= 1 and abs(anon_after - anon_before - anon_growth) <= 1
+        assert 0 < anon_before <= rss_before
+    assert len(re.findall(r"^  median\s+[+-]\d+\s+[+-]\d+$", out, flags=re.M)) == 3, out

@@ -29,7 +29,7 @@ from laray.confirm import pick_top
 from laray.data import describe
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
-from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, run_sweep
+from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, ignore_exit_in_callbacks, run_sweep
 
 from conftest import write_digit_folder
 
@@ -886,3 +886,24 @@ def test_cli_sweep_help():
     for option in ("--space", "--num-samples", "--storage", "--name", "--resume", "--max-failures",
                    "--cpus-per-trial", "--gpus-per-trial", "--holdout", "--confirm-top", "--confirm-seeds"):
         assert option in done.stdout
+
+
+def test_a_worker_ignores_an_exit_raised_in_a_callback_and_still_reports_other_ignored_errors(monkeypatch):
+    """Ray's SystemExit landing in a garbage-collection callback printed a traceback on the console."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(type(unraisable.exc_value)))
+    ignore_exit_in_callbacks()
+    ignore_exit_in_callbacks()  # a reused worker installs it again: still one hook in front
+
+    class RaisesOnDelete:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    obj = RaisesOnDelete(SystemExit(1))
+    del obj  # Python cannot raise from __del__: it hands the exception to sys.unraisablehook
+    obj = RaisesOnDelete(ValueError("a real one"))
+    del obj
+    assert seen == [ValueError]

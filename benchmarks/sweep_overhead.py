@@ -25,7 +25,7 @@ import torch
 
 from laray.config import replace
 from laray.data import describe, open_dataset
-from laray.config import demo_configs
+from laray.defaults import demo_configs
 from laray.run import stored_stage1, train_run
 from laray.space import SWEEP_SET, parse_space
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
-from laray.config import demo_configs
+from laray.defaults import demo_configs
 from laray.train import make_optimizer
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, in FLOP/s.

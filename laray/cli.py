@@ -53,13 +53,15 @@ def _add_data_options(parser) -> None:
 
 
 def _defaults(field: str, stage: int = 0) -> str:
-    """'default: X' for a training setting: the digits' CPU-sized value, and the one for other data if it differs."""
-    from laray.config import default_configs
+    """'default: X' for a training setting, per bundled settings where they differ (laray.defaults)."""
+    from laray.defaults import CPU_PHOTOS, DEMO, GPU_PHOTOS, train_configs
+    from laray.space import load_space
 
-    digits, other = (getattr(default_configs(spec)[stage], field) for spec in ("digits", ""))
-    if digits is None and other is None:
-        return "default: none"
-    return f"default: {digits}" if digits == other else f"default: {digits} for digits, {other} for other data"
+    values = {label: getattr(train_configs(load_space(name))[stage], field)
+              for label, name in (("digits", DEMO), ("photos without CUDA", CPU_PHOTOS), ("photos on CUDA", GPU_PHOTOS))}
+    if len(set(map(str, values.values()))) == 1:
+        return f"default: {next(iter(values.values()))}"
+    return "default: " + ", ".join(f"{value} for {label}" for label, value in values.items())
 
 
 def _add_train_command(commands) -> None:
@@ -67,7 +69,8 @@ def _add_train_command(commands) -> None:
         "train", help="one run of both stages with one set of hyperparameters (no Ray)",
         description="Pretrain the auto-encoder (or reuse one trained before with the same data, stage-1 "
                     "settings and seed), fine-tune its encoder with Local Aggregation, and score the clusters. "
-                    "Settings: the defaults for the data (CPU-sized for 'digits'), then --config, then flags. "
+                    "Settings: the bundled ones for the data and the device (the digits' demo; photos on a CPU, "
+                    "photos-cpu; photos on CUDA, default: the first line says which), then --config, then flags. "
                     "Writes metrics.json, assignments.csv, codes.npy and checkpoints/ to --out.")
     train.add_argument("--data", default="digits", metavar="SPEC",
                        help="'digits' (default), a folder with one sub-folder per species, or a CSV file")
@@ -122,8 +125,10 @@ def _add_sweep_command(commands) -> None:
                     "Ray Tune. With no arguments: the embedded digits and search_spaces/demo.yaml, a few minutes "
                     "on a laptop CPU. Results go to STORAGE/NAME: Ray Tune's experiment folder (TensorBoard logs, "
                     "checkpoints, each trial's assignments.csv) and optuna.db.")
-    sweep.add_argument("--space", default="demo", metavar="FILE",
-                       help="search space YAML, or a name in search_spaces/ (default: %(default)s)")
+    sweep.add_argument("--space", metavar="FILE",
+                       help="search space YAML, or a bundled one: demo, photos-cpu, default (default: by the data and "
+                            "the trials' devices: digits, demo; photos on CPUs, photos-cpu; photos on GPUs "
+                            "(--gpus-per-trial > 0), default)")
     sweep.add_argument("--data", metavar="SPEC", help="data set (default: the space's 'data', else digits)")
     _add_data_options(sweep)
     sweep.add_argument("--num-samples", type=_positive_int, metavar="N", help="trials (default: the space's)")
@@ -136,8 +141,9 @@ def _add_sweep_command(commands) -> None:
                        help="Ray cluster to join ('auto': the running one; default: a local Ray for this sweep)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N",
                        help="CPUs Ray reserves for each trial, also its torch threads (default: %(default)s)")
-    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N",
-                       help="GPUs Ray reserves for each trial, fractions allowed, e.g. 0.5 (default: %(default)s)")
+    sweep.add_argument("--gpus-per-trial", type=float, metavar="N",
+                       help="GPUs Ray reserves for each trial, fractions allowed, e.g. 0.5 (default: 1 when this "
+                            "machine has CUDA and --device is not cpu, else 0)")
     sweep.add_argument("--max-failures", type=int, default=2, metavar="N",
                        help="restarts of a trial whose worker dies, from its last checkpoint (default: %(default)s)")
     sweep.add_argument("--holdout", type=_fraction, metavar="F",
@@ -313,12 +319,17 @@ def _check_device_name(device: str) -> None:
 
 
 def _train(args) -> int:
-    from laray.config import default_configs, load_config, replace
+    from laray.config import load_config, replace
     from laray.dataref import describe
+    from laray.defaults import choose, fit_to_size, train_configs
+    from laray.space import load_space
 
-    # Settings, device name and data listing first: a usage error costs no torch import.
+    # Device name, settings and data listing first: a usage error costs no model built, nothing written.
     _check_device_name(args.device)
-    ae_cfg, la_cfg = default_configs(args.data)
+    choice = choose(args.data, cuda=_cuda_for_training(args.device),
+                    no_cuda_reason="no CUDA device here" if args.device == "auto" else f"--device {args.device}")
+    defaults = train_configs(load_space(choice.space))
+    ae_cfg, la_cfg = defaults
     if args.config:
         ae_cfg, la_cfg = load_config(args.config, base=(ae_cfg, la_cfg))
     ae_cfg = replace(ae_cfg, arch=args.arch, width=args.width, pretrained=args.pretrained,
@@ -329,7 +340,11 @@ def _train(args) -> int:
                      batch_size=args.batch_size)
     ref = describe(args.data, ae_cfg.image_size, label_column=args.label_column, path_column=args.path_column,
                    image_root=args.image_root)
+    la_cfg = fit_to_size(la_cfg, defaults[1], len(ref))
     la_cfg.check_data_size(len(ref))
+    # The first line, once the settings hold: which bundled settings, why, and how to choose others.
+    print(choice.announcement("--config FILE or the flags (laray train --help)")
+          + (f"; --config {args.config} is laid over them" if args.config else ""), flush=True)
     for note in ref.notes:
         logging.getLogger("laray.data").warning(note)
 
@@ -347,6 +362,13 @@ def _train(args) -> int:
         print(f"baseline {name}: " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     print(f"wrote {args.out}/metrics.json, assignments.csv, codes.npy")
     return 0
+
+
+def _cuda_for_training(device: str) -> bool:
+    """Whether `laray train --device DEVICE` trains on CUDA (auto: when this machine has it)."""
+    from laray.defaults import cuda_available
+
+    return cuda_available() if device == "auto" else device.startswith("cuda")
 
 
 def _sweep_name(stem: str, storage: str, resume: bool) -> str:
@@ -368,20 +390,32 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from laray.dataref import describe
+    from laray.dataref import DIGITS, describe
+    from laray.defaults import choose
     from laray.space import load_space
 
     _check_device_name(args.device)
-    space = load_space(args.space).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
+    if args.gpus_per_trial is None:  # a GPU per trial where this machine has one and the user did not say cpu
+        args.gpus_per_trial = 1.0 if args.device != "cpu" and _cuda_for_training("auto") else 0.0
+    space_name = args.space
+    if space_name is None:  # the bundled settings for the data and the trials' devices, said out loud
+        choice = choose(args.data or DIGITS, cuda=args.gpus_per_trial > 0,
+                        no_cuda_reason="the trials get no GPU (--gpus-per-trial 0)")
+        space_name = choice.space
+    space = load_space(space_name).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
                                               confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
     spec = args.data or space.data
+    if spec is None:
+        raise LarayError(f"the search space {space.source} names no data set: give --data FOLDER_OR_CSV")
     name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
     # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
     data = describe(spec, space.ae.image_size, label_column=args.label_column, path_column=args.path_column,
                     image_root=args.image_root)
+    space.check_data_size(len(data))
+    if args.space is None:  # the first line: which bundled settings, why, and how to choose others
+        print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
     for note in data.notes:
         logging.getLogger("laray.data").warning(note)
-    space.check_data_size(len(data))
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
 
     ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
@@ -409,7 +443,8 @@ def _print_search_best(result, space) -> None:
     for key, value in result.best_config.items():
         print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
     raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
-    print(f"  {'':<20} {'best trial':>10} {'k-means on raw pixels':>22} {'on the auto-encoder codes':>26}")
+    codes_label = "on the untrained encoder" if space.ae.epochs == 0 else "on the auto-encoder codes"
+    print(f"  {'':<20} {'best trial':>10} {'k-means on raw pixels':>22} {codes_label:>26}")
     for key in ("purity", "nmi", "ari", "acc", "heldout_purity"):
         if key in result.best_metrics:
             print(f"  {key:<20} {result.best_metrics[key]:>10.3f} {raw.get(key, float('nan')):>22.3f} "
@@ -429,7 +464,8 @@ def _print_confirmed(result, space) -> None:
                                       for k, v in entry["config"].items()), entry)
             for i, entry in enumerate(result.confirmed)]
     rows += [("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),
-             ("k-means on the auto-encoder's codes", result.confirmed_baselines["autoencoder"])]
+             ("k-means on the untrained encoder's codes" if space.ae.epochs == 0 else
+              "k-means on the auto-encoder's codes", result.confirmed_baselines["autoencoder"])]
     print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
     for label, entry in rows:
         interval = entry.get(f"{objective}_ci95")
@@ -442,6 +478,10 @@ def _print_confirmed(result, space) -> None:
     print(f"winner: #1, mean {objective} {winner[f'{objective}_mean']:.3f}"
           + (f"; held-out {objective} {held:.3f} (the estimate to report: no choice was made on it)"
               if held is not None else ""))
+    if result.margin and result.margin["seeds"]:
+        from laray.confirm import describe_margin
+
+        print(describe_margin(result.margin, objective))
 
 
 def _analyze(args) -> int:

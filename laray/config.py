@@ -89,6 +89,9 @@ class LAConfig(OptimConfig):
     augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
     crop_min_area: float = 0.5  # augmentation's random crops keep at least this share of the image
     flip: bool = True  # augmentation mirrors half the images; off where mirroring changes the class (digits)
+    jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
+    grey: float = 0.0  # the share of augmented images turned grey
+    blur: float = 0.0  # the share of augmented images blurred (Gaussian, laray.augment.BLUR_SIGMA)
     lr: float = 0.01
     eval_every: int = 1  # LA epochs between evaluations (and always the last): at N = 276,000 one costs an epoch
     # Held-out scoring (laray.holdout): this fraction of each species' images is scored apart
@@ -111,6 +114,9 @@ class LAConfig(OptimConfig):
         _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1",
                  self.eval_every)
         _require(0 < self.crop_min_area <= 1, "crop_min_area", "must be in (0, 1]", self.crop_min_area)
+        _require(0 <= self.jitter < 1, "jitter", "must be in [0, 1)", self.jitter)
+        _require(0 <= self.grey <= 1, "grey", "must be in [0, 1]", self.grey)
+        _require(0 <= self.blur <= 1, "blur", "must be in [0, 1]", self.blur)
         _require(0 <= self.holdout < 1, "holdout", "must be in [0, 1)", self.holdout)
         _require(self.merger in ("mean", "flatten"), "merger", "must be 'mean' or 'flatten'", self.merger)
         _require(self.bank_init in ("codes", "random"), "bank_init", "must be 'codes' or 'random'", self.bank_init)
@@ -179,18 +185,3 @@ def load_config(path: str | Path, base: tuple[AutoEncoderConfig, LAConfig] | Non
             raise ConfigError(f"section {name!r} of {path} must be a mapping of settings")
     return (from_dict(AutoEncoderConfig, {**dataclasses.asdict(ae), **(raw.get("autoencoder") or {})}),
             from_dict(LAConfig, {**dataclasses.asdict(la), **(raw.get("la") or {})}))
-
-
-def demo_configs() -> tuple[AutoEncoderConfig, LAConfig]:
-    """CPU-sized settings for the embedded digits: both stages in half a minute on 2 cores."""
-    ae = AutoEncoderConfig(arch="vgg11_bn", width=0.25, image_size=32, epochs=5, batch_size=64, lr=0.05)
-    # An earlier demo sweep's winner, without mirroring (a mirrored digit is another digit) and with a
-    # slower bank (m 0.1, not its 0.2): README, "Quality on digits".
-    la = LAConfig(epochs=10, batch_size=64, lr=0.01, temperature=0.04, mixing_rate=0.1, k_neighbours=300,
-                  clustering_repeats=7, n_centroids=240, augment=True, flip=False)
-    return ae, la
-
-
-def default_configs(spec: str) -> tuple[AutoEncoderConfig, LAConfig]:
-    """What `laray train` starts from: the digits' CPU-sized settings, else the class defaults."""
-    return demo_configs() if spec == "digits" else (AutoEncoderConfig(), LAConfig())

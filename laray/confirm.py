@@ -97,3 +97,46 @@ def baselines_over_seeds(baselines: dict[int, dict]) -> dict:
     seeds = sorted(baselines)
     return {name: {"seeds": seeds, **summarize([baselines[s][name] for s in seeds])}
             for name in ("raw_pixels", "autoencoder")}
+
+
+def margin_over(winner: dict, baseline: dict) -> dict:
+    """The winner's scores minus a baseline's, paired by seed: the same summary as `summarize`, over the differences.
+
+    winner: a `confirmed` entry; baseline: one of `baselines_over_seeds`. Each confirmation seed
+    trains its own stage 1 and scores its own baselines, so the differences are paired, and their
+    interval says whether the winner beat the baseline beyond the seeds' spread. Held-out scores
+    get an interval too (heldout_purity_ci95): the estimate to report needs one most.
+    """
+    def per_seed(summary: dict) -> dict[int, dict]:
+        names = [n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if len(summary.get(n, ())) == len(summary["seeds"])]
+        return {seed: {n: summary[n][i] for n in names} for i, seed in enumerate(summary["seeds"])}
+
+    won, base = per_seed(winner), per_seed(baseline)
+    seeds = [s for s in won if s in base]
+    runs = [{n: won[s][n] - base[s][n] for n in won[s] if n in base[s]} for s in seeds]
+    out = {"seeds": seeds, **summarize(runs)}
+    for name in SCORES:
+        if PREFIX + name in out:
+            out[f"{PREFIX}{name}_ci95"] = interval95(out[PREFIX + name])
+    return out
+
+
+def describe_margin(margin: dict, objective: str) -> str:
+    """One line: the winner's margin over k-means on raw pixels, its interval, held-out, and what it means."""
+    def part(name: str) -> str:
+        ci = margin.get(f"{name}_ci95")
+        return f"{margin[f'{name}_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+    text = f"{objective} {part(objective)}"
+    if f"{PREFIX}{objective}_mean" in margin:
+        text += f", held-out {part(PREFIX + objective)}"
+    ci = margin.get(f"{objective}_ci95")
+    if ci is None:
+        verdict = "one seed: no interval"
+    elif ci[0] > 0:
+        verdict = "LA beat raw pixels on these images"
+    elif ci[1] < 0:
+        verdict = "LA did worse than raw pixels on these images"
+    else:
+        verdict = "not shown to beat raw pixels: the interval includes 0"
+    return f"winner minus k-means on raw pixels, paired by seed: {text} (95 % intervals); {verdict}"

@@ -25,6 +25,8 @@ from laray import analysis, plots
 
 BASELINE_NAMES = {"raw_pixels": "k-means on raw pixels", "autoencoder": "k-means on the auto-encoder's codes",
                   "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes"}
+# With no stage-1 epochs (the CPU photo settings), LA starts from a randomly initialised encoder.
+UNTRAINED_CODES = "k-means on the untrained encoder's codes"
 FEW_TRIALS = 20  # below this many finished trials, parameter importances are mostly noise
 NO_LABELS = ("The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
              "compared by the silhouette of their codes instead.")
@@ -78,6 +80,13 @@ class Scored:
     notes: list
     confirmed: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.confirmed_table; empty: none
     summary: dict = field(default_factory=dict)  # the sweep's best.json ({} when absent)
+
+    @property
+    def baseline_names(self) -> dict:
+        """BASELINE_NAMES, the codes' baseline named for what stage 1 was: trained, or no epochs at all."""
+        some = next((t for t in self.trials if t.metrics), None)
+        epochs = some.metrics.get("config", {}).get("autoencoder", {}).get("epochs", 1) if some else 1
+        return BASELINE_NAMES if epochs else {**BASELINE_NAMES, "autoencoder": UNTRAINED_CODES}
 
     @property
     def best(self) -> analysis.Trial | None:
@@ -156,8 +165,20 @@ def _confirmed_baselines(scored: Scored) -> dict:
     for key in ("raw_pixels", "autoencoder"):
         columns = {c.removeprefix(f"{key}_"): c for c in scored.confirmed if c.startswith(f"{key}_")}
         if columns:
-            out[BASELINE_NAMES[key]] = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed])
+            out[scored.baseline_names[key]] = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed])
     return out
+
+
+def _margin_over_raw_pixels(winner_runs: pd.DataFrame) -> dict:
+    """laray.confirm.margin_over of the winner's confirmation runs (one row per seed) over their raw-pixel baselines."""
+    from laray.confirm import margin_over
+
+    rows = winner_runs.sort_values("seed")
+    names = [c.removeprefix("raw_pixels_") for c in rows if c.startswith("raw_pixels_")]
+    names = [n for n in names if n in rows]
+    seeds = rows["seed"].tolist()
+    return margin_over({"seeds": seeds, **{n: rows[n].tolist() for n in names}},
+                       {"seeds": seeds, **{n: rows[f"raw_pixels_{n}"].tolist() for n in names}})
 
 
 def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[str]:
@@ -233,9 +254,9 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
         lines += ["", "| | " + " | ".join(scores) + " |", "|" + " --- |" * (len(scores) + 1),
                   "| best trial | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |"]
         for name, base in baselines.items():
-            lines.append(f"| {BASELINE_NAMES.get(name, name)} | " + " | ".join(
+            lines.append(f"| {scored.baseline_names.get(name, name)} | " + " | ".join(
                 f"{base[s]:.3f}" if s in base else "" for s in scores) + " |")
-        beats = [BASELINE_NAMES.get(n, n) for n in baselines if row.get(f"beats_{n}")]
+        beats = [scored.baseline_names.get(n, n) for n in baselines if row.get(f"beats_{n}")]
         lines += ["", f"It beats {', '.join(beats) if beats else 'no baseline'} on {objective}."
                   if baselines else "No baselines were recorded.", ""]
         if has_labels and {"purity_k2x", "purity_k5x"} <= set(row.index):
@@ -301,6 +322,12 @@ def _confirmed_section(scored: Scored) -> list[str]:
     if winner.get(f"{held}_mean") is not None:
         lines += ["", f"The held-out {objective}, {winner[f'{held}_mean']:.3f}, is the figure to report: the selection "
                   f"{objective} was used to choose this configuration, so it is optimistic."]
+    margin = _margin_over_raw_pixels(group)
+    if margin["seeds"]:
+        from laray.confirm import describe_margin
+
+        text = describe_margin(margin, objective)
+        lines += ["", text[0].upper() + text[1:] + "."]
     lines += ["", "All confirmed configurations:", "",
               "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
               "|" + " --- |" * (len(analysis.PARAMS) + 5)]

@@ -19,6 +19,8 @@
       clustering_repeats: {int: [1, 8]}
       n_centroids: {fraction: [0.02, 0.2]}          # of the data set size N, so valid for any N
       merger: {categorical: [mean, flatten]}
+    recipe:                      # optional: one value per searched setting, for `laray train` (laray.defaults)
+      temperature: 0.07
 
 A malformed file fails before Ray starts, with a SpaceError naming the key.
 Size-dependent ranges are resolved against N when the sweep starts, so that no
@@ -39,7 +41,7 @@ OBJECTIVES = ("purity", "nmi", "ari", "acc")
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
 SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
 TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "holdout", "confirm_top",
-            "confirm_seeds", "data", "fixed", "search")
+            "confirm_seeds", "data", "fixed", "search", "recipe")
 DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
 SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
@@ -101,10 +103,11 @@ class SearchSpace:
     num_samples: int = 8
     max_concurrent: int = 2
     grace_period: int = 1
-    data: str = "digits"
+    data: str | None = "digits"  # None: the user names the data
     source: str = ""
     confirm_top: int = DEFAULT_CONFIRM_TOP  # configurations re-run after the search (laray.confirm); 0: none
     confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # fresh seeds each
+    recipe: dict = dataclasses.field(default_factory=dict)  # searched setting -> the value `laray train` takes
 
     def overridden(self, holdout: float | None = None, confirm_top: int | None = None,
                    confirm_seeds: int | None = None) -> SearchSpace:
@@ -225,8 +228,8 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     holdout = _number(raw.get("holdout", DEFAULT_HOLDOUT))  # fixed.la.holdout is refused below: one place
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
         raise SpaceError(f"holdout must be a fraction in [0, 1) (0: no held-out part), got {holdout!r}")
-    data = raw.get("data", "digits")
-    if not isinstance(data, str):
+    data = raw.get("data", "digits")  # null: the space fits any photos, named with --data
+    if data is not None and not isinstance(data, str):
         raise SpaceError(f"data must be a data spec string, got {data!r}")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict) or set(fixed) - {"autoencoder", "la"}:
@@ -247,7 +250,18 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         raise SpaceError(f"search key(s) {bad} are not LA settings; valid: {list(SEARCHABLE)}")
     distributions = {name: _distribution(name, spec) for name, spec in search.items()}
     _check_values(distributions, la)
-    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, **counts)
+    recipe = raw.get("recipe") or {}
+    if not isinstance(recipe, dict):
+        raise SpaceError(f"recipe must be a mapping of searched settings to values, got {recipe!r}")
+    if set(recipe) - set(search):
+        raise SpaceError(f"recipe key(s) {sorted(set(recipe) - set(search))} are not searched; the recipe gives "
+                         f"one value for each of {sorted(search)}")
+    try:
+        with_recipe = from_dict(LAConfig, {**dataclasses.asdict(la), **{k: _number(v) for k, v in recipe.items()}})
+    except ConfigError as exc:
+        raise SpaceError(f"recipe: {exc}") from None
+    recipe = {name: getattr(with_recipe, name) for name in recipe}
+    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, recipe=recipe, **counts)
 
 
 def bundled_spaces() -> list[str]:

@@ -7,7 +7,8 @@
                                 metrics.json, assignments.csv, codes.npy, worker.json
     STORAGE/NAME/confirm/       the confirmation (laray.confirm): the top configurations with fresh
                                 seeds, a second Tune experiment whose trials have the same files
-    STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines
+    STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines,
+                                the winner's margin over k-means on raw pixels
 
 Trials receive the data set by reference (a `ListingDigest`: how to list it, digests of the
 driver's listing, the cache key; no per-file entry and never image bytes) and open it on their
@@ -37,7 +38,7 @@ import torch
 from laray.cache import default_cache_dir
 from laray.checkpoint import write_atomic
 from laray.config import replace
-from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, pick_top
+from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, margin_over, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
 from laray.errors import LarayError, naming_full_disk
 from laray.run import Stage1, write_json
@@ -174,6 +175,7 @@ class SweepResult:
     baselines: dict  # {"raw_pixels": scores, "autoencoder": scores} for the best trial's merger
     confirmed: list = dataclasses.field(default_factory=list)  # laray.confirm.confirmed: best mean first
     confirmed_baselines: dict | None = None  # the baselines over the confirmation's seeds
+    margin: dict | None = None  # the winner minus k-means on raw pixels, paired by seed (laray.confirm.margin_over)
 
 
 def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
@@ -290,17 +292,20 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         except RuntimeError:  # no trial reported anything
             best_config = best_metrics = None
         baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
-        confirmed, confirmed_baselines = [], None
+        confirmed, confirmed_baselines, margin = [], None, None
         if space.confirms and best_config is not None:
             searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
             confirmed, confirmed_baselines = _confirm(data, searched, space, shared, experiment, experiment_path, seed,
                                                       resources, verbose, max_failures)
+            if confirmed:
+                margin = margin_over(confirmed[0], confirmed_baselines["raw_pixels"])
         summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
                    if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
-                   "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines}
+                   "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines,
+                   "margin_over_raw_pixels": margin}
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
         return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
-                           len(results), errored, baselines, confirmed, confirmed_baselines)
+                           len(results), errored, baselines, confirmed, confirmed_baselines, margin)
 
 
 def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace):

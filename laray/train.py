@@ -248,7 +248,7 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         total, seen, began = 0.0, 0, time.perf_counter()
         batches = epoch_batches(n, cfg.batch_size, seed, epoch)
         transform = None if gen is None else partial(augment_batch, gen=gen, min_area=cfg.crop_min_area,
-                                                         flip=cfg.flip)  # batch order
+                                                     jitter=cfg.jitter, flip=cfg.flip, grey=cfg.grey, blur=cfg.blur)
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
             for step, (idx, images) in enumerate(tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}",
                                                       leave=False, disable=not progress)):

@@ -1,4 +1,5 @@
 """The README's commands, the CI script, the CLI and the benchmark's small mode."""
+import json
 import os
 import re
 import subprocess
@@ -172,3 +173,29 @@ def test_heap_growth_benchmark_small_size_prints_measured_figures():
         assert abs(rss_after - rss_before - rss_growth) <= 1 and abs(anon_after - anon_before - anon_growth) <= 1
         assert 0 < anon_before <= rss_before
     assert len(re.findall(r"^  median\s+[+-]\d+\s+[+-]\d+$", out, flags=re.M)) == 3, out
+
+
+def test_photo_recipe_benchmark_prints_a_table_row_over_seeds(tmp_path):
+    from conftest import write_digit_folder
+
+    photos = write_digit_folder(tmp_path / "photos", 30, size=40)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("autoencoder: {width: 0.125, image_size: 32, epochs: 1, batch_size: 16}\n"
+                      "la: {epochs: 1, batch_size: 16, k_neighbours: 8, n_centroids: 5, clustering_repeats: 1}\n")
+    env = {**os.environ, "LARAY_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_recipe.py"), "--data", str(photos),
+                          "--config", str(config), "--seeds", "0", "1", "--jobs", "2", "--set", "la.grey=0.5",
+                          "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    seeds = re.findall(r"^  seed (\d): purity (0\.\d{3}) held-out (0\.\d{3})  raw pixels (0\.\d{3})", out, flags=re.M)
+    assert sorted(s[0] for s in seeds) == ["0", "1"]
+    number = r"(0\.\d{3}) ± (0\.\d{3})"
+    row = re.search(rf"^\| la grey 0\.5 \| {number} \| {number} \| {number} \| {number} \| (-?\d\.\d{{3}}) ± ", out,
+                    flags=re.M)
+    assert row, out
+    purities = [float(s[1]) for s in seeds]
+    assert float(row.group(1)) == pytest.approx(sum(purities) / 2, abs=1e-3)  # the mean of the seeds' lines
+    raw = [float(s[3]) for s in seeds]
+    assert float(row.group(9)) == pytest.approx((sum(purities) - sum(raw)) / 2, abs=2e-3)  # the margin's mean
+    metrics = json.loads((tmp_path / "work" / "seed1" / "metrics.json").read_text())
+    assert metrics["config"]["la"]["grey"] == 0.5 and metrics["config"]["autoencoder"]["width"] == 0.125

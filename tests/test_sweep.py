@@ -503,6 +503,20 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert baselines["autoencoder"]["purity"] == [b["autoencoder"]["purity"] for b in per_seed]
     assert "heldout_purity_mean" in baselines["raw_pixels"]
 
+    # the winner's margin over raw pixels, by hand: each seed's run minus that seed's raw-pixel k-means
+    winner_runs = sorted((m for m in runs if all(m["config"]["la"][k] == v for k, v in
+                                                  result.confirmed[0]["config"].items())), key=lambda m: m["seed"])
+    differences = [m["purity"] - m["baselines"]["raw_pixels"]["purity"] for m in winner_runs]
+    held_differences = [m["heldout_purity"] - m["baselines"]["raw_pixels"]["heldout_purity"] for m in winner_runs]
+    half = 12.706 * np.std(differences, ddof=1) / np.sqrt(2)  # t(0.975, 1 degree of freedom)
+    margin = best["margin_over_raw_pixels"]
+    assert margin == json.loads(json.dumps(result.margin)) and margin["seeds"] == [1, 2]
+    assert margin["purity"] == pytest.approx(differences)
+    assert margin["purity_mean"] == pytest.approx(np.mean(differences))
+    assert margin["purity_ci95"] == pytest.approx([np.mean(differences) - half, np.mean(differences) + half],
+                                                  rel=1e-3)
+    assert margin["heldout_purity_mean"] == pytest.approx(np.mean(held_differences))
+
     # laray analyze: confirmed.csv (one row per configuration and seed), its picture, the report's lead
     from laray.report import analyze
 
@@ -515,6 +529,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert (tmp_path / "analysis" / "confirmed.png").stat().st_size > 0
     assert text.index("## Confirmed winner") < text.index("## Best trial of the search")
     assert "k-means on raw pixels (same seeds)" in text and f"{result.confirmed[0]['purity_mean']:.3f}" in text
+    assert f"Winner minus k-means on raw pixels, paired by seed: purity {np.mean(differences):+.3f}" in text
 
 
 def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):
@@ -877,6 +892,10 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
         assert noise not in console, noise
     experiment = tmp_path / "results" / "console"
     assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout
+    best = json.loads((experiment / "best.json").read_text())
+    margin = best["margin_over_raw_pixels"]["purity_mean"]
+    assert (f"winner minus k-means on raw pixels, paired by seed: purity {margin:+.3f}, held-out "
+            in done.stdout) and "one seed: no interval" in done.stdout
 
 
 def test_cli_sweep_help():

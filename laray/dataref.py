@@ -138,6 +138,9 @@ def describe(spec: str, image_size: int, label_column: str | None = DEFAULT_LABE
         return DataRef(DIGITS, int(image_size), (), np.zeros(0, np.int64), labels,
                        tuple(str(c) for c in range(10)), digits_key(image_size), label_column=label_column,
                        path_column=path_column, image_root=image_root)
+    # Absolute, so that a trial, which runs in its own folder, lists the same files as the driver's cwd named.
+    spec = os.path.abspath(os.path.expanduser(spec))
+    image_root = None if image_root is None else os.path.abspath(os.path.expanduser(image_root))
     source = resolve(spec, label_column, path_column, image_root)
     paths = tuple(os.path.abspath(p) for p in source.paths)
     stats = file_stats(list(paths))

@@ -5,12 +5,14 @@
     photos, no CUDA for training     photos-cpu   search_spaces/photos-cpu.yaml
 
 `laray sweep` searches the chosen space. `laray train` takes the same space's fixed settings and
-its `recipe` (one value for each searched setting), so that the two commands agree. Only
-`cuda_available` imports torch, when it is called.
+its `recipe` (one value for each searched setting), so that the two commands agree. No torch here:
+the choice is made before the CLI pays for that import.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from laray.config import AutoEncoderConfig, LAConfig
@@ -34,10 +36,26 @@ class Choice:
 
 
 def cuda_available() -> bool:
-    """Whether PyTorch sees a CUDA device on this machine (tests replace it to fake one)."""
-    import torch
+    """Whether this machine has an NVIDIA GPU, as its driver (NVML) reports, without importing torch.
 
-    return torch.cuda.is_available()
+    The CLI decides its settings before importing torch, so that a usage error costs no import.
+    CUDA_VISIBLE_DEVICES set to "" or "-1" hides the GPUs, as it does from PyTorch and Ray. Should
+    PyTorch still not reach the GPU, training fails there with a message naming --device.
+    Tests replace this function to fake a GPU, or its absence.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:  # no NVIDIA driver
+        return False
+    if nvml.nvmlInit_v2() != 0:
+        return False
+    try:
+        count = ctypes.c_uint(0)
+        return nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 and count.value > 0
+    finally:
+        nvml.nvmlShutdown()
 
 
 def choose(spec: str, cuda: bool, no_cuda_reason: str = "no CUDA device here") -> Choice:

@@ -32,6 +32,18 @@ def test_describe_lists_without_decoding(folder, tmp_path, monkeypatch):
     assert ref.decoded_bytes == 300 * 64 * 64 * 3
 
 
+def test_a_relative_spec_is_listed_again_from_another_folder(folder, tmp_path, monkeypatch):
+    """A trial runs in its own folder: `--data ../photos` typed at the driver must still name the same files."""
+    from laray.dataref import relist
+
+    monkeypatch.chdir(folder.parent)
+    ref = describe(os.path.join(".", folder.name), 32)
+    assert ref.spec == str(folder)
+    monkeypatch.chdir(tmp_path)  # where a trial runs
+    again = relist(ref.digest())
+    assert again.spec == ref.spec and again.key == ref.key and len(again) == 300
+
+
 def test_reference_is_a_small_fraction_of_the_decoded_images(folder):
     ref = describe(str(folder), 64)
     pickled = len(pickle.dumps(ref))

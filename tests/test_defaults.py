@@ -132,3 +132,49 @@ def test_laray_sweep_with_a_space_prints_no_choice_and_a_space_without_data_asks
     assert out == ""
     assert err.strip() == (f"laray: error: the search space {load_space(CPU_PHOTOS).source} names no data set: "
                            "give --data FOLDER_OR_CSV")
+
+
+class FakeNVML:
+    """libnvidia-ml as ctypes loads it: init, a device count written through a pointer, shutdown."""
+
+    def __init__(self, devices: int, init_status: int = 0):
+        self.devices, self.init_status, self.shut = devices, init_status, False
+
+    def nvmlInit_v2(self):
+        return self.init_status
+
+    def nvmlDeviceGetCount_v2(self, count_pointer):
+        count_pointer._obj.value = self.devices
+        return 0
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+@pytest.mark.parametrize("devices, visible, expected", [(2, None, True), (0, None, False), (2, "", False),
+                                                        (2, "-1", False), (1, "0", True)])
+def test_cuda_available_asks_the_nvidia_driver_and_honours_cuda_visible_devices(monkeypatch, devices, visible,
+                                                                                 expected):
+    import laray.defaults
+
+    nvml = FakeNVML(devices)
+    monkeypatch.setattr(laray.defaults.ctypes, "CDLL", lambda name: nvml if name == "libnvidia-ml.so.1" else None)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert laray.defaults.cuda_available() is expected
+
+
+def test_cuda_available_is_false_without_a_driver_or_when_it_fails_to_start(monkeypatch):
+    import laray.defaults
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(laray.defaults.ctypes, "CDLL", no_library)
+    assert laray.defaults.cuda_available() is False
+    monkeypatch.setattr(laray.defaults.ctypes, "CDLL", lambda name: FakeNVML(2, init_status=9))  # driver not loaded
+    assert laray.defaults.cuda_available() is False

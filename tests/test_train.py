@@ -274,16 +274,17 @@ def test_crop_and_flip_settings_reach_the_augmentation(tiny, encoder_state, monk
 
     seen = []
 
-    def recording(images, gen, min_area=0.5, jitter=0.4, flip=True):
-        seen.append((min_area, flip))
-        return augment_batch(images, gen, min_area, jitter, flip)
+    def recording(images, gen, min_area=0.5, jitter=0.4, flip=True, grey=0.0, blur=0.0):
+        seen.append((min_area, jitter, flip, grey, blur))
+        return augment_batch(images, gen, min_area, jitter, flip, grey, blur)
 
     monkeypatch.setattr(laray.train, "augment_batch", recording)
-    finetune_la(tiny, encoder_state, AE, replace(LA, epochs=1, augment=True, crop_min_area=0.8, flip=False), seed=0,
-                device="cpu", progress=False)
-    assert seen and set(seen) == {(0.8, False)}
-    with pytest.raises(ConfigError, match="crop_min_area"):
-        replace(LA, crop_min_area=0.0)
+    cfg = replace(LA, epochs=1, augment=True, crop_min_area=0.8, flip=False, jitter=0.6, grey=0.2, blur=0.3)
+    finetune_la(tiny, encoder_state, AE, cfg, seed=0, device="cpu", progress=False)
+    assert seen and set(seen) == {(0.8, 0.6, False, 0.2, 0.3)}
+    for field, bad in (("crop_min_area", 0.0), ("jitter", 1.0), ("jitter", -0.1), ("grey", 1.5), ("blur", -0.5)):
+        with pytest.raises(ConfigError, match=field):
+            replace(LA, **{field: bad})
 
 
 def test_flip_off_leaves_every_image_unmirrored_and_every_other_draw_as_it_was():
@@ -297,6 +298,58 @@ def test_flip_off_leaves_every_image_unmirrored_and_every_other_draw_as_it_was()
     mirrored = [torch.allclose(f, p.flip(-1), atol=1e-5) for f, p in zip(flipped, plain)]
     assert all(s or m for s, m in zip(same, mirrored))
     assert 4 <= sum(mirrored) <= 28 and 4 <= sum(same) <= 28  # about half were mirrored, half not
+
+
+def test_grey_turns_a_share_of_images_grey_and_leaves_every_other_draw_as_it_was():
+    from laray.augment import GREY_WEIGHTS, augment_batch
+
+    images = torch.rand(64, 3, 16, 16)
+    coloured = augment_batch(images, torch.Generator().manual_seed(4), grey=0.0)
+    all_grey = augment_batch(images, torch.Generator().manual_seed(4), grey=1.0)
+    luma = (coloured * torch.tensor(GREY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(all_grey, luma.expand_as(coloured), atol=1e-6)  # the same crops and jitter, then grey
+    some = augment_batch(images, torch.Generator().manual_seed(4), grey=0.5)
+    grey = [bool(torch.allclose(x[0], x[1]) and torch.allclose(x[1], x[2])) for x in some]
+    assert 16 <= sum(grey) <= 48
+    for x, was_grey, plain in zip(some, grey, coloured):
+        assert was_grey or torch.equal(x, plain)
+    again = augment_batch(images, torch.Generator().manual_seed(4), grey=0.5)
+    assert torch.equal(some, again)  # seeded
+
+
+def test_blur_smooths_a_share_of_images_with_a_seeded_width():
+    from laray.augment import BLUR_SIGMA, augment_batch, gaussian_blur
+
+    # At 224 px the widths are SimCLR's, 0.1-2 px: all but the narrowest visibly change an image.
+    images = torch.rand(32, 3, 224, 224)
+    plain = augment_batch(images, torch.Generator().manual_seed(6), blur=0.0)
+    blurred = augment_batch(images, torch.Generator().manual_seed(6), blur=0.5)
+    assert torch.equal(blurred, augment_batch(images, torch.Generator().manual_seed(6), blur=0.5))  # seeded
+    changed = [not torch.equal(b, p) for b, p in zip(blurred, plain)]
+    assert 8 <= sum(changed) <= 24
+
+    def roughness(x):  # mean absolute difference between neighbouring pixels
+        return (x[..., 1:] - x[..., :-1]).abs().mean()
+
+    assert all(roughness(b) < roughness(p) for b, p, c in zip(blurred, plain, changed) if c)
+    # The blur itself: a constant image stays constant, brightness is kept, a larger sigma smooths more.
+    flat = torch.full((2, 3, 32, 32), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 2.0])), flat, atol=1e-6)
+    noise = torch.rand(2, 3, 32, 32)
+    smooth = gaussian_blur(noise, torch.tensor([0.5, 2.0]))
+    assert torch.allclose(smooth.mean((1, 2, 3)), noise.mean((1, 2, 3)), atol=0.01)
+    assert roughness(smooth[1]) < roughness(smooth[0]) < roughness(noise[0])
+    assert BLUR_SIGMA[0] * 224 == pytest.approx(0.1) and BLUR_SIGMA[1] * 224 == pytest.approx(2.0)
+
+
+def test_jitter_zero_keeps_colours_and_jitter_changes_them():
+    from laray.augment import augment_batch
+
+    flat = torch.tensor([0.2, 0.5, 0.7]).view(1, 3, 1, 1).expand(16, 3, 12, 12).contiguous()
+    kept = augment_batch(flat, torch.Generator().manual_seed(2), jitter=0.0)
+    assert torch.allclose(kept, flat, atol=1e-6)  # crops and mirrors of one colour, unjittered
+    moved = augment_batch(flat, torch.Generator().manual_seed(2), jitter=0.4)
+    assert sum(not torch.allclose(m, f, atol=1e-3) for m, f in zip(moved, flat)) >= 12
 
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):

@@ -457,6 +457,8 @@ SHORT = {"temperature": "tau", "mixing_rate": "m", "k_neighbours": "k", "cluster
 
 def _print_confirmed(result, space) -> None:
     """The confirmed configurations (mean, 95 % interval over seeds, held-out mean) beside the baselines."""
+    from laray.report import baseline_names
+
     objective = space.objective
     seeds = result.confirmed[0]["seeds"]
     print(f"\nconfirmed: {len(result.confirmed)} configuration(s) x {len(seeds)} seeds {seeds}, by mean {objective}:")
@@ -464,8 +466,7 @@ def _print_confirmed(result, space) -> None:
                                       for k, v in entry["config"].items()), entry)
             for i, entry in enumerate(result.confirmed)]
     rows += [("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),
-             ("k-means on the untrained encoder's codes" if space.ae.epochs == 0 else
-              "k-means on the auto-encoder's codes", result.confirmed_baselines["autoencoder"])]
+             (baseline_names(space.ae.epochs)["autoencoder"], result.confirmed_baselines["autoencoder"])]
     print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
     for label, entry in rows:
         interval = entry.get(f"{objective}_ci95")

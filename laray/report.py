@@ -25,11 +25,17 @@ from laray import analysis, plots
 
 BASELINE_NAMES = {"raw_pixels": "k-means on raw pixels", "autoencoder": "k-means on the auto-encoder's codes",
                   "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes"}
-# With no stage-1 epochs (the CPU photo settings), LA starts from a randomly initialised encoder.
-UNTRAINED_CODES = "k-means on the untrained encoder's codes"
 FEW_TRIALS = 20  # below this many finished trials, parameter importances are mostly noise
 NO_LABELS = ("The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
              "compared by the silhouette of their codes instead.")
+
+
+def baseline_names(ae_epochs: int) -> dict:
+    """BASELINE_NAMES, the codes' baseline named for what stage 1 was: trained, or no epochs at all.
+
+    With no stage-1 epochs (the CPU photo settings), LA starts from a randomly initialised encoder.
+    """
+    return BASELINE_NAMES if ae_epochs else {**BASELINE_NAMES, "autoencoder": "k-means on the untrained encoder's codes"}
 
 
 def relabel(assignments: pd.DataFrame, spec: str, label_column: str, image_root: str | None = None) -> pd.DataFrame:
@@ -83,10 +89,9 @@ class Scored:
 
     @property
     def baseline_names(self) -> dict:
-        """BASELINE_NAMES, the codes' baseline named for what stage 1 was: trained, or no epochs at all."""
+        """laray.report.baseline_names for the stage 1 these trials started from."""
         some = next((t for t in self.trials if t.metrics), None)
-        epochs = some.metrics.get("config", {}).get("autoencoder", {}).get("epochs", 1) if some else 1
-        return BASELINE_NAMES if epochs else {**BASELINE_NAMES, "autoencoder": UNTRAINED_CODES}
+        return baseline_names(some.metrics.get("config", {}).get("autoencoder", {}).get("epochs", 1) if some else 1)
 
     @property
     def best(self) -> analysis.Trial | None:

@@ -643,3 +643,13 @@ def test_imagenet_baseline_from_local_weights(sweep, tmp_path):
     table = pd.read_csv(out / "trials.csv")
     scored = table[table["purity"].notna()]
     assert (scored["beats_imagenet_vgg16_bn"] == (scored["purity"] > baselines.loc["imagenet_vgg16_bn", "purity"])).all()
+
+
+def test_the_codes_baseline_is_named_for_what_stage_1_was():
+    from laray.report import BASELINE_NAMES, baseline_names
+
+    assert baseline_names(5) == BASELINE_NAMES
+    untrained = baseline_names(0)
+    assert untrained["autoencoder"] == "k-means on the untrained encoder's codes"
+    assert {k: v for k, v in untrained.items() if k != "autoencoder"} == \
+        {k: v for k, v in BASELINE_NAMES.items() if k != "autoencoder"}

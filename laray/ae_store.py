@@ -11,6 +11,11 @@ that the file loads; an entry that fails is removed and trained again, under the
 warning naming the file. A file without a recorded hash (stored before laray recorded one, or a
 writer killed between the two renames) is kept when it loads, and its hash recorded then.
 `read_baselines` checks the stored baselines beside it: unreadable ones are removed and scored again.
+
+KEY/training.ckpt (and its .prev) is stage 1's checkpoint while it trains: a stage 1 interrupted
+resumes from it. One that does not load is removed with a warning naming it, and stage 1 resumes
+from the other or starts afresh: no user asked to resume it, so it is no error of theirs. Both go
+once autoencoder.pt is written (they are twice its size), and so do those an older laray left.
 """
 from __future__ import annotations
 
@@ -28,11 +33,12 @@ from typing import Callable
 
 import torch
 
+from laray.checkpoint import checkpoint_problem, previous_path
 from laray.config import AutoEncoderConfig
 from laray.errors import naming_full_disk
 from laray.filelock import exclusive
 
-WEIGHTS, DIGEST = "autoencoder.pt", "autoencoder.sha256"
+WEIGHTS, DIGEST, CHECKPOINT = "autoencoder.pt", "autoencoder.sha256", "training.ckpt"
 
 log = logging.getLogger("laray.store")
 
@@ -77,7 +83,7 @@ def _verified(folder: Path) -> tuple[dict, str, bool] | None:
     except (OSError, ValueError, IndexError):  # unreadable or empty: no hash to trust
         recorded = ""
     if recorded is not None and recorded != actual:
-        raise _BadEntry(f"{final}: its sha256 {actual[:16]}... differs from the one in {DIGEST}")
+        raise _BadEntry(f"{final}: its sha256 {actual[:16]}... differs from the one in {digest}")
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch reports a torn file many ways (RuntimeError, EOFError, pickle's errors...)
@@ -87,18 +93,42 @@ def _verified(folder: Path) -> tuple[dict, str, bool] | None:
     return saved, actual, recorded is not None
 
 
+def _drop_checkpoints(folder: Path) -> None:
+    """Stage 1's checkpoints, of no use once autoencoder.pt is in place."""
+    for path in (folder / CHECKPOINT, previous_path(folder / CHECKPOINT)):
+        path.unlink(missing_ok=True)
+
+
+def _drop_unreadable_checkpoints(folder: Path) -> None:
+    """Remove stage 1's checkpoints that cannot be resumed from (a warning naming each): the trainer then resumes
+    from what is left, or starts afresh, instead of stopping as a torn checkpoint stops `--resume`."""
+    latest = folder / CHECKPOINT
+    previous = previous_path(latest)
+    problems = {path: checkpoint_problem(path) for path in (latest, previous) if path.exists()}
+    kept = [path.name for path, problem in problems.items() if problem is None]
+    for path, problem in problems.items():
+        if problem is not None:
+            path.unlink()
+            log.warning("stage-1 checkpoint %s is %s; removed it, %s", path, problem,
+                        f"resuming from {kept[0]}" if kept else "training stage 1 from the start")
+    if previous.exists() and not latest.exists():
+        os.replace(previous, latest)  # so that the trainer does not warn again that training.ckpt is missing
+
+
 def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path], tuple[dict, list]]) -> tuple[dict, list, bool]:
     """(auto-encoder state_dict, stage-1 history, whether this call trained it).
 
     `train(checkpoint_path)` trains stage 1, checkpointing (and resuming) at checkpoint_path,
     and returns (state_dict, history). Only one process trains a key; the others wait and load.
-    A stored auto-encoder that fails verification is trained again (one warning naming it).
+    A stored auto-encoder that fails verification is trained again, and a training checkpoint that
+    does not load is removed before training (one warning naming each file).
     """
     folder = Path(store_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
     try:
         stored = _verified(folder)
         if stored is not None and stored[2]:
+            _drop_checkpoints(folder)  # left by an older laray; a trainer writes none while this file is valid
             return stored[0]["model"], stored[0]["history"], False
     except _BadEntry:
         pass  # judged again under the lock, where removing it is safe
@@ -114,17 +144,20 @@ def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path],
             saved, sha, recorded = stored
             if not recorded:
                 _write_atomic(folder / DIGEST, f"{sha}  {WEIGHTS}\n".encode())
+            _drop_checkpoints(folder)
             return saved["model"], saved["history"], False
-        # training.ckpt stays (the trainer resumes from it); baselines left beside a removed
-        # auto-encoder go: they scored that one
+        # training.ckpt stays when it loads (the trainer resumes from it); baselines left beside a
+        # removed auto-encoder go: they scored that one
         for leftover in [folder / WEIGHTS, folder / DIGEST, *folder.glob("baselines_*.json")]:
             leftover.unlink(missing_ok=True)
-        state, history = train(folder / "training.ckpt")
+        _drop_unreadable_checkpoints(folder)
+        state, history = train(folder / CHECKPOINT)
         buffer = io.BytesIO()
         torch.save({"model": state, "history": history}, buffer)
         data = buffer.getvalue()
         _write_atomic(folder / WEIGHTS, data)
         _write_atomic(folder / DIGEST, f"{hashlib.sha256(data).hexdigest()}  {WEIGHTS}\n".encode())
+        _drop_checkpoints(folder)
         with open(folder / "trainings.log", "a") as log_file:
             log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()}\n")
         return state, history, True

@@ -137,6 +137,28 @@ def load_checkpoint(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
     return _check_keys(torch.load(path, map_location="cpu", weights_only=True), path, required)
 
 
+def _read(path: Path):
+    """(what the checkpoint at `path` holds, None), or (None, why it cannot be read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a torn or corrupt file fails in many ways inside torch's reader
+        lines = str(exc).strip().splitlines()
+        return None, f"unreadable ({type(exc).__name__}: {lines[0][:120] if lines else ''})"
+
+
+def checkpoint_problem(path: str | os.PathLike, required=REQUIRED_KEYS) -> str | None:
+    """None when the checkpoint at `path` loads and holds `required`; else what is wrong with it, for a message.
+
+    It loads the whole file: for the stage-1 store, which removes what could not be resumed from before training.
+    """
+    state, problem = _read(Path(path))
+    if problem is None and not (isinstance(state, dict) and all(k in state for k in required)):
+        problem = "not a laray checkpoint of this stage"
+    return problem
+
+
 def load_with_fallback(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
     """The checkpoint at `path`, else its .prev with a warning naming both; CheckpointError when neither reads."""
     path = Path(path)
@@ -146,13 +168,8 @@ def load_with_fallback(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
         if not candidate.exists():
             problems[candidate] = "missing"
             continue
-        try:
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
-        except MemoryError:
-            raise
-        except Exception as exc:  # a torn or corrupt file fails in many ways inside torch's reader
-            lines = str(exc).strip().splitlines()
-            problems[candidate] = f"unreadable ({type(exc).__name__}: {lines[0][:120] if lines else ''})"
+        state, problems[candidate] = _read(candidate)
+        if problems[candidate] is not None:
             continue
         if candidate == prev:
             log.warning("checkpoint %s is %s; resuming from the previous one, %s", path, problems[path], prev)

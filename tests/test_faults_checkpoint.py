@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from laray.checkpoint import (REQUIRED_KEYS, CheckpointError, checkpoint_exists, load_checkpoint, load_with_fallback,
-                              previous_path, save_atomic)
+from laray.checkpoint import (REQUIRED_KEYS, CheckpointError, checkpoint_exists, checkpoint_problem, load_checkpoint,
+                              load_with_fallback, previous_path, save_atomic)
 from laray.cli import main
 from laray.config import AutoEncoderConfig, LAConfig, replace
 from laray.data import ImageDataset, load_dataset
@@ -188,6 +188,18 @@ def test_unreadable_checkpoint_falls_back_with_a_warning_naming_both(tmp_path, c
     assert record.levelno == logging.WARNING
     assert str(path) in record.getMessage() and str(previous_path(path)) in record.getMessage()
     assert "unreadable" in record.getMessage()
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=list(CORRUPTIONS))
+def test_checkpoint_problem_says_in_one_line_what_is_wrong(tmp_path, corrupt):
+    """What the stage-1 store asks of a training checkpoint before it resumes from it."""
+    path = tmp_path / "training.ckpt"
+    save_atomic({"epoch": 1, "weights": torch.ones(1000)}, path)
+    assert checkpoint_problem(path, ("epoch", "weights")) is None
+    assert checkpoint_problem(path, ("epoch", "model")) == "not a laray checkpoint of this stage"
+    CORRUPTIONS[corrupt](path)
+    problem = checkpoint_problem(path, ("epoch",))
+    assert problem.startswith("unreadable (") and "\n" not in problem, problem
 
 
 @pytest.mark.parametrize("damage", ["truncated", "only .prev left", "garbage"])

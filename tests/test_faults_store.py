@@ -3,7 +3,8 @@
 Processes killed (kill -9) while decoding, while writing the store and while holding its lock;
 damaged files (truncated, garbage, edited by hand); a full disk. Each is detected, warned about
 once naming the file, removed and rebuilt, and the run goes on with the same data as a clean
-decode or training. Images are small PNGs in tmp_path at 32 px; "models" are a few tensors.
+decode or training. Images are small PNGs in tmp_path at 32 px; "models" are a few tensors, but for
+the whole store entry damaged under `laray train` (a tiny VGG on 48 digits, one torch thread).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,9 +33,12 @@ import laray.run
 from laray import ae_store
 from laray.ae_store import get_or_train, read_baselines
 from laray.cache import decode_cached, fingerprint
-from laray.config import AutoEncoderConfig
+from laray.checkpoint import save_atomic
+from laray.cli import main
+from laray.config import AutoEncoderConfig, LAConfig
+from laray.data import ImageDataset, load_dataset
 from laray.errors import DiskFullError, LarayError
-from laray.run import baselines_path, stored_stage1
+from laray.run import baselines_path, stored_stage1, train_run
 
 from conftest import write_digit_folder
 
@@ -465,3 +470,196 @@ def test_read_baselines(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="laray.store")
     assert read_baselines(path) is None and not path.exists()
     assert len(_warnings(caplog, "laray.store")) == 1
+
+
+# ----------------------------------------------------------------------------------------- stage 1's checkpoint
+
+def _checkpointing_trainer(calls: list):
+    """_trainer that checkpoints as stage 1 does: training.ckpt and its .prev are there when it returns."""
+    def train(checkpoint):
+        for epoch in (1, 2):
+            save_atomic({"epoch": epoch}, checkpoint)
+        return _trainer(calls)(checkpoint)
+    return train
+
+
+def test_stage1_checkpoints_go_once_the_autoencoder_is_stored(tmp_path):
+    store, calls = tmp_path / "store", []
+    assert get_or_train(store, "k", _checkpointing_trainer(calls))[2] and len(calls) == 1
+    assert sorted(p.name for p in (store / "k").iterdir()) == [
+        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+
+
+@pytest.mark.parametrize("hash_recorded", [True, False])
+def test_checkpoints_an_older_laray_left_are_removed_without_a_warning(tmp_path, caplog, hash_recorded):
+    store, calls = tmp_path / "store", []
+    state, _, _ = get_or_train(store, "k", _trainer(calls))
+    for epoch in (1, 2):  # what laray kept after stage 1 before it removed them
+        save_atomic({"epoch": epoch, "weights": torch.ones(1000)}, store / "k" / "training.ckpt")
+    if not hash_recorded:
+        (store / "k" / "autoencoder.sha256").unlink()
+    caplog.set_level(logging.WARNING, logger="laray")
+    again, _, trained = get_or_train(store, "k", _trainer(calls))
+    assert not trained and len(calls) == 1 and not _warnings(caplog, "laray.store")
+    _same_state(again, state)
+    assert sorted(p.name for p in (store / "k").iterdir()) == [
+        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+
+
+# ----------------------------------------------------------------------------------------- a whole entry damaged
+
+AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=SIZE, epochs=2, batch_size=16, lr=0.05)
+LA = LAConfig(epochs=0, batch_size=16, k_neighbours=10, n_centroids=5, clustering_repeats=2)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9: nothing after it runs."""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    d = load_dataset("digits", SIZE)
+    return ImageDataset(np.ascontiguousarray(d.images[:48]), d.labels[:48], d.class_names, d.paths[:48],
+                        spec="digits-subset", fingerprint="digits-32-subset-48")
+
+
+def _train(dataset, store: Path, out: Path, epochs: list | None = None) -> dict:
+    """`laray train` without --resume (its train_run); `epochs` gets the stage-1 epochs trained."""
+    def record(r):
+        if epochs is not None and r["stage"] == "autoencoder":
+            epochs.append(r["epoch"])
+    return train_run(dataset, out, AE, LA, seed=0, device="cpu", store_dir=store, callback=record, progress=False)
+
+
+def _kill_before_storing(monkeypatch) -> None:
+    """Stage 1 killed after its last checkpoint, before autoencoder.pt is written."""
+    def killed(path, data):
+        raise _Killed
+    monkeypatch.setattr(ae_store, "_write_atomic", killed)
+
+
+@pytest.fixture(scope="module")
+def entries(tiny, one_torch_thread, tmp_path_factory):
+    """(key, {kind: a store entry}) for tests to copy: "interrupted" holds training.ckpt (2 epochs) and its .prev
+    (1 epoch) and no autoencoder.pt; "finished" is what the next run, resuming it, left."""
+    kept, store = tmp_path_factory.mktemp("entries"), tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as patch:
+        _kill_before_storing(patch)
+        with pytest.raises(_Killed):
+            _train(tiny, store, kept / "out")
+    [folder] = store.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["lock", "training.ckpt", "training.ckpt.prev"]
+    shutil.copytree(folder, kept / "interrupted")
+    epochs = []
+    assert _train(tiny, store, kept / "out", epochs)["autoencoder"]["trained_in_this_run"] and epochs == []
+    shutil.copytree(folder, kept / "finished")
+    return folder.name, {"interrupted": kept / "interrupted", "finished": kept / "finished"}
+
+
+def test_a_finished_stage1_leaves_no_training_checkpoint(entries):
+    _, entry = entries
+    names = sorted(p.name for p in entry["finished"].iterdir())
+    assert [n for n in names if not n.startswith("baselines_")] == [
+        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+    assert len(names) == 5  # and one baselines file
+
+
+def _autoencoder(folder: Path) -> dict:
+    return torch.load(folder / "autoencoder.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def _names(message: str, path: Path) -> bool:
+    """Whether `message` names `path` (not only a longer path it begins: training.ckpt in training.ckpt.prev)."""
+    return re.search(re.escape(str(path)) + r"(?![\w.])", message) is not None
+
+
+WHOLE_ENTRY_DAMAGE = {  # name: (entry, files cut to half, stage-1 epochs trained; None: loaded from the store)
+    "autoencoder.pt": ("finished", ["autoencoder.pt"], [1, 2]),
+    "autoencoder.sha256": ("finished", ["autoencoder.sha256"], [1, 2]),
+    "training.ckpt": ("interrupted", ["training.ckpt"], [2]),  # resumed from .prev, which holds epoch 1
+    "training.ckpt.prev": ("interrupted", ["training.ckpt.prev"], []),  # training.ckpt holds both epochs
+    "a baselines file": ("finished", ["baselines"], None),
+    # the issue's: an older laray kept training.ckpt (without .prev, here) beside the auto-encoder
+    "autoencoder.pt and a left training.ckpt": ("finished", ["autoencoder.pt", "training.ckpt"], [1, 2]),
+}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("damage", list(WHOLE_ENTRY_DAMAGE))
+def test_damaged_store_entry_heals_without_resume(tiny, entries, tmp_path, caplog, capsys, damage):
+    key, entry = entries
+    start, cut, trained_epochs = WHOLE_ENTRY_DAMAGE[damage]
+    store = tmp_path / "store"
+    folder = store / key
+    shutil.copytree(entry[start], folder)
+    if start == "finished" and "training.ckpt" in cut:
+        shutil.copy(entry["interrupted"] / "training.ckpt", folder)
+        assert not (folder / "training.ckpt.prev").exists()  # as reported
+    damaged = [next(folder.glob("baselines_*.json")) if name == "baselines" else folder / name for name in cut]
+    for path in damaged:
+        _halve(path)
+    trainings = ae_store.trainings(store, key)
+
+    caplog.set_level(logging.INFO)
+    epochs = []
+    first = _train(tiny, store, tmp_path / "run1", epochs)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == len(damaged), said
+    for path in damaged:
+        assert sum(_names(message, path) for message in said) == 1, (path, said)
+    out, err = capsys.readouterr()
+    assert "--resume" not in caplog.text + out + err
+    assert epochs == (trained_epochs or [])
+    assert first["autoencoder"]["trained_in_this_run"] == (trained_epochs is not None)
+    assert ae_store.trainings(store, key) == trainings + (trained_epochs is not None)
+    assert [r["epoch"] for r in first["history"] if r["stage"] == "autoencoder"] == [1, 2]
+    _same_state(_autoencoder(folder), _autoencoder(entry["finished"]))  # as the undamaged entry's
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in entry["finished"].iterdir())
+
+    caplog.clear()
+    epochs.clear()
+    second = _train(tiny, store, tmp_path / "run2", epochs)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING] and epochs == []
+    assert second["autoencoder"] == {"key": key, "source": "store", "trained_in_this_run": False}
+    assert ae_store.trainings(store, key) == trainings + (trained_epochs is not None)
+    assert second["baselines"] == first["baselines"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_laray_train_heals_the_reported_entry(tmp_path, caplog, capsys, monkeypatch):
+    """The issue's case through the command: autoencoder.pt and a left training.ckpt both cut to half, no .prev.
+
+    Before, `laray train` without --resume stopped advising --resume, and so did every later run."""
+    data = write_digit_folder(tmp_path / "data", 48)
+    store = tmp_path / "store"
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--store", str(store),
+            "--cache-dir", str(tmp_path / "cache"), "--arch", "vgg11_bn", "--width", "0.125", "--image-size", "32",
+            "--ae-epochs", "2", "--la-epochs", "1", "--batch-size", "16", "--k-neighbours", "10",
+            "--n-centroids", "5", "--clustering-repeats", "2", "--device", "cpu"]
+    with monkeypatch.context() as patch:  # a checkpoint as an older laray left it: stage 1 killed before storing
+        _kill_before_storing(patch)
+        with pytest.raises(_Killed):
+            main(argv)
+    [folder] = store.iterdir()
+    left = (folder / "training.ckpt").read_bytes()
+    assert main(argv) == 0
+    (folder / "training.ckpt").write_bytes(left)
+    (folder / "training.ckpt.prev").unlink(missing_ok=True)  # as reported: none beside it
+    for name in ("autoencoder.pt", "training.ckpt"):
+        _halve(folder / name)
+    capsys.readouterr()
+
+    caplog.set_level(logging.INFO)
+    assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert _names(said[0], folder / "autoencoder.pt") and _names(said[1], folder / "training.ckpt"), said
+    out, err = capsys.readouterr()
+    assert "--resume" not in caplog.text + out + err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["autoencoder"]["trained_in_this_run"]
+    assert not (folder / "training.ckpt").exists()
+
+    caplog.clear()
+    assert main(argv) == 0  # and the next run loads it
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["autoencoder"]["source"] == "store"

@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 
 from laray import __version__
@@ -342,6 +344,7 @@ def _train(args) -> int:
                    image_root=args.image_root)
     la_cfg = fit_to_size(la_cfg, defaults[1], len(ref))
     la_cfg.check_data_size(len(ref))
+    args.on_stop = f"continue from its last checkpoint with: {_command_again(args.argv, add=['--resume'])}"
     # The first line, once the settings hold: which bundled settings, why, and how to choose others.
     print(choice.announcement("--config FILE or the flags (laray train --help)")
           + (f"; --config {args.config} is laid over them" if args.config else ""), flush=True)
@@ -416,6 +419,9 @@ def _sweep(args) -> int:
         print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
     for note in data.notes:
         logging.getLogger("laray.data").warning(note)
+    again = _command_again(args.argv, drop={"--name": 1, "--num-samples": 1, "--resume": 0},
+                           add=["--resume", "--name", name])
+    args.on_stop = f"the sweep's state is saved; continue it with: {again}"
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
 
     ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
@@ -435,6 +441,20 @@ def _sweep(args) -> int:
     print(f"  tensorboard --logdir {result.experiment}")
     print(f"  optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     return 0
+
+
+def _command_again(argv: list[str], drop: dict[str, int] | None = None, add: list[str] = ()) -> str:
+    """The command line `laray ARGV`, without the options in `drop` (name -> number of values), with `add`."""
+    kept, skip = [], 0
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip -= 1
+        elif name in (drop or {}):
+            skip = drop[name] if "=" not in token else 0
+        elif token not in add or not token.startswith("--"):
+            kept.append(token)
+    return shlex.join(["laray", *kept, *add])
 
 
 def _print_search_best(result, space) -> None:
@@ -523,8 +543,20 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.print_help()
         return 0
     _configure_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    from laray.interrupt import StopRequested, handling_stop_signals
+
     try:
-        return args.run(args)
+        with handling_stop_signals():
+            return args.run(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (laray.interrupt): one line, the status a shell reports
+        if _debugging(args):
+            raise
+        signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
+        on_stop = getattr(args, "on_stop", None)
+        print(f"laray: stopped by {signal.Signals(signum).name}" + (f"; {on_stop}" if on_stop else ""),
+              file=sys.stderr, flush=True)
+        return 128 + signum
     except (LarayError, ValueError, OSError) as exc:  # expected: bad input, a full disk, a running sweep
         if _debugging(args):
             raise

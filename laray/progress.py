@@ -27,9 +27,33 @@ class _VanishedFile(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], FileNotFoundError))
 
 
+class _Dropped(logging.Filter):
+    """Drops the records whose message holds one of `parts`: what laray's own lines already say."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in str(record.msg) for part in self.parts)
+
+
+# logger -> parts of its messages that laray's console says otherwise, or that tell a user nothing to act on
+DROPPED = {
+    # "The `process_trial_result` operation took 1.107 s, which may be a performance bottleneck.": a busy machine
+    "ray.tune.utils.util": ("may be a performance bottleneck",),
+    # the stop signal's own messages: laray prints one line with the command that continues (laray.interrupt)
+    "ray.tune.tune": ("Stop signal received", "Experiment has been interrupted", "Trials did not complete"),
+    # a failed trial's traceback: the console says FAILED and its error.txt holds the traceback
+    "ray.tune.execution.tune_controller": ("Trial task failed",),
+}
+
+
 def quiet_ray() -> None:
     """Ray Tune's and Optuna's own console off on the driver (laray's lines stand in for it); --verbose keeps it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine prints its header and hints even when silent
+    # Ray colours the prefix of the lines it forwards from tasks, also into a file: plain text instead.
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # num_to_keep forces a state snapshot at times, and Tune warns each time, to no use here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
@@ -40,6 +64,10 @@ def quiet_ray() -> None:
     state_logger = logging.getLogger("ray.tune.execution.experiment_state")
     if not any(isinstance(f, _VanishedFile) for f in state_logger.filters):
         state_logger.addFilter(_VanishedFile())
+    for name, parts in DROPPED.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _Dropped) for f in target.filters):
+            target.addFilter(_Dropped(*parts))
 
 
 def duration(seconds: float) -> str:
@@ -125,4 +153,7 @@ class SweepProgress(tune.Callback):
                 self._say(f"trial {t.trial_id} {how}; {self._state(trials)}")
 
     def on_experiment_end(self, trials, **info):
-        self.on_step_end(0, trials)
+        from laray.interrupt import requested
+
+        if not requested():  # stopped by a signal: Tune's cleanup marks unfinished trials ended, the saved state not
+            self.on_step_end(0, trials)

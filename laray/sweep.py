@@ -30,7 +30,6 @@ import socket
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from laray.config import replace
 from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, margin_over, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
 from laray.errors import LarayError, naming_full_disk
+from laray.interrupt import take_signals_back, tune_fit_stops_on_signal
 from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
@@ -235,9 +235,15 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     check_resources(cpus_per_trial, gpus_per_trial, device)
     if resume and not tune.Tuner.can_restore(experiment_path):
-        raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+        if not _started_here(experiment_local):
+            raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+        resume = False  # stopped before its search began (in stage 1): the search starts now, stage 1 from the store
     if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
         raise ValueError("the number of trials of a sweep cannot change when it is resumed")
+    if verbose < 2:  # before stage 1, whose lines Ray forwards
+        from laray.progress import quiet_ray
+
+        quiet_ray()
     # One driver at a time: a second one, or a --resume of a running sweep, is refused here before it
     # touches the experiment (laray.sweep_lock). With cloud storage the lock sits beside this driver only.
     with SweepLock(experiment):
@@ -255,10 +261,6 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                                                 resources, device, threads, cache_dir, holdout)
         shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir,
                       quiet=verbose < 2)
-        if verbose < 2:
-            from laray.progress import quiet_ray
-
-            quiet_ray()
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
                                          **shared)
         trainable = tune.with_resources(trainable, resources)
@@ -283,7 +285,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                 ),
                 run_config=_run_config(name, storage_path, verbose, max_failures, "search", space),
             )
-        results = tuner.fit()
+        with tune_fit_stops_on_signal():  # SIGTERM or Ctrl-C: Tune saves its state, then StopRequested
+            results = tuner.fit()
         _fail_orphaned_optuna_trials(experiment, name, sweep_over=True)
         errored = sum(1 for r in results if r.error is not None)
         try:
@@ -347,8 +350,7 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
                             shared["device"], shared["threads"], shared["cache_dir"], (space.la.holdout, seed))
 
     # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        done = dict(zip(seeds, pool.map(stage1_of, seeds)))
+    done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
     baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
     path = f"{experiment_path}/{CONFIRM_DIR}"
@@ -361,11 +363,48 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
             trainable, param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
             run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space))
-    runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in tuner.fit()
+    with tune_fit_stops_on_signal():
+        results = tuner.fit()
+    runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in results
             if r.error is None and r.metrics and space.objective in r.metrics]
     entries = confirmed(runs, space.objective, space.mode)
     merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
     return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
+
+
+def _started_here(experiment: Path | None) -> bool:
+    """A local sweep folder that a driver began (its lock file) before Tune saved any state of it."""
+    from laray.sweep_lock import LOCK_NAME
+
+    return experiment is not None and (experiment / LOCK_NAME).exists()
+
+
+def in_daemon_threads(function, items: list) -> list:
+    """[function(item) for item in items], all at once, each in a daemon thread; the first error is raised.
+
+    Daemon threads, unlike a ThreadPoolExecutor's, let a stop signal end the driver at once: the
+    main thread waits in short joins, which a signal interrupts, and nothing joins the threads at exit.
+    """
+    import threading
+
+    results, errors = [None] * len(items), [None] * len(items)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = function(items[i])
+        except BaseException as exc:  # handed to the main thread
+            errors[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"laray-{i}") for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return results
 
 
 def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -> None:
@@ -399,11 +438,19 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # No stack dump from Ray's C++ failure-signal handler when SIGTERM stops the driver or its workers:
+    # laray handles stop signals itself (laray.interrupt). Read when ray is imported; workers inherit it.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     if quiet:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Lines forwarded from tasks (stage 1's), in a terminal or a redirected log: no ANSI colour codes, and
+        # no "[repeated 3x across cluster]" notes, which carry their own colour. Both read when ray is imported.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address)
     else:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+    take_signals_back()  # ray.init makes SIGTERM exit at once

@@ -61,7 +61,11 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
         shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout)
-        stage1 = ray.get(shipped)
+        try:
+            stage1 = ray.get(shipped)
+        except KeyboardInterrupt:  # a stop signal (laray.interrupt): the task would train on, on its cluster
+            ray.cancel(shipped, force=True)
+            raise
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
     ae_state, history, _ = get_or_train(store_dir, key, train)

@@ -27,6 +27,30 @@ class _VanishedFile(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], FileNotFoundError))
 
 
+class _GoneCheckpoint(logging.Filter):
+    """Tune's traceback for a checkpoint folder that was already gone when it came to delete it, as one line.
+
+    A driver stopped between deleting an old checkpoint and saving its state leaves the folder listed;
+    the resumed driver deletes it again when the trial's next checkpoint comes, and Tune logs the
+    FileNotFoundError with its traceback. The folder was meant to go: one warning line says so.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FileNotFoundError):
+            record.msg, record.args = "an old checkpoint was already deleted: %s", (record.exc_info[1],)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def one_line_for_gone_checkpoints() -> None:
+    """On the driver, whatever the verbosity: see _GoneCheckpoint."""
+    for name in ("ray.tune.execution.tune_controller", "ray.train._internal.storage"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _GoneCheckpoint) for f in target.filters):
+            target.addFilter(_GoneCheckpoint())
+
+
 class _Dropped(logging.Filter):
     """Drops the records whose message holds one of `parts`: what laray's own lines already say."""
 

@@ -240,9 +240,10 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         resume = False  # stopped before its search began (in stage 1): the search starts now, stage 1 from the store
     if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
         raise ValueError("the number of trials of a sweep cannot change when it is resumed")
-    if verbose < 2:  # before stage 1, whose lines Ray forwards
-        from laray.progress import quiet_ray
+    from laray.progress import one_line_for_gone_checkpoints, quiet_ray
 
+    one_line_for_gone_checkpoints()
+    if verbose < 2:  # before stage 1, whose lines Ray forwards
         quiet_ray()
     # One driver at a time: a second one, or a --resume of a running sweep, is refused here before it
     # touches the experiment (laray.sweep_lock). With cloud storage the lock sits beside this driver only.
@@ -450,7 +451,7 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off the console
     else:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
     take_signals_back()  # ray.init makes SIGTERM exit at once

@@ -345,26 +345,6 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
     return study
 
 
-def test_interrupted_sweep_resumes_to_the_requested_trials(ray_session, sub, tmp_path):
-    name, storage = "interrupted", tmp_path / "results"
-    experiment = storage / name
-    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
-    try:
-        first = _wait_until(lambda: _finished_trial(experiment, LA["epochs"]), proc, log, "a trial finished")
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and fit() returns
-    finally:
-        rc = _stop(proc)
-    assert rc == 0, log.read_text()[-3000:]
-    first_progress = (first / "progress.csv").read_text()
-    before = analysis_of(experiment)
-    assert sum(t.status == "TERMINATED" for t in before.trials) < 3, "the sweep finished before the interrupt"
-
-    result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
-
-    study = _check_resumed(result, experiment, name, before, first, first_progress, sub)
-    assert len(study.trials) == 3
-
-
 def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, sub, tmp_path):
     """Two drivers on one sweep once ran side by side into one Optuna study: now the second is refused."""
     from laray.sweep_lock import LOCK_NAME, SweepRunningError

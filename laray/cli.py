@@ -157,6 +157,10 @@ def _add_sweep_command(commands) -> None:
     sweep.add_argument("--confirm-seeds", type=_count, metavar="S",
                        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
+    sweep.add_argument("--warm-start", nargs="+", default=(), metavar="DIR",
+                       help="earlier sweeps (STORAGE/OTHER) whose finished trials Optuna starts from; refused when "
+                            "their data, stage-1 settings, held-out split, fixed LA settings or objective differ "
+                            "(default: none)")
     sweep.add_argument("--seed", type=int, default=0,
                        help="seed of the sampler and of every trial's training (default: %(default)s)")
     sweep.add_argument("--device", default="auto",
@@ -419,7 +423,7 @@ def _sweep(args) -> int:
         print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
     for note in data.notes:
         logging.getLogger("laray.data").warning(note)
-    again = _command_again(args.argv, drop={"--name": 1, "--num-samples": 1, "--resume": 0},
+    again = _command_again(args.argv, drop={"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1},
                            add=["--resume", "--name", name])
     args.on_stop = f"the sweep's state is saved; continue it with: {again}"
     from laray.sweep import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
@@ -428,7 +432,7 @@ def _sweep(args) -> int:
     result = run_sweep(data, space, args.storage, name, num_samples=args.num_samples, seed=args.seed,
                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_failures=args.max_failures, resume=args.resume, device=args.device,
-                       cache_dir=args.cache_dir, verbose=2 if args.verbose else 1)
+                       cache_dir=args.cache_dir, verbose=2 if args.verbose else 1, warm_start=args.warm_start)
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
     if result.best_config is None:
         return _fail("no trial reported a score")
@@ -444,11 +448,16 @@ def _sweep(args) -> int:
 
 
 def _command_again(argv: list[str], drop: dict[str, int] | None = None, add: list[str] = ()) -> str:
-    """The command line `laray ARGV`, without the options in `drop` (name -> number of values), with `add`."""
+    """The command line `laray ARGV`, without the options in `drop` (name -> number of values, -1: all up to the
+    next option), with `add`."""
     kept, skip = [], 0
     for token in argv:
         name = token.split("=", 1)[0]
-        if skip:
+        if skip < 0:  # the values of an option with any number of them
+            if not token.startswith("-"):
+                continue
+            skip = 0
+        if skip > 0:
             skip -= 1
         elif name in (drop or {}):
             skip = drop[name] if "=" not in token else 0

@@ -45,6 +45,7 @@ from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
 from laray.sweep_stage1 import sweep_stage1
+from laray.warm_start import recorded as warm_start_record
 from laray.train import NonFiniteLossError
 
 log = logging.getLogger("laray.sweep")
@@ -216,11 +217,12 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool =
 def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
               seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
               resume: bool = False, device: str = "auto", verbose: int = 1, cache_dir: str | None = None,
-              crash_once_at_epoch: int | None = None) -> SweepResult:
+              crash_once_at_epoch: int | None = None, warm_start: list[str] = ()) -> SweepResult:
     """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
 
     cache_dir: the decode cache folder on every node (a shared one, or a local path that exists on
     each); None: each node's own default (LARAY_CACHE_DIR in its environment, else ~/.cache/laray).
+    warm_start: earlier sweeps' folders whose finished trials TPE starts from (laray.warm_start).
     Ray must already be initialised (ray.init) by the caller.
     """
     from ray import tune
@@ -240,6 +242,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         resume = False  # stopped before its search began (in stage 1): the search starts now, stage 1 from the store
     if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
         raise ValueError("the number of trials of a sweep cannot change when it is resumed")
+    if resume and warm_start:
+        raise LarayError("--warm-start: the trials a sweep starts from are taken over when it starts, not on --resume")
     from laray.progress import one_line_for_gone_checkpoints, quiet_ray
 
     one_line_for_gone_checkpoints()
@@ -257,6 +261,9 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         # One held-out split for the whole sweep, confirmation included: drawn with the sweep's seed.
         space = dataclasses.replace(space, la=replace(space.la, holdout_seed=seed))
         holdout = (space.la.holdout, seed)
+        param_space = space.tune_space(len(data))
+        if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
+            _start_from(warm_start, data, space, seed, param_space, experiment, name)
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
         stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
                                                 resources, device, threads, cache_dir, holdout)
@@ -271,7 +278,6 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False)
         else:
-            param_space = space.tune_space(len(data))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -306,10 +312,27 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
                    if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
                    "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines,
-                   "margin_over_raw_pixels": margin}
+                   "margin_over_raw_pixels": margin,
+                   "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name)}
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
         return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
                            len(results), errored, baselines, confirmed, confirmed_baselines, margin)
+
+
+def _start_from(warm_start: list[str], data: DataRef, space: SearchSpace, seed: int, param_space: dict,
+                experiment: Path, name: str) -> None:
+    """A new sweep records what makes its scores comparable (sweep.json), and takes over earlier sweeps' trials."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from laray import warm_start as warm
+
+    identity = warm.sweep_identity(data, space, seed)
+    warm.write_identity(experiment, identity)
+    if warm_start:
+        # The distributions OptunaSearch samples from: taken-over trials must have the same ones (warm.take_over).
+        taken = warm.take_over(warm_start, identity, OptunaSearch.convert_search_space(param_space))
+        warm.seed_study(f"sqlite:///{experiment / OPTUNA_DB}", name, space.mode, taken)
+        log.info(taken.describe())
 
 
 def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace):

@@ -90,6 +90,8 @@ def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys
     (["sweep", "--name=a", "--resume", "--seed", "3"], {"--name": 1, "--num-samples": 1, "--resume": 0},
      ["--resume", "--name", "a"], "laray sweep --seed 3 --resume --name a"),
     (["train", "--out", "o", "--resume"], None, ["--resume"], "laray train --out o --resume"),
+    (["sweep", "--warm-start", "a", "b", "--seed", "3"], {"--warm-start": -1, "--resume": 0}, ["--resume"],
+     "laray sweep --seed 3 --resume"),
 ])
 def test_command_again(argv, drop, add, expected):
     from laray.cli import _command_again

@@ -242,6 +242,34 @@ def test_resume_refuses_a_new_number_of_trials(sweep, sub):
     assert len(only_study(sweep.experiment, sweep.name).trials) == 3
 
 
+def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(sweep, sub, tmp_path):
+    from laray.errors import LarayError
+    from laray.warm_start import WarmStartError
+
+    storage = tmp_path / "results"
+    other_stage1 = parse_space({**raw_space(num_samples=1), "fixed": {"autoencoder": {**AE, "epochs": 2}, "la": LA}})
+    with pytest.raises(WarmStartError, match=rf"warm start from {sweep.experiment}: autoencoder\.epochs is 1 there, "
+                                             r"2 here; its objective values are not comparable"):
+        run_sweep(sub, other_stage1, str(storage), "refused", seed=SEED, warm_start=[str(sweep.experiment)],
+                  verbose=0)
+    assert not list((storage / "refused").glob("autoencoders/*/autoencoder.pt"))  # refused before stage 1
+
+    result = run_sweep(sub, parse_space(raw_space(num_samples=1)), str(storage), "warm", seed=SEED,
+                       warm_start=[str(sweep.experiment)], verbose=0)
+    assert result.n_trials == 1  # num_samples new trials on top
+    study = only_study(storage / "warm", "warm")
+    earlier = only_study(sweep.experiment, sweep.name)
+    taken = [t for t in study.trials if t.user_attrs.get("warm_start_from") == str(sweep.experiment)]
+    assert sorted(t.value for t in taken) == sorted(t.value for t in earlier.trials if t.value is not None)
+    assert len(study.trials) == len(taken) + 1
+    best = json.loads((storage / "warm" / "best.json").read_text())
+    assert best["warm_start"] == {"trials": len(taken), "from": [{"dir": str(sweep.experiment), "taken": len(taken),
+                                                                  "outside": 0}]}
+    with pytest.raises(LarayError, match="--warm-start: .* not on --resume"):
+        run_sweep(sub, parse_space(raw_space(num_samples=1)), str(storage), "warm", seed=SEED, resume=True,
+                  warm_start=[str(sweep.experiment)], verbose=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume after a real interruption of the driver: Ctrl-C (SIGINT), and a hard kill (SIGKILL)
 

@@ -14,7 +14,6 @@ the experiment folder, and the running clock is looked up by that folder in this
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -22,27 +21,13 @@ from ray.tune import Callback, Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.util import _set_search_properties_backwards_compatible
 
-from laray.errors import LarayError
+from laray.duration import BudgetError
 from laray.run import write_json
 
 BUDGET_FILE = "budget.json"
 SAVE_EVERY_S = 2.0  # a driver killed outright loses at most this much of the spent time
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _running: dict[str, "_Clock"] = {}  # experiment folder -> the clock of the search this driver is running
-
-
-class BudgetError(LarayError):
-    """A time budget that cannot be read or applied."""
-
-
-def parse_duration(text: str) -> float:
-    """'45s', '90m', '6h', '2d', '1h30m', '1.5h' -> seconds. A bare number is refused: seconds or minutes?"""
-    compact = re.sub(r"\s+", "", str(text)).lower()
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", compact)
-    if not parts or "".join(n + u for n, u in parts) != compact or sum(float(n) for n, _ in parts) <= 0:
-        raise BudgetError(f"bad time budget {text!r}: give a positive duration with units s, m, h or d "
-                          "(45s, 90m, 6h, 2d, 1h30m)")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+_stopped: dict[str, set] = {}  # experiment folder -> ids of the trials the budget stopped in this driver
 
 
 def _key(experiment) -> str:
@@ -142,7 +127,10 @@ class BudgetStopper(Stopper):
         self.experiment = experiment
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return _spent(self.experiment)
+        if not _spent(self.experiment):
+            return False
+        _stopped.setdefault(self.experiment, set()).add(trial_id)
+        return True
 
     def stop_all(self) -> bool:
         return False
@@ -196,6 +184,11 @@ def left_s(experiment) -> float | None:
     """Seconds of budget left (live while the search runs in this driver); None: no budget."""
     state = _current(_key(experiment))
     return None if state.get("budget_s") is None else max(0.0, state["budget_s"] - state["spent_s"])
+
+
+def stopped_by_budget(experiment, trial_id: str) -> bool:
+    """Whether the budget stopped this trial (in this driver): for the console's line about its end."""
+    return trial_id in _stopped.get(_key(experiment), ())
 
 
 def ended_search(experiment) -> bool:

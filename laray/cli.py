@@ -41,6 +41,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    from laray.duration import BudgetError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_data_options(parser) -> None:
     """How a data spec is read: shared by every command that loads data."""
     parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="COL",
@@ -156,6 +165,10 @@ def _add_sweep_command(commands) -> None:
                             "'confirm_top', else 3; 0: no confirmation)")
     sweep.add_argument("--confirm-seeds", type=_count, metavar="S",
                        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)")
+    sweep.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                       help="no new search trial once the search has run this long (45s, 90m, 6h, 1h30m), running "
+                            "ones stop at their next epoch end, then the confirmation runs (default: the space's "
+                            "'time_budget', else none)")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
     sweep.add_argument("--warm-start", nargs="+", default=(), metavar="DIR",
                        help="earlier sweeps (STORAGE/OTHER) whose finished trials Optuna starts from; refused when "
@@ -410,7 +423,8 @@ def _sweep(args) -> int:
                         no_cuda_reason="the trials get no GPU (--gpus-per-trial 0)")
         space_name = choice.space
     space = load_space(space_name).overridden(holdout=args.holdout, confirm_top=args.confirm_top,
-                                              confirm_seeds=args.confirm_seeds)  # fails here, before Ray starts
+                                              confirm_seeds=args.confirm_seeds,
+                                              time_budget_s=args.time_budget)  # fails here, before Ray starts
     spec = args.data or space.data
     if spec is None:
         raise LarayError(f"the search space {space.source} names no data set: give --data FOLDER_OR_CSV")

@@ -14,6 +14,8 @@ import time
 
 from ray import tune
 
+from laray.duration import duration
+
 
 class _VanishedFile(logging.Filter):
     """Drops Tune's traceback when a snapshot listed a file that was gone when copied.
@@ -94,15 +96,6 @@ def quiet_ray() -> None:
             target.addFilter(_Dropped(*parts))
 
 
-def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 class SweepProgress(tune.Callback):
     """Prints, for `label` ("search" or "confirm"), every trial's start, each evaluated epoch and its end.
 
@@ -110,9 +103,10 @@ class SweepProgress(tune.Callback):
     counts the trials it had finished before.
     """
 
-    def __init__(self, label: str, epochs: int, objective: str, concurrency: int):
+    def __init__(self, label: str, epochs: int, objective: str, concurrency: int, budget_of: str | None = None):
         # Pickled with Tune's run config (tuner.pkl) and restored with it on --resume: plain values only.
         self.label, self.epochs, self.objective, self.concurrency = label, epochs, objective, max(1, concurrency)
+        self.budget_of = budget_of  # the experiment folder whose time budget (laray.budget) the lines show
         self.setup()
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
@@ -145,7 +139,18 @@ class SweepProgress(tune.Callback):
             left = sum(self.epochs - self._epoch(t) for t in trials if t.trial_id not in ended)
             left += max(0, self.n_trials - len(trials)) * self.epochs
             text += f", up to ~{duration(left * statistics.median(self.epoch_s) / self.concurrency)} left"
-        return text
+        return text + self._budget()
+
+    def _budget(self) -> str:
+        if getattr(self, "budget_of", None) is None:  # the confirmation, or a sweep pickled by an older laray
+            return ""
+        from laray.budget import ended_search, left_s
+
+        left = left_s(self.budget_of)
+        if left is None:
+            return ""
+        return "; time budget spent: no new trials" if ended_search(self.budget_of) or left <= 0 else \
+            f"; time budget {duration(left)} left"
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(f"trial {trial.trial_id} started; {self._state(trials)}")
@@ -173,8 +178,16 @@ class SweepProgress(tune.Callback):
                 self.announced.add(t.trial_id)
                 epoch = self._epoch(t)
                 how = ("FAILED (its error.txt says why)" if t.status == "ERROR" else "finished" if epoch >= self.epochs
-                       else f"stopped by ASHA after {epoch}/{self.epochs} epochs")
+                       else f"stopped by {self._stopper(t.trial_id)} after {epoch}/{self.epochs} epochs")
                 self._say(f"trial {t.trial_id} {how}; {self._state(trials)}")
+
+    def _stopper(self, trial_id: str) -> str:
+        if getattr(self, "budget_of", None) is not None:
+            from laray.budget import stopped_by_budget
+
+            if stopped_by_budget(self.budget_of, trial_id):
+                return "the time budget"
+        return "ASHA"
 
     def on_experiment_end(self, trials, **info):
         from laray.interrupt import requested

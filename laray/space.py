@@ -8,6 +8,7 @@
     holdout: 0.5                 # fraction of each species scored apart, never selected on (0: off)
     confirm_top: 3               # after the search, re-run the best 3 configurations...
     confirm_seeds: 5             # ...with 5 fresh seeds each (0 for either: no confirmation)
+    time_budget: 6h              # optional: no new search trial after 6 h of search (laray.budget)
     data: digits                 # data spec, unless --data says otherwise
     fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
       autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
@@ -36,12 +37,13 @@ from pathlib import Path
 import yaml
 
 from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
+from laray.duration import BudgetError, parse_duration
 
 OBJECTIVES = ("purity", "nmi", "ari", "acc")
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
 SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
 TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "holdout", "confirm_top",
-            "confirm_seeds", "data", "fixed", "search", "recipe")
+            "confirm_seeds", "time_budget", "data", "fixed", "search", "recipe")
 DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
 SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
@@ -108,13 +110,15 @@ class SearchSpace:
     confirm_top: int = DEFAULT_CONFIRM_TOP  # configurations re-run after the search (laray.confirm); 0: none
     confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # fresh seeds each
     recipe: dict = dataclasses.field(default_factory=dict)  # searched setting -> the value `laray train` takes
+    time_budget_s: float | None = None  # seconds of search before no new trial starts (laray.budget); None: none
 
     def overridden(self, holdout: float | None = None, confirm_top: int | None = None,
-                   confirm_seeds: int | None = None) -> SearchSpace:
+                   confirm_seeds: int | None = None, time_budget_s: float | None = None) -> SearchSpace:
         """This space with the command line's values where given."""
         la = self.la if holdout is None else dataclasses.replace(self.la, holdout=holdout)
         return dataclasses.replace(self, la=la, confirm_top=self.confirm_top if confirm_top is None else confirm_top,
-                                   confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds)
+                                   confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds,
+                                   time_budget_s=self.time_budget_s if time_budget_s is None else time_budget_s)
 
     @property
     def confirms(self) -> bool:
@@ -261,7 +265,13 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     except ConfigError as exc:
         raise SpaceError(f"recipe: {exc}") from None
     recipe = {name: getattr(with_recipe, name) for name in recipe}
-    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, recipe=recipe, **counts)
+    budget = raw.get("time_budget")
+    try:
+        time_budget_s = None if budget is None else parse_duration(budget)
+    except BudgetError as exc:
+        raise SpaceError(f"time_budget: {exc}") from None
+    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, recipe=recipe,
+                       time_budget_s=time_budget_s, **counts)
 
 
 def bundled_spaces() -> list[str]:

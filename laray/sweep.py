@@ -273,16 +273,23 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                                          **shared)
         trainable = tune.with_resources(trainable, resources)
 
+        from laray.budget import budget_parts, ended_search, resume_budget
+
         if resume:
             _fail_orphaned_optuna_trials(experiment, name)
+            resume_budget(space.time_budget_s, experiment)  # the budget's parts come back from Tune's own files
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False)
         else:
+            # The time budget: the searcher asks for no trial once it is spent, the stopper ends running ones at
+            # their next epoch end, the clock counts the search's time across resumes (laray.budget).
+            searcher, stopper, clock = budget_parts(space.time_budget_s, experiment,
+                                                    _optuna_search(space, experiment, name, seed))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    search_alg=_optuna_search(space, experiment, name, seed),
+                    search_alg=searcher,
                     # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=max(1, space.la.epochs),
                                             grace_period=min(space.grace_period, max(1, space.la.epochs))),
@@ -290,7 +297,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                     num_samples=num_samples or space.num_samples,
                     max_concurrent_trials=space.max_concurrent,
                 ),
-                run_config=_run_config(name, storage_path, verbose, max_failures, "search", space),
+                run_config=_run_config(name, storage_path, verbose, max_failures, "search", space, stopper, clock,
+                                       budget_of=str(experiment)),
             )
         with tune_fit_stops_on_signal():  # SIGTERM or Ctrl-C: Tune saves its state, then StopRequested
             results = tuner.fit()
@@ -313,7 +321,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                    if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
                    "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines,
                    "margin_over_raw_pixels": margin,
-                   "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name)}
+                   "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name),
+                   "time_budget_s": space.time_budget_s, "ended_by_time_budget": ended_search(experiment)}
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
         return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
                            len(results), errored, baselines, confirmed, confirmed_baselines, margin)
@@ -335,15 +344,23 @@ def _start_from(warm_start: list[str], data: DataRef, space: SearchSpace, seed: 
         log.info(taken.describe())
 
 
-def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace):
-    """verbose 0: silent; 1: laray's line per trial event (laray.progress); 2: Ray Tune's own table as well."""
+def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace,
+                stop=None, clock=None, budget_of: str | None = None):
+    """verbose 0: silent; 1: laray's line per trial event (laray.progress); 2: Ray Tune's own table as well.
+
+    stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
+    console shows.
+    """
     from ray import tune
 
     from laray.progress import SweepProgress
 
-    progress = [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent)] if verbose else []
+    progress = [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] \
+        if verbose else []
+    callbacks = progress + ([clock] if clock is not None else [])
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
-    return tune.RunConfig(name=name, storage_path=storage_path, verbose=max(0, verbose - 1), callbacks=progress,
+    return tune.RunConfig(name=name, storage_path=storage_path, verbose=max(0, verbose - 1), callbacks=callbacks,
+                          stop=stop,
                           sync_config=tune.SyncConfig(sync_artifacts=True),
                           failure_config=tune.FailureConfig(max_failures=max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from laray.analysis import tune_trial_states
-from laray.budget import (BUDGET_FILE, BudgetError, budget_parts, ended_search, left_s, parse_duration,
-                          resume_budget)
+from laray.budget import BUDGET_FILE, budget_parts, ended_search, left_s, resume_budget
+from laray.duration import BudgetError, parse_duration
 
 BUDGET_S, EPOCH_S, EPOCHS = 6.0, 0.2, 20
 

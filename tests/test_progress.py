@@ -3,7 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from laray.progress import SweepProgress, duration
+from laray.duration import duration
+from laray.progress import SweepProgress
 
 
 def trial(trial_id, status, epoch=None):
@@ -51,3 +52,23 @@ def test_a_resumed_sweep_counts_what_it_had_finished(capsys):
     assert capsys.readouterr().out == ""  # finished before the resume: not announced again
     progress.on_step_end(0, trials[:2] + [trial("c", "TERMINATED", 8)])
     assert "trial c finished; 3/4 trials ended (3 done, 1 waiting)" in capsys.readouterr().out
+
+
+def test_lines_show_the_time_budget_left_and_the_trials_it_stopped(tmp_path, capsys):
+    import json
+
+    from laray.budget import BUDGET_FILE, BudgetStopper
+
+    (tmp_path / BUDGET_FILE).write_text(json.dumps({"budget_s": 100.0, "spent_s": 40.0, "ended_search": False}))
+    progress = SweepProgress("search", epochs=8, objective="purity", concurrency=1, budget_of=str(tmp_path))
+    progress.setup(total_num_samples=3)
+    a = trial("a", "RUNNING", 1)
+    progress.on_trial_start(0, [a], a)
+    assert "0/3 trials ended (1 running, 2 waiting); time budget 1 min 00 s left" in capsys.readouterr().out
+    progress.on_step_end(0, [a])
+
+    (tmp_path / BUDGET_FILE).write_text(json.dumps({"budget_s": 100.0, "spent_s": 100.5, "ended_search": False}))
+    assert BudgetStopper(str(tmp_path))("a", {"epoch": 2}) is True  # what Tune asks at a's next report
+    progress.on_step_end(0, [trial("a", "TERMINATED", 2)])
+    line = capsys.readouterr().out
+    assert "trial a stopped by the time budget after 2/8 epochs" in line and "time budget spent: no new trials" in line

@@ -270,6 +270,22 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
                   warm_start=[str(sweep.experiment)], verbose=0)
 
 
+def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, sub, tmp_path):
+    """A budget of 1 s is spent while the first two trials start: each stops at its first epoch's end."""
+    raw = raw_space(num_samples=4, max_concurrent=2, la_epochs=3, confirm_top=1, confirm_seeds=1)
+    space = parse_space({**raw, "time_budget": "1s"})
+    result = run_sweep(sub, space, str(tmp_path / "results"), "budget", seed=SEED, verbose=0)
+    experiment = tmp_path / "results" / "budget"
+    assert 1 <= result.n_trials <= 2 and result.n_errored == 0  # no trial started after the budget was spent
+    searched = [f for f in experiment.glob("*_trial_*") if f.is_dir()]
+    assert [len(rows(f)) for f in searched] == [1] * len(searched)  # stopped at their next epoch end
+    assert all(any(f.glob("checkpoint_*")) for f in searched)  # with that epoch's checkpoint
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["ended_by_time_budget"] is True and best["time_budget_s"] == 1
+    assert len(result.confirmed) == 1 and result.confirmed[0]["seeds"] == [1]  # the confirmation ran as usual
+    assert [len(rows(f)) for f in (experiment / "confirm").glob("*_trial_*") if f.is_dir()] == [3]
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume after a real interruption of the driver: Ctrl-C (SIGINT), and a hard kill (SIGKILL)
 

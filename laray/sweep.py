@@ -226,7 +226,8 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     Ray must already be initialised (ray.init) by the caller.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from laray.asha import ResumableASHA
 
     if "://" in storage and not storage.startswith("file://"):
         experiment_local = None  # cloud storage: the study and auto-encoders live beside the driver
@@ -291,7 +292,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=max(1, space.la.epochs),
+                    scheduler=ResumableASHA(experiment, time_attr="epoch", max_t=max(1, space.la.epochs),
                                             grace_period=min(space.grace_period, max(1, space.la.epochs))),
                     metric=space.objective, mode=space.mode,
                     num_samples=num_samples or space.num_samples,

@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _configure_logging(logging.WARNING if getattr(args, "json", False) else logging.INFO)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from laray.interrupt import StopRequested, handling_stop_signals
+    from laray.interrupt import StopRequested, handling_stop_signals, requested
 
     try:
         with handling_stop_signals():
@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (laray.interrupt): one line, the status a shell reports
         if _debugging(args):
             raise
-        signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
+        # Ray's get turns the StopRequested it was interrupted by into a plain KeyboardInterrupt
+        signum = exc.signum if isinstance(exc, StopRequested) else requested() or signal.SIGINT
         on_stop = getattr(args, "on_stop", None)
         print(f"laray: stopped by {signal.Signals(signum).name}" + (f"; {on_stop}" if on_stop else ""),
               file=sys.stderr, flush=True)

@@ -143,3 +143,19 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
         for logger, filters in zip(loggers, kept_filters):
             logger.filters[:] = filters
             logger.removeHandler(records)
+
+
+def test_cli_names_the_signal_when_a_library_turned_it_into_a_plain_keyboard_interrupt(monkeypatch, capsys):
+    """Ray's get, interrupted by SIGTERM during stage 1, raised KeyboardInterrupt: still 143, for SLURM's requeue."""
+    from laray import cli
+
+    def stage1_in_ray_get(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except StopRequested:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(cli, "_train", stage1_in_ray_get)
+    assert cli.main(["train", "--out", "somewhere"]) == 143
+    assert capsys.readouterr().err.startswith("laray: stopped by SIGTERM")

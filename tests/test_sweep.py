@@ -912,7 +912,8 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 1/1 trials ended \(1 done\)", line) for line in lines)
     assert any("up to ~" in line and "left" in line for line in lines)
     for noise in ("Checkpoint successfully created", "snapshotting has been triggered", "driver_artifacts",
-                  "Configuration for experiment", "A new study created", "Traceback"):
+                  "Configuration for experiment", "A new study created", "Traceback", "\x1b[",
+                  "across cluster", "performance bottleneck"):
         assert noise not in console, noise
     experiment = tmp_path / "results" / "console"
     assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout

@@ -578,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ray's get turns the StopRequested it was interrupted by into a plain KeyboardInterrupt
         signum = exc.signum if isinstance(exc, StopRequested) else requested() or signal.SIGINT
         on_stop = getattr(args, "on_stop", None)
+        if "laray.sweep" in sys.modules:  # now, not at exit: the lines Ray still forwards come before ours
+            sys.modules["laray.sweep"].shutdown_ray()
         print(f"laray: stopped by {signal.Signals(signum).name}" + (f"; {on_stop}" if on_stop else ""),
               file=sys.stderr, flush=True)
         return 128 + signum

@@ -8,13 +8,15 @@ SIGINT and SIGTERM both raise `StopRequested` in the main thread, or, while Ray 
 time, with every running trial's last reported checkpoint, and `fit` returns; the caller checks
 `requested()` and raises `StopRequested` itself. The CLI turns it into one line and exit status
 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports a killed command.
-A second signal stops at once.
+A second signal stops at once, unless it comes within ECHO_S of the first: `scancel` signals
+every process of a job, and slurm/laray.sbatch forwards its own SIGTERM too.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -34,6 +36,8 @@ class StopRequested(KeyboardInterrupt):
 
 
 _received: int | None = None  # the first stop signal's number
+_received_at = 0.0  # and when it came (time.monotonic)
+ECHO_S = 2.0  # a second signal this soon after the first is the same stop, not an "at once"
 _tune_fit_running = False
 _handling = False  # inside handling_stop_signals()
 
@@ -49,9 +53,12 @@ def raise_if_requested() -> None:
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _received
+    global _received, _received_at
     first = _received is None
-    _received = _received or signum
+    if not first and time.monotonic() - _received_at < ECHO_S:
+        return  # the same stop sent twice (scancel signals every process and the batch script forwards it)
+    if first:
+        _received, _received_at = signum, time.monotonic()
     if first and _tune_fit_running:
         # Tune's own stop: its SIGUSR1 handler, installed by every fit (ray.tune.tune._setup_signal_catching),
         # sets the event that ends fit's loop after a last save of the experiment state.

@@ -44,7 +44,7 @@ from laray.interrupt import take_signals_back, tune_fit_stops_on_signal
 from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
-from laray.sweep_stage1 import sweep_stage1
+from laray.sweep_stage1 import cancel_stage1_tasks, sweep_stage1
 from laray.warm_start import recorded as warm_start_record
 from laray.train import NonFiniteLossError
 
@@ -392,7 +392,11 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
                             shared["device"], shared["threads"], shared["cache_dir"], (space.la.holdout, seed))
 
     # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
-    done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
+    try:
+        done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
+    except KeyboardInterrupt:  # a stop signal: the other seeds' tasks would train on, on their cluster
+        cancel_stage1_tasks()
+        raise
     baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
     path = f"{experiment_path}/{CONFIRM_DIR}"
@@ -477,8 +481,6 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
 
     quiet: without Ray's notice that token authentication is on (as it is by default).
     """
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # No stack dump from Ray's C++ failure-signal handler when SIGTERM stops the driver or its workers:
     # laray handles stop signals itself (laray.interrupt). Read when ray is imported; workers inherit it.
@@ -489,10 +491,27 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
         # no "[repeated 3x across cluster]" notes, which carry their own colour. Both read when ray is imported.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray  # after the settings above: Ray reads them when it is imported
+
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off the console
     else:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+    global _ray_started_here
+    _ray_started_here = True
     take_signals_back()  # ray.init makes SIGTERM exit at once
+
+
+_ray_started_here = False
+
+
+def shutdown_ray() -> None:
+    """Shut down (or leave) the Ray that ray_init started or joined; one started by someone else stays."""
+    global _ray_started_here
+    if _ray_started_here:
+        import ray
+
+        ray.shutdown()
+        _ray_started_here = False

@@ -20,6 +20,17 @@ from laray.holdout import NO_HOLDOUT
 from laray.run import Stage1, baselines_path, compute_baselines, encoder_part, train_autoencoder, write_json
 
 
+_training: set = set()  # the stage-1 tasks this driver is waiting for (the confirmation waits for several)
+
+
+def cancel_stage1_tasks() -> None:
+    """Cancel the stage-1 tasks being waited for: after a stop signal, nothing would keep what they train."""
+    import ray
+
+    for ref in list(_training):
+        ray.cancel(ref, force=True)
+
+
 def _print_epoch(record: dict) -> None:
     # Ray forwards a task's stdout to the driver's console, prefixed with the task's name.
     print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
@@ -61,11 +72,14 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
         shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout)
+        _training.add(shipped)
         try:
             stage1 = ray.get(shipped)
         except KeyboardInterrupt:  # a stop signal (laray.interrupt): the task would train on, on its cluster
-            ray.cancel(shipped, force=True)
+            cancel_stage1_tasks()
             raise
+        finally:
+            _training.discard(shipped)
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
     ae_state, history, _ = get_or_train(store_dir, key, train)

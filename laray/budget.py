@@ -191,6 +191,11 @@ def stopped_by_budget(experiment, trial_id: str) -> bool:
     return trial_id in _stopped.get(_key(experiment), ())
 
 
+def budget_s(experiment) -> float | None:
+    """The budget in force (the one recorded, which a resume may have replaced); None: none."""
+    return _current(_key(experiment)).get("budget_s")
+
+
 def ended_search(experiment) -> bool:
     """Whether the budget ended the search (refused a new trial or stopped a running one): for best.json."""
     return bool(_current(_key(experiment)).get("ended_search"))

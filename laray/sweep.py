@@ -274,7 +274,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                                          **shared)
         trainable = tune.with_resources(trainable, resources)
 
-        from laray.budget import budget_parts, ended_search, resume_budget
+        from laray.budget import budget_parts, budget_s, ended_search, resume_budget
 
         if resume:
             _fail_orphaned_optuna_trials(experiment, name)
@@ -323,7 +323,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                    "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines,
                    "margin_over_raw_pixels": margin,
                    "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name),
-                   "time_budget_s": space.time_budget_s, "ended_by_time_budget": ended_search(experiment)}
+                   "time_budget_s": budget_s(experiment), "ended_by_time_budget": ended_search(experiment)}
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
         return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
                            len(results), errored, baselines, confirmed, confirmed_baselines, margin)

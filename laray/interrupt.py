@@ -48,7 +48,8 @@ def requested() -> int | None:
 
 
 def raise_if_requested() -> None:
-    if _received is not None:
+    """Inside handling_stop_signals(), once a stop signal came: raise. Outside, never (a library's caller decides)."""
+    if _handling and _received is not None:
         raise StopRequested(_received)
 
 

@@ -66,6 +66,17 @@ def test_a_signal_before_the_fit_installed_its_handler_raises():
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
+def test_a_stop_outside_handling_stop_signals_is_not_raised_by_a_later_fit():
+    """The signal of an earlier command (or test) in this process must not stop a library call's fit."""
+    with pytest.raises(StopRequested):
+        with handling_stop_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert interrupt.requested() == signal.SIGTERM  # the CLI reads it after the handlers are gone
+    with tune_fit_stops_on_signal():
+        pass  # no StopRequested
+
+
 def test_handlers_are_taken_back_after_ray_init_set_its_own():
     with handling_stop_signals():
         signal.signal(signal.SIGTERM, lambda s, f: None)  # ray.init's: sys.exit(15)

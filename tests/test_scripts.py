@@ -1,4 +1,4 @@
-"""The README's commands, the CI script, the CLI and the benchmark's small mode."""
+"""The README's commands, the docs' examples and links, the CI script, the CLI and the benchmarks' small modes."""
 import json
 import os
 import re
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README_MAX_LINES = 250
 
 
 def readme_commands():
@@ -96,10 +98,75 @@ def test_la_step_benchmark_quick_mode_prints_measured_figures():
     assert all(float(r[1]) > 0 for r in rows)
 
 
-def test_readme_python_examples_run():
+def test_readme_and_docs_python_examples_run():
     # Blocks fenced as "python no-run" need the user's own files and are not run.
-    for block in re.findall(r"^```python\n(.+?)```", (ROOT / "README.md").read_text(), flags=re.M | re.S):
-        exec(compile(block, "README.md", "exec"), {})
+    ran = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for block in re.findall(r"^```python\n(.+?)```", page.read_text(), flags=re.M | re.S):
+            exec(compile(block, str(page.relative_to(ROOT)), "exec"), {})
+            ran.append(page.name)
+    assert ran  # the examples are found where they live (docs/method.md holds the method's)
+
+
+def _prose_lines(text):
+    """The lines of a markdown text outside its fenced code blocks (fences may be indented, as in lists)."""
+    fence = None
+    for line in text.splitlines():
+        marker = re.match(r"\s*(```|~~~)", line)
+        if fence is None and marker:
+            fence = marker.group(1)
+        elif fence is not None and line.strip().startswith(fence):
+            fence = None
+        elif fence is None:
+            yield line
+
+
+def _github_slug(heading):
+    """GitHub's anchor for a heading: its rendered text, lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link or image: its text
+    text = re.sub(r"[`*]", "", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page):
+    seen, anchors = {}, set()
+    for line in _prose_lines(page.read_text()):
+        heading = re.match(r"#{1,6}\s+(.+?)\s*#*\s*$", line)
+        if heading:
+            slug = _github_slug(heading.group(1))
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")  # repeats get -1, -2, ...
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _links(page):
+    """Targets of the page's inline links and images, outside code blocks and code spans."""
+    for line in _prose_lines(page.read_text()):
+        line = re.sub(r"`[^`]*`", "", line)
+        yield from re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", line)
+
+
+def test_every_relative_link_in_the_readme_changelog_and_docs_resolves_and_the_readme_stays_short():
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= README_MAX_LINES
+    pages = [readme, ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+    checked, broken = 0, []
+    for page in pages:
+        where = page.relative_to(ROOT)
+        assert "../shared" not in page.read_text(), f"{where} points at the private shared folder"
+        for target in _links(page):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, flags=re.I):  # https:, mailto: ...: not relative
+                continue
+            checked += 1
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.is_relative_to(ROOT) or not file.exists():
+                broken.append(f"{where}: {target}: no such file in the repository")
+            elif file == ROOT / "shared" or (ROOT / "shared") in file.parents:
+                broken.append(f"{where}: {target}: the private shared folder")
+            elif anchor and (file.suffix != ".md" or anchor not in _anchors(file)):
+                broken.append(f"{where}: {target}: no heading with that anchor")
+    assert checked and not broken, "\n".join(broken)
 
 
 def test_step_memory_benchmark_quick_mode_prints_measured_figures():
@@ -122,13 +189,13 @@ def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
         assert 0 < lo <= hi <= 1 and float(spread.strip("()")) == pytest.approx(hi - lo, abs=1.5e-3)
 
 
-def test_paper_model_reproduces_the_readme_totals():
+def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_model.py")], capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.startswith("PROJECTION")
     (total,) = [line.split()[1:] for line in out.splitlines() if line.startswith("total")]
-    readme = (ROOT / "README.md").read_text()
-    row = re.search(r"^\| \*\*search and confirmation\*\* \| (.+) \|$", readme, flags=re.M).group(1)
+    page = (DOCS / "benchmarks.md").read_text()  # "A DF20 sweep on paper"
+    row = re.search(r"^\| \*\*search and confirmation\*\* \| (.+) \|$", page, flags=re.M).group(1)
     assert [f"{float(v):.1f}" for v in total] == [c.strip(" *") for c in row.split("|")]
 
 

@@ -1,9 +1,9 @@
-"""The README's DF20 sweep on paper: hours from counted FLOPs at 40 % of each processor's peak. A projection.
+"""The DF20 sweep on paper (docs/benchmarks.md): hours from counted FLOPs at 40 % of each processor's peak. A projection.
 
 The FLOPs per image come from benchmarks/train_throughput.py (FlopCounterMode); k-means costs
 2·N·K·d a Lloyd pass (laray.clustering), at most 100 passes after k-means++ (counted as 2 passes),
 laray.evaluate.N_INIT restarts per evaluation. Nothing here is measured: it prints the tables of
-the README's "A DF20 sweep on paper" from these inputs.
+docs/benchmarks.md's "A DF20 sweep on paper" from these inputs.
 
     python benchmarks/paper_model.py                # with laray's evaluation restarts
     python benchmarks/paper_model.py --restarts 5   # as the model read before evaluations kept 20

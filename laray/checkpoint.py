@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import torch
 
-from laray.errors import LarayError, naming_full_disk
+from laray.errors import CheckpointError, LarayError, naming_full_disk
 
 log = logging.getLogger("laray.checkpoint")
 
@@ -52,8 +52,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointError(LarayError):
-    """Neither the checkpoint nor the one kept before it can be read; the message says what to do."""
 
 
 def previous_path(path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""The `laray` command. It only parses arguments and calls library functions."""
+"""The `laray` command: parses arguments, calls library functions, prints their results and errors in a few lines."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,11 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 
 from laray import __version__
 from laray.config import ARCHS
-from laray.errors import LarayError
+from laray.errors import LarayError, SweepError
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN
 
 
@@ -338,7 +339,7 @@ def _check_device_name(device: str) -> None:
 
 
 def _train(args) -> int:
-    from laray.config import load_config, replace
+    from laray.config import check_enough_images, load_config, replace
     from laray.dataref import describe
     from laray.defaults import choose, fit_to_size, train_configs
     from laray.space import load_space
@@ -360,6 +361,7 @@ def _train(args) -> int:
     ref = describe(args.data, ae_cfg.image_size, label_column=args.label_column, path_column=args.path_column,
                    image_root=args.image_root)
     la_cfg = fit_to_size(la_cfg, defaults[1], len(ref))
+    check_enough_images(len(ref), len(ref.class_names))
     la_cfg.check_data_size(len(ref))
     args.on_stop = f"continue from its last checkpoint with: {_command_again(args.argv, add=['--resume'])}"
     # The first line, once the settings hold: which bundled settings, why, and how to choose others.
@@ -400,10 +402,10 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
         return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     local = storage.removeprefix("file://")
     if "://" in local:
-        raise FileNotFoundError(f"with cloud storage {storage}, name the sweep to resume with --name")
+        raise SweepError(f"with cloud storage {storage}, name the sweep to resume with --name")
     found = sorted(Path(local).expanduser().glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no sweep of space {stem!r} in {storage} to resume; name one with --name")
+        raise SweepError(f"no sweep of space {stem!r} in {storage} to resume; name one with --name")
     return found[-1].name
 
 
@@ -432,6 +434,9 @@ def _sweep(args) -> int:
     # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
     data = describe(spec, space.ae.image_size, label_column=args.label_column, path_column=args.path_column,
                     image_root=args.image_root)
+    from laray.config import check_enough_images
+
+    check_enough_images(len(data), len(data.class_names))
     space.check_data_size(len(data))
     if args.space is None:  # the first line: which bundled settings, why, and how to choose others
         print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
@@ -547,8 +552,19 @@ def _predict(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, shown=warnings.showwarning) -> None:
+    """laray's DataWarning as a log line like the others, without the Python source line; other warnings as usual."""
+    from laray.errors import DataWarning
+
+    if issubclass(category, DataWarning):
+        logging.getLogger("laray.data").warning("%s", message)
+    else:
+        shown(message, category, filename, lineno, file, line)
+
+
 def _configure_logging(level: int) -> None:
     """laray's log lines (counts loaded and skipped, warnings) to stderr; one handler however often main runs."""
+    warnings.showwarning = _show_warning
     logger = logging.getLogger("laray")
     for handler in [h for h in logger.handlers if getattr(h, "laray_cli", False)]:
         logger.removeHandler(handler)
@@ -583,10 +599,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"laray: stopped by {signal.Signals(signum).name}" + (f"; {on_stop}" if on_stop else ""),
               file=sys.stderr, flush=True)
         return 128 + signum
-    except (LarayError, ValueError, OSError) as exc:  # expected: bad input, a full disk, a running sweep
+    except (LarayError, OSError) as exc:  # expected: bad input, a full disk, a running sweep (laray.errors)
         if _debugging(args):
             raise
-        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return _fail(_one_line(exc))
+    except Exception as exc:  # a bug: its traceback; raised inside a Ray task, one line with its cause
+        if _debugging(args) or _raised_in(exc) is None:
+            raise
+        return _fail(_one_line(exc))
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The Ray task or actor an error was raised in (Ray wraps it; its first line names the task), else None."""
+    if getattr(exc, "cause", None) is None or not type(exc).__name__.startswith(("RayTaskError", "RayActorError")):
+        return None
+    import re
+
+    named = re.search(r"ray::([\w.]+)", str(exc))  # "\x1b[36mray::_stage1_task()\x1b[39m (pid=..., ip=...)"
+    return f"Ray task {named.group(1)}" if named else "a Ray task"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's first line; for one raised inside a Ray task, its cause's, with the task named."""
+    where = _raised_in(exc)
+    if where is not None:
+        cause = exc.cause
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        expected = isinstance(cause, (LarayError, OSError))
+        return (f"{text or type(cause).__name__} (in {where})" if expected else
+                f"{type(cause).__name__} in {where}: {text} (--debug shows the traceback)")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -15,13 +15,21 @@ from pathlib import Path
 
 import yaml
 
+from laray.errors import ConfigError
+
 ARCHS = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")  # torchvision's VGG with batch norm (laray.models)
 SCHEDULES = ("cosine", "step", "constant")
 STRING_FIELDS = ("arch", "pretrained", "schedule", "merger", "bank_init")
+UNLABELLED_CLUSTERS = 10  # k-means clusters that score unlabelled data (by silhouette) in laray.evaluate
 
 
-class ConfigError(ValueError):
-    """An invalid config value or key; the message names the field."""
+def check_enough_images(n_images: int, n_species: int) -> None:
+    """Refuse, before anything trains, a data set with no more images than the clusters that score it."""
+    clusters = n_species or UNLABELLED_CLUSTERS
+    if n_images <= clusters:
+        scored = (f" for {n_species} species: the clusters are scored with k-means at K = {clusters}" if n_species
+                  else f": unlabelled data are scored with k-means at K = {clusters}")
+        raise ConfigError(f"{n_images} images are too few{scored}, which needs at least {clusters + 1} images")
 
 
 def _require(ok: bool, name: str, message: str, value) -> None:
@@ -86,7 +94,7 @@ class LAConfig(OptimConfig):
     recluster_every: int = 0  # steps between reclusterings; 0 = once per epoch, at its start
     merger: str = "mean"
     bank_init: str = "codes"
-    augment: bool = True  # without it LA on digits fell below the raw-pixel baseline (README, "Quality")
+    augment: bool = True  # without it LA fell below k-means on raw pixels (docs/experiments.md)
     crop_min_area: float = 0.5  # augmentation's random crops keep at least this share of the image
     flip: bool = True  # augmentation mirrors half the images; off where mirroring changes the class (digits)
     jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]

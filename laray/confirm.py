@@ -1,6 +1,6 @@
 """Confirmation: the search's best configurations re-run with fresh seeds, ranked by their mean.
 
-One LA run's purity swings by about +-0.05 between seeds (README, "Quality on digits"), as much as
+One LA run's purity swings between seeds (docs/experiments.md, benchmarks/photo_recipe.py) as much as
 the differences a search ranks trials by, and ASHA judges a trial on one seed. So after the
 search, the top K configurations are re-run with S fresh seeds each (both stages seeded: stage 1
 is trained once per seed), as a second Tune run beside the search (laray.sweep). Each

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from laray.augment import augment_batch
 from laray.cache import decode_cached
 from laray.dataref import DIGITS, DataRef, ListingDigest, describe, digits_key, relist
 from laray.dataref import labels_key as labels_key_of
+from laray.errors import DataWarning
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
 __all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", "load_dataset", "open_dataset",
@@ -31,10 +33,6 @@ __all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", 
 log = logging.getLogger("laray.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataWarning(UserWarning):
-    """Files were skipped while loading a data set."""
 
 
 def standardize(images01: torch.Tensor) -> torch.Tensor:
@@ -129,6 +127,27 @@ def _listing(items: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {path}: {reason}" for path, reason in items)
 
 
+SKIPPED_SHOWN = 3  # bad files named in the warning; all of them go to a file beside the decode cache
+
+
+def _skipped_summary(ref: DataRef, skipped: list[tuple[str, str]], total: int, cache_dir) -> str:
+    """One warning for any number of bad files: the count, the first few, and the file that lists them all."""
+    from laray.cache import default_cache_dir
+    from laray.checkpoint import write_atomic
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    listing = folder / f"skipped-{ref.key[:16]}.txt"
+    text = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
+    try:
+        write_atomic(listing, lambda f: f.write(text.encode()))
+        where = f"all of them in {listing}"
+    except OSError:  # a read-only cache folder: the summary still stands
+        where = f"all of them: laray data check {ref.spec}"
+    shown = _listing(skipped[:SKIPPED_SHOWN])
+    more = f"\n  ... and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"{ref.spec}: skipped {len(skipped)} of {total} file(s) ({where}):\n{shown}{more}"
+
+
 def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_LABEL_COLUMN,
                  path_column: str = DEFAULT_PATH_COLUMN, image_root: str | None = None, strict: bool = False,
                  cache_dir: str | os.PathLike | None = None, augment: bool | None = None,
@@ -179,7 +198,7 @@ def open_dataset(ref: DataRef | ListingDigest, cache_dir: str | os.PathLike | No
         if empty:
             log.warning("labels with no usable image: %s", ", ".join(empty))
     if skipped:
-        warnings.warn(f"{ref.spec}: skipped {len(skipped)} of {len(skipped) + len(dataset)} file(s):\n"
-                      f"{_listing(skipped)}", DataWarning, stacklevel=2)
+        warnings.warn(_skipped_summary(ref, skipped, len(skipped) + len(dataset), cache_dir), DataWarning,
+                      stacklevel=2)
     log.info("%s: %s%s", ref.spec, dataset.summary(), " (from cache)" if decoded.cache_hit else "")
     return dataset

@@ -12,13 +12,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from laray.errors import DecodeError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Photos of a few hundred megapixels are legitimate; PIL's bomb check would reject them as a warning-turned-error.
 Image.MAX_IMAGE_PIXELS = 1 << 30
 
 
-class DecodeError(Exception):
-    """The file is not a fully decodable image; the message says why in a few words."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

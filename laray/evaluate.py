@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from laray.clustering import kmeans
+from laray.config import UNLABELLED_CLUSTERS
 from laray.data import model_batch
 from laray.holdout import PREFIX
 from laray.metrics import cluster_scores
 from laray.prefetch import BatchPrefetcher
 
-# k-means restarts per evaluation (best inertia kept): with 5, the same codes scored up to 0.13 purity apart
-# from one evaluation seed to another; with 20, 0.04 at most (benchmarks/eval_restarts.py; README, "Quality").
+# k-means restarts per evaluation (best inertia kept): with few, the same codes score far apart from one
+# evaluation seed to another (benchmarks/eval_restarts.py measures the spread; docs/benchmarks.md).
 N_INIT = 20
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): score a fixed random sample of this many codes
 
@@ -62,7 +63,7 @@ def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None 
     """
     labelled = bool((labels >= 0).any())
     if n_clusters is None:
-        n_clusters = len(np.unique(labels[labels >= 0])) if labelled else 10
+        n_clusters = len(np.unique(labels[labels >= 0])) if labelled else UNLABELLED_CLUSTERS
     n_clusters = max(1, min(n_clusters, len(codes)))
     x = codes.to(device).float()
     best = None  # only the best run is kept: 20 runs' labels would be 20 more N-long arrays
@@ -82,7 +83,7 @@ def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None 
         return scores, assignments
     from sklearn.metrics import silhouette_score
 
-    if n_clusters < 2 or len(np.unique(assignments)) < 2:
+    if not 2 <= len(np.unique(assignments)) <= len(codes) - 1:  # the silhouette's own limits
         return {"silhouette": float("nan")}, assignments
     sample = min(SILHOUETTE_SAMPLE, len(codes))
     score = silhouette_score(codes.numpy(), assignments, metric="cosine", sample_size=sample, random_state=seed)

@@ -132,7 +132,7 @@ class _BackgroundScores(torch.autograd.Function):
     twice the bank's size at b = 256, d = 128). Backward: d(v_i.M_j)/dv_i = M_j, from the
     (rows, 1+k, d) chosen rows of M; while N <= DENSE_BACKWARD_RATIO (1 + k), a dense (rows, N)
     scatter times M costs less on the CPU (gathering rows is slow there) and is used instead.
-    Its time and memory against plain autograd: benchmarks/step_memory.py (README, "Why it is fast").
+    Its time and memory against plain autograd: benchmarks/step_memory.py (docs/benchmarks.md).
     """
 
     @staticmethod

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import vgg as tv_vgg
 
 from laray.config import ARCHS as ARCH_NAMES
+from laray.errors import ConfigError  # a ValueError too: bad settings reached past the config's checks
 
 ARCHS = dict(zip(ARCH_NAMES, "ABDE"))  # torchvision's configuration letter for each architecture we support
 MERGERS = ("mean", "flatten", None)
@@ -23,12 +24,12 @@ MIN_CHANNELS = 8
 
 def _check_choice(name: str, value, valid) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
+        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
 
 
 def _scaled_cfg(arch: str, width: float) -> list:
     if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
+        raise ConfigError(f"width must be > 0, got {width!r}")
     return [c if c == "M" else max(MIN_CHANNELS, round(c * width)) for c in tv_vgg.cfgs[ARCHS[arch]]]
 
 
@@ -41,11 +42,11 @@ def _load_pretrained_features(arch: str, pretrained: str) -> dict:
     elif os.path.isfile(pretrained):
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
     else:
-        raise ValueError(f"pretrained must be None, 'imagenet' or an existing state_dict file, got {pretrained!r}")
+        raise ConfigError(f"pretrained must be None, 'imagenet' or an existing state_dict file, got {pretrained!r}")
     prefix = "features."
     features = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not features:
-        raise ValueError(f"pretrained state_dict {pretrained!r} has no 'features.*' keys: not a torchvision VGG")
+        raise ConfigError(f"pretrained state_dict {pretrained!r} has no 'features.*' keys: not a torchvision VGG")
     return features
 
 
@@ -60,7 +61,7 @@ class EncoderVGG(nn.Module):
         super().__init__()
         _check_choice("arch", arch, tuple(ARCHS))
         if pretrained is not None and width != 1.0:
-            raise ValueError(f"pretrained weights need width 1.0, got width={width!r}")
+            raise ConfigError(f"pretrained weights need width 1.0, got width={width!r}")
         self.arch, self.width = arch, width
         self.cfg = _scaled_cfg(arch, width)
         # Same layer indices as torchvision's `features`, so its state_dict loads strictly.
@@ -81,7 +82,7 @@ class EncoderVGG(nn.Module):
         for _ in range(self.cfg.count("M")):
             side //= 2
         if side < 1:
-            raise ValueError(f"image_size {image_size} is too small for {self.arch}: the code map would be empty")
+            raise ConfigError(f"image_size {image_size} is too small for {self.arch}: the code map would be empty")
         return self.out_channels, side, side
 
     def forward(self, x: torch.Tensor):
@@ -167,7 +168,7 @@ class EncoderVGGMerged(nn.Module):
         """Length of the merged code for a square input of `image_size` pixels (sizes the memory bank)."""
         c, h, w = self.encoder.code_shape(image_size)
         if self.merger is None:
-            raise ValueError("merger=None gives a code map, not a vector: it has no code_dim")
+            raise ConfigError("merger=None gives a code map, not a vector: it has no code_dim")
         return c if self.merger == "mean" else c * h * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,14 @@ def find_trial(experiment: str | Path, trial: str = "best", objective: str = "pu
     if trial != "best":
         matches = [t for t in trials if t.trial_id.startswith(trial) or t.folder.name == trial]
         if len(matches) != 1:
-            raise ValueError(f"trial {trial!r} matches {len(matches)} trials in {experiment}; ids: "
+            raise LarayError(f"trial {trial!r} matches {len(matches)} trials in {experiment}; ids: "
                              f"{[t.trial_id for t in trials]}")
         return matches[0]
     has_labels = any(t.assignments is not None and analysis.labelled(t.assignments) for t in trials)
     table = analysis.trials_table(trials, {}, with_k=False)
     best = analysis.best_trial(trials, table, objective if has_labels else "silhouette")
     if best is None:
-        raise ValueError(f"no trial of {experiment} has finished an LA epoch yet")
+        raise LarayError(f"no trial of {experiment} has finished an LA epoch yet")
     return best
 
 
@@ -41,7 +41,7 @@ def load_clusterer(trial: analysis.Trial) -> tuple[EncoderVGGMerged, torch.Tenso
     """(encoder in eval mode, centroids (K, d), their cluster ids, image size) of a trial."""
     checkpoint = trial.folder / "checkpoints" / "la.ckpt"
     if trial.metrics is None or trial.assignments is None or not checkpoint.exists():
-        raise ValueError(f"trial {trial.trial_id} has no finished LA epoch (checkpoint, metrics.json, assignments.csv)")
+        raise LarayError(f"trial {trial.trial_id} has no finished LA epoch (checkpoint, metrics.json, assignments.csv)")
     ae, la = trial.metrics["config"]["autoencoder"], trial.metrics["config"]["la"]
     encoder = EncoderVGGMerged(ae["arch"], None, ae["width"], la["merger"])
     try:

@@ -13,17 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from laray.decode import IMAGE_EXTENSIONS
+from laray.errors import DataError
 
 DEFAULT_LABEL_COLUMN = "species"
 DEFAULT_PATH_COLUMN = "image_path"
 
 
-class DataError(ValueError):
-    """A data set that cannot be used, with a one-line reason; `.skipped` lists any bad files, all of them."""
-
-    def __init__(self, message: str, skipped: list[tuple[str, str]] | None = None):
-        super().__init__(message)
-        self.skipped = list(skipped or [])
 
 
 @dataclass

@@ -38,6 +38,7 @@ import yaml
 
 from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
 from laray.duration import BudgetError, parse_duration
+from laray.errors import SpaceError
 
 OBJECTIVES = ("purity", "nmi", "ari", "acc")
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
@@ -50,8 +51,6 @@ SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data: there in every install
 
 
-class SpaceError(ValueError):
-    """A malformed search space; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +286,9 @@ def load_space(path: str | Path) -> SearchSpace:
             raise SpaceError(f"no search space {str(path)!r}: not a file, nor one of the bundled spaces "
                              f"({', '.join(bundled_spaces())})")
         path = SPACES_DIR / f"{path}.yaml"
+    if not path.exists():  # a typo, or a bundled name with its .yaml: say what there is
+        raise SpaceError(f"no search space file {str(path)!r}; the bundled spaces are {', '.join(bundled_spaces())} "
+                         f"(--space NAME), or give the path of a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

@@ -1,7 +1,14 @@
-"""The sweep: a Ray Tune function trainable over both stages, Optuna's TPE, ASHA. Only this module imports ray.
+"""The sweep: a Ray Tune function trainable over both stages, Optuna's TPE, ASHA.
+
+Ray is imported here and by the sweep's helpers only (sweep_stage1, progress, asha, budget, and space's
+Tune distributions); the rest of laray runs without it.
 
     STORAGE/NAME/               Ray Tune's experiment folder (Tuner.restore and ExperimentAnalysis read it)
     STORAGE/NAME/optuna.db      the Optuna study (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db)
+    STORAGE/NAME/sweep.json     what makes its scores comparable, for --warm-start (laray.warm_start)
+    STORAGE/NAME/asha.json      ASHA's rungs, which Tune does not save (laray.asha)
+    STORAGE/NAME/budget.json    the time budget and the search time spent (laray.budget)
+    STORAGE/NAME/driver.lock    the running driver (laray.sweep_lock)
     STORAGE/NAME/autoencoders/  stage 1, trained once per sweep by a Ray task (laray.sweep_stage1)
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
                                 metrics.json, assignments.csv, codes.npy, worker.json
@@ -39,7 +46,7 @@ from laray.checkpoint import write_atomic
 from laray.config import replace
 from laray.confirm import CONFIRM_DIR, baselines_over_seeds, confirmation_seeds, confirmed, margin_over, pick_top
 from laray.data import DataRef, ListingDigest, open_dataset
-from laray.errors import LarayError, naming_full_disk
+from laray.errors import LarayError, SweepError, naming_full_disk
 from laray.interrupt import take_signals_back, tune_fit_stops_on_signal
 from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
@@ -52,7 +59,6 @@ log = logging.getLogger("laray.sweep")
 
 OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
-CRASH_MARKER = "injected_crash.txt"
 REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "heldout_purity", "heldout_nmi", "heldout_ari", "heldout_acc",
             "loss", "images_per_s", "lr", "epoch")
 
@@ -102,15 +108,12 @@ def _write_worker_record(path: Path, record: dict) -> None:
 
 
 def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: SearchSpace, seed: int, device: str,
-                threads: int, cache_dir: str | None = None, crash_once_at_epoch: int | None = None,
-                quiet: bool = False) -> None:
+                threads: int, cache_dir: str | None = None, quiet: bool = False) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
     It opens `data` on its node (from the node's cache folder, decoding once per node) and
     starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
     decoded the data, its start-up time and its peak resident memory.
-    crash_once_at_epoch: a fault drill (used by the tests): the worker process dies right after
-    reporting that LA epoch, once per trial, as if its node had gone away.
     quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
     """
     import ray
@@ -153,9 +156,6 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
                 tempfile.TemporaryDirectory() as folder:
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        if record["epoch"] == crash_once_at_epoch and not (out / CRASH_MARKER).exists():
-            (out / CRASH_MARKER).write_text(f"worker killed after LA epoch {record['epoch']}\n")
-            os._exit(1)
 
     la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
     try:
@@ -217,7 +217,7 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool =
 def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
               seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
               resume: bool = False, device: str = "auto", verbose: int = 1, cache_dir: str | None = None,
-              crash_once_at_epoch: int | None = None, warm_start: list[str] = ()) -> SweepResult:
+              warm_start: list[str] = ()) -> SweepResult:
     """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
 
     cache_dir: the decode cache folder on every node (a shared one, or a local path that exists on
@@ -239,12 +239,12 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     check_resources(cpus_per_trial, gpus_per_trial, device)
     if resume and not tune.Tuner.can_restore(experiment_path):
         if not _started_here(experiment_local):
-            raise FileNotFoundError(f"no sweep to resume at {experiment_path}")
+            raise SweepError(f"no sweep to resume at {experiment_path}")
         resume = False  # stopped before its search began (in stage 1): the search starts now, stage 1 from the store
     if resume and num_samples is not None:  # Tuner.restore keeps the stored count and would ignore it silently
-        raise ValueError("the number of trials of a sweep cannot change when it is resumed")
+        raise SweepError("the number of trials of a sweep cannot change when it is resumed")
     if resume and warm_start:
-        raise LarayError("--warm-start: the trials a sweep starts from are taken over when it starts, not on --resume")
+        raise SweepError("--warm-start: the trials a sweep starts from are taken over when it starts, not on --resume")
     from laray.progress import one_line_for_gone_checkpoints, quiet_ray
 
     one_line_for_gone_checkpoints()
@@ -254,7 +254,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
     # touches the experiment (laray.sweep_lock). With cloud storage the lock sits beside this driver only.
     with SweepLock(experiment):
         if not resume and tune.Tuner.can_restore(experiment_path):
-            raise FileExistsError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
+            raise SweepError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
         experiment.mkdir(parents=True, exist_ok=True)
         threads = max(1, int(cpus_per_trial))
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
@@ -270,8 +270,7 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
                                                 resources, device, threads, cache_dir, holdout)
         shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir,
                       quiet=verbose < 2)
-        trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, crash_once_at_epoch=crash_once_at_epoch,
-                                         **shared)
+        trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, **shared)
         trainable = tune.with_resources(trainable, resources)
 
         from laray.budget import budget_parts, budget_s, ended_search, resume_budget

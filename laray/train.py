@@ -28,7 +28,7 @@ from laray.augment import augment_batch
 from laray.checkpoint import checkpoint_exists, load_with_fallback, rng_state, save_atomic, set_rng_state
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, model_batch
-from laray.errors import LarayError
+from laray.errors import CheckpointError, LarayError
 from laray.evaluate import encode_all, score_codes
 from laray.holdout import holdout_mask
 from laray.la import LocalAggregationLoss, MemoryBank
@@ -139,7 +139,8 @@ def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, l
     state = load_with_fallback(path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng",
                                                *required))
     if state["config"] != dataclasses.asdict(cfg):
-        raise ValueError(f"checkpoint {path} was written with another config; start afresh or use the same settings")
+        raise CheckpointError(f"checkpoint {path} was written with another config; start afresh or use the same "
+                              "settings")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -26,6 +26,7 @@ from PIL import Image
 
 from laray import analysis, plots, report
 from laray.cli import main
+from laray.errors import LarayError
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, load_dataset
 from laray.evaluate import score_codes
@@ -479,7 +480,7 @@ def test_predict_unknown_or_unfinished_trial_exits_1_with_one_line(sweep, tmp_pa
 def test_predict_ambiguous_prefix_is_refused(sweep):
     assert find_trial(sweep.exp, "2222").trial_id == "2222bbbb"
     assert find_trial(sweep.exp, sweep.trials["3333cccc"].folder.name).trial_id == "3333cccc"
-    with pytest.raises(ValueError, match="matches 0 trials"):
+    with pytest.raises(LarayError, match="matches 0 trials"):
         find_trial(sweep.exp, "9")
 
 

@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"(\d+(?:\.\d+)?)"
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores: the default suite must stay under 15
 def test_sweep_scale_quick_prints_rows_and_verdicts():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_scale.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

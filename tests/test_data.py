@@ -6,6 +6,7 @@ user's cache is never touched. Images are tiny and image_size is 16-32, so the f
 from __future__ import annotations
 
 import io
+import re
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +48,11 @@ def _jpeg_bytes(size=(32, 32), seed=0) -> bytes:
 
 def _close(pixel, color, tol=8) -> bool:
     return bool(np.all(np.abs(np.asarray(pixel, dtype=int) - np.asarray(color, dtype=int)) <= tol))
+
+
+def _listed(message) -> str:
+    """The file a DataWarning names as listing every skipped file (the warning itself names the first few)."""
+    return Path(re.search(r"all of them in (\S+)\)", str(message)).group(1)).read_text()
 
 
 def _data_warnings(record) -> list:
@@ -391,9 +397,10 @@ def test_bad_files_are_skipped_with_one_warning(tmp_path, workers):
     ours = _data_warnings(record)
     assert len(ours) == 1
     message = str(ours[0].message)
+    listing = _listed(message)  # the warning names 3
     for path in bad:
-        assert path in message
-    assert "notes.txt" not in message
+        assert path in listing
+    assert "notes.txt" not in message + listing
     assert f"skipped {len(bad)} of {total}" in message
 
     assert len(ds) + len(ds.skipped) == total
@@ -424,8 +431,9 @@ def test_strict_raises_listing_every_bad_file(tmp_path):
     assert set(dict(info.value.skipped)) == set(bad)
 
 
-def test_many_bad_files_are_all_named(tmp_path):
-    # One warning names every skipped file, however many; so does the strict error.
+def test_many_bad_files_are_summarised_and_all_listed_in_a_file(tmp_path):
+    # One short warning however many files are bad (laray train --data /tmp once printed 149 lines): the count,
+    # the first few, and the file that names every one; the strict error names every one.
     _solid(tmp_path / "data" / "sp" / "ok.png")
     n = 60
     for i in range(n):
@@ -435,8 +443,11 @@ def test_many_bad_files_are_all_named(tmp_path):
     ours = _data_warnings(record)
     assert len(ours) == 1
     message = str(ours[0].message)
-    assert f"skipped {n} of {n + 1}" in message
-    assert all(f"empty{i:03d}.jpg" in message for i in range(n))
+    listing = re.search(r"all of them in (\S+)\)", message).group(1)
+    assert f"skipped {n} of {n + 1}" in message and f"and {n - 3} more" in message
+    assert len(message.splitlines()) == 5  # the count, 3 files, "... and 57 more"
+    listed = dict(line.split("\t") for line in Path(listing).read_text().splitlines())
+    assert sorted(Path(p).name for p in listed) == [f"empty{i:03d}.jpg" for i in range(n)]
     assert len(ds) == 1 and len(ds.skipped) == n
     with pytest.raises(DataError) as info:
         load_dataset(str(tmp_path / "data"), 16, strict=True, cache_dir=tmp_path / "cache", workers=1)
@@ -595,8 +606,9 @@ def test_csv_row_with_missing_file_is_skipped_and_listed(tmp_path):
         ds = load_dataset(str(csv), 16, cache_dir=tmp_path / "cache", workers=1)
     ours = _data_warnings(record)
     assert len(ours) == 1
+    listed = _listed(ours[0].message)
     for path in [gone, *bad]:
-        assert path in str(ours[0].message)
+        assert path in listed
     skipped = dict(ds.skipped)
     assert set(skipped) == {gone, *bad}
     assert "not found" in skipped[gone] and "line 7" in skipped[gone]

@@ -251,7 +251,7 @@ def test_another_config_is_still_refused_not_fallen_back(tiny, encoder_state, st
     _, folder = straight
     for name in ("la.ckpt", "la.ckpt.prev"):
         shutil.copy(folder / name, tmp_path / name)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(CheckpointError, match="another config"):
         finetune_la(tiny, encoder_state, AE, replace(LA, temperature=0.5), seed=5, device="cpu",
                     checkpoint=tmp_path / "la.ckpt", resume=True, progress=False)
 

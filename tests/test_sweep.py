@@ -25,11 +25,12 @@ import yaml
 from laray import ae_store
 from laray.ae_store import store_key
 from laray.config import LAConfig, replace
+from laray.errors import SweepError
 from laray.confirm import pick_top
 from laray.data import describe
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
-from laray.sweep import CRASH_MARKER, NONFINITE_MARKER, OPTUNA_DB, ignore_exit_in_callbacks, run_sweep
+from laray.sweep import NONFINITE_MARKER, OPTUNA_DB, ignore_exit_in_callbacks, run_sweep
 
 from conftest import write_digit_folder
 
@@ -221,7 +222,7 @@ def test_trials_open_the_data_by_reference(sweep, sub):
 
 
 def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(SweepError, match="resume"):
         run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, seed=SEED, verbose=0)
     study = only_study(sweep.experiment, sweep.name)  # untouched: still one study of 3 trials
     assert len(study.trials) == 3
@@ -230,14 +231,14 @@ def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
 
 def test_resume_without_a_sweep_is_refused(sub, tmp_path):
     space = parse_space(raw_space())
-    with pytest.raises(FileNotFoundError, match="no sweep to resume"):
+    with pytest.raises(SweepError, match="no sweep to resume"):
         run_sweep(sub, space, str(tmp_path), "nothing", resume=True, verbose=0)
     assert not list(tmp_path.iterdir())  # a refused resume leaves nothing behind
 
 
 def test_resume_refuses_a_new_number_of_trials(sweep, sub):
     # Tuner.restore keeps the stored num_samples; a different one must not be ignored silently.
-    with pytest.raises(ValueError, match="cannot change when it is resumed"):
+    with pytest.raises(SweepError, match="cannot change when it is resumed"):
         run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, num_samples=5, resume=True, verbose=0)
     assert len(only_study(sweep.experiment, sweep.name).trials) == 3
 
@@ -574,10 +575,43 @@ def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):
 # Faults
 
 
-def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub, tmp_path):
+CRASH_MARKER = "injected_crash.txt"
+
+
+def trial_whose_worker_dies_after_epoch_1(config, **kwargs):
+    """laray's trial, whose worker process dies right after reporting LA epoch 1, once per trial.
+
+    Runs in the trial's worker: the test monkeypatches laray.sweep.train_trial with it, and Ray's cloudpickle
+    ships it by value (this module is not importable there).
+    """
+    from ray import tune
+
+    from laray import sweep
+
+    out, report = Path(tune.get_context().get_trial_dir()), tune.report
+
+    def report_then_die(metrics, checkpoint=None):
+        report(metrics, checkpoint=checkpoint)
+        if metrics["epoch"] == 1 and not (out / CRASH_MARKER).exists():
+            (out / CRASH_MARKER).write_text("worker killed after LA epoch 1\n")
+            os._exit(1)  # as if its node had gone away
+
+    tune.report = report_then_die
+    sweep.train_trial(config, **kwargs)
+
+
+def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub, tmp_path, monkeypatch):
+    from ray import cloudpickle  # Ray's own copy, which pickles what Tune ships to the workers
+
+    from laray import sweep
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(sweep, "train_trial", trial_whose_worker_dies_after_epoch_1)
     space = parse_space(raw_space(num_samples=2, max_concurrent=2, grace_period=3, la_epochs=3))
-    result = run_sweep(sub, space, str(tmp_path), "crash", seed=SEED, max_failures=2, crash_once_at_epoch=1,
-                       verbose=0)
+    try:
+        result = run_sweep(sub, space, str(tmp_path), "crash", seed=SEED, max_failures=2, verbose=0)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.n_trials == 2
     assert result.n_errored == 0
 
@@ -722,7 +756,8 @@ def test_malformed_space_file_names_the_key(case, tmp_path):
 
 
 def test_space_file_that_cannot_be_read(tmp_path):
-    with pytest.raises(SpaceError, match="cannot read search space"):
+    with pytest.raises(SpaceError, match=r"no search space file .*missing\.yaml'; the bundled spaces are "
+                                         r"default, demo, photos-cpu \(--space NAME\)"):
         load_space(tmp_path / "missing.yaml")
     (tmp_path / "broken.yaml").write_text("search: {temperature: [\n")
     with pytest.raises(SpaceError, match="cannot read search space"):

@@ -22,6 +22,7 @@ from PIL import Image
 import laray.train as train_mod
 from laray import ae_store, metrics
 from laray.checkpoint import REQUIRED_KEYS, load_checkpoint, save_atomic
+from laray.errors import CheckpointError
 from laray.cli import main
 from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict, load_config, replace
 from laray.data import ImageDataset, load_dataset
@@ -236,7 +237,7 @@ def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
                                             callback=received.append, progress=False)
     assert len(received) == 1 and history_c == history_b
     assert_same_state(again.state_dict(), model_b.state_dict())
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(CheckpointError, match="another config"):
         pretrain_autoencoder(tiny, replace(cfg, lr=0.02), seed=3, device="cpu", checkpoint=ckpt, resume=True,
                              progress=False)
 
@@ -263,7 +264,7 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     assert np.array_equal(a.assignments, b.assignments) and a.scores == b.scores
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.prev", "b.ckpt", "b.ckpt.prev"]
 
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(CheckpointError, match="another config"):
         finetune_la(tiny, encoder_state, AE, replace(cfg, temperature=0.1), seed=5, device="cpu", checkpoint=ckpt,
                     resume=True, progress=False)
 

@@ -1,7 +1,8 @@
 """Picture the best trial's clusters: a montage of sample images per cluster and the species x clusters heatmap.
 
-    python analysis/cluster_montage.py ~/laray_results/demo-20261123-0450 [--out DIR]
+python analysis/cluster_montage.py ~/laray_results/demo-20261123-0450 [--out DIR]
 """
+
 import argparse
 import sys
 
@@ -18,8 +19,11 @@ def main(argv=None) -> int:
     scored = score(args.experiment, out, objective=args.objective, cache_dir=args.cache_dir)
     for note in best_trial_pictures(scored, out, seed=args.seed):
         print(note)
-    print(f"wrote {out}/montage.png, contingency.png, per_species.csv (best trial {scored.best.trial_id})"
-          if scored.best else f"no best trial in {args.experiment}")
+    print(
+        f"wrote {out}/montage.png, contingency.png, per_species.csv (best trial {scored.best.trial_id})"
+        if scored.best
+        else f"no best trial in {args.experiment}"
+    )
     return 0
 
 

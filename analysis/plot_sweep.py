@@ -1,7 +1,8 @@
 """Plot a sweep: objective against each hyperparameter, Optuna's optimisation history and parameter importances.
 
-    python analysis/plot_sweep.py ~/laray_results/demo-20261123-0450 [--out DIR]
+python analysis/plot_sweep.py ~/laray_results/demo-20261123-0450 [--out DIR]
 """
+
 import argparse
 import sys
 

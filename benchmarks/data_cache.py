@@ -9,6 +9,7 @@ batches (`dataset.uint8_batch`, normalised per batch: the training loop's path).
     python benchmarks/data_cache.py            # 2,000 images at 224 px
     python benchmarks/data_cache.py --quick    # 100 small images, seconds (what the tests run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def make_jpegs(root: str, n: int, width: int, height: int, n_species: int = 10) 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     patterns = []
     for a, b, c in rng.uniform(0.5, 3.0, (16, 3)):
-        base = np.stack([np.sin(xx / width * a * 6), np.cos(yy / height * b * 6), np.sin((xx + yy) / width * c * 4)], -1)
+        base = np.stack(
+            [np.sin(xx / width * a * 6), np.cos(yy / height * b * 6), np.sin((xx + yy) / width * c * 4)], -1
+        )
         patterns.append(base * 100 + 128)
     for i in range(n):
         folder = os.path.join(root, f"species_{i % n_species:02d}")
@@ -61,8 +64,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="laray-bench-") as tmp:
         images_dir, cache_dir = os.path.join(tmp, "images"), os.path.join(tmp, "cache")
         _, gen_s = timed(lambda: make_jpegs(images_dir, n, w, h))
-        print(f"{n} JPEGs of {w} x {h} px generated in {gen_s:.1f} s; {args.workers} decoding processes, "
-              f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+        print(
+            f"{n} JPEGs of {w} x {h} px generated in {gen_s:.1f} s; {args.workers} decoding processes, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a skipped file would make the figures meaningless
             dataset, decode_s = timed(lambda: load_dataset(images_dir, size, cache_dir=cache_dir, workers=args.workers))
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
             """One pass over a random order; batches are dropped as a training loop would drop them."""
             order = torch.randperm(len(dataset)).numpy()
             for i in range(0, len(dataset), args.batch_size):
-                read_batch(order[i:i + args.batch_size])
+                read_batch(order[i : i + args.batch_size])
 
         def items_epoch():
             for _ in loader:
@@ -88,11 +93,15 @@ def main(argv=None) -> int:
 
     print(f"first pass, decode + resize to {size} px + cache:  {decode_s:7.2f} s  {n / decode_s:8.0f} images/s")
     print(f"second load (cache hit, memory-mapped):         {hit_s:7.2f} s")
-    for name, seconds in [("uint8 batches (normalised on the device)", uint8_s),
-                          ("uint8 batches + float normalise on CPU", normalised_s),
-                          ("float items via DataLoader (dataset[i])", items_s)]:
-        print(f"epoch from cache, {name:<41} {seconds:7.2f} s  {n / seconds:8.0f} images/s"
-              f"  {decode_s / seconds:6.1f}x faster than decoding")
+    for name, seconds in [
+        ("uint8 batches (normalised on the device)", uint8_s),
+        ("uint8 batches + float normalise on CPU", normalised_s),
+        ("float items via DataLoader (dataset[i])", items_s),
+    ]:
+        print(
+            f"epoch from cache, {name:<41} {seconds:7.2f} s  {n / seconds:8.0f} images/s"
+            f"  {decode_s / seconds:6.1f}x faster than decoding"
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ order training uses, laray.train.epoch_batches):
     python benchmarks/data_feed.py           # 9,000 images at 224 px, batch 128 (about a minute)
     python benchmarks/data_feed.py --quick   # 300 images at 64 px, batch 32 (seconds; what the tests run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def write_cache(path: str, n: int, size: int) -> None:
     rng = np.random.default_rng(0)
     images = open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     for start in range(0, n, 256):
-        images[start:start + 256] = rng.integers(0, 256, images[start:start + 256].shape, dtype=np.uint8)
+        images[start : start + 256] = rng.integers(0, 256, images[start : start + 256].shape, dtype=np.uint8)
     images.flush()
     del images
 
@@ -71,8 +72,9 @@ def evict(path: str) -> str:
         os.close(fd)
     if not shutil.which("fincore"):
         return "fincore not installed"
-    left = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path], capture_output=True,
-                          text=True).stdout.strip()
+    left = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", path], capture_output=True, text=True
+    ).stdout.strip()
     return f"{left or '?'} bytes still cached per fincore"
 
 
@@ -162,46 +164,64 @@ def main(argv=None) -> int:
                 runs.append(one_pass(path, batches, device, depth, step))
             rows[cache, depth, step] = sorted(runs)[len(runs) // 2]  # the median pass
 
-    print(f"cache: {n} images of {size} x {size} x 3 uint8 ({n * megabytes:,.0f} MB) in {tmp}; "
-          f"{len(batches)} batches of {batch} in a seeded random order; torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs; pinned memory: {'yes' if device.type == 'cuda' else 'no (no CUDA)'}; "
-          f"median of {args.repeat} passes")
-    print(f'"cold": before each pass, fsync + os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) evict the file\'s '
-          f"pages from the page cache ({'; '.join(sorted(left))}; the disk's read-ahead: {ahead}); "
-          f"\"warm\": the file read once before each pass")
+    print(
+        f"cache: {n} images of {size} x {size} x 3 uint8 ({n * megabytes:,.0f} MB) in {tmp}; "
+        f"{len(batches)} batches of {batch} in a seeded random order; torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs; pinned memory: {'yes' if device.type == 'cuda' else 'no (no CUDA)'}; "
+        f"median of {args.repeat} passes"
+    )
+    print(
+        f'"cold": before each pass, fsync + os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) evict the file\'s '
+        f"pages from the page cache ({'; '.join(sorted(left))}; the disk's read-ahead: {ahead}); "
+        f'"warm": the file read once before each pass'
+    )
 
     images = sum(len(b) for b in batches)
-    print(f"\n{'feed (the consumer only takes batches)':<46} {'cache':<5} {'seconds':>8} {'images/s':>9} "
-          f"{'MB/s':>7}")
+    print(f"\n{'feed (the consumer only takes batches)':<46} {'cache':<5} {'seconds':>8} {'images/s':>9} {'MB/s':>7}")
     for cache in ("warm", "cold"):
-        for depth, name in ((0, "synchronous reads, in the consumer's thread"),
-                            (args.depth, f"one reader thread (BatchPrefetcher, depth {args.depth})")):
+        for depth, name in (
+            (0, "synchronous reads, in the consumer's thread"),
+            (args.depth, f"one reader thread (BatchPrefetcher, depth {args.depth})"),
+        ):
             seconds = rows[cache, depth, 0.0][0]
-            print(f"{name:<46} {cache:<5} {seconds:>8.3f} {images / seconds:>9.0f} "
-                  f"{images * megabytes / seconds:>7.0f}")
-    print(f"{'need: vgg16_bn auto-encoder step on an H100':<46} {'':<5} {'':>8} {need:>9.0f} {need * megabytes:>7.0f}"
-          f"   projected, see below")
+            print(
+                f"{name:<46} {cache:<5} {seconds:>8.3f} {images / seconds:>9.0f} {images * megabytes / seconds:>7.0f}"
+            )
+    print(
+        f"{'need: vgg16_bn auto-encoder step on an H100':<46} {'':<5} {'':>8} {need:>9.0f} {need * megabytes:>7.0f}"
+        f"   projected, see below"
+    )
 
-    print(f"\noverlap: the consumer sleeps {step_s * 1e3:.1f} ms per batch"
-          f"{'' if args.step_ms is not None else ' (the projected H100 step)'}, {len(batches)} batches; "
-          f"read hidden = (read + steps - thread) / read; first = the wait for the first batch, which nothing hides")
-    print(f"{'cache':<5} {'read s':>7} {'steps s':>8} {'sum s':>7} {'sync s':>7} {'thread s':>9} {'first s':>8} "
-          f"{'read hidden':>12}")
+    print(
+        f"\noverlap: the consumer sleeps {step_s * 1e3:.1f} ms per batch"
+        f"{'' if args.step_ms is not None else ' (the projected H100 step)'}, {len(batches)} batches; "
+        f"read hidden = (read + steps - thread) / read; first = the wait for the first batch, which nothing hides"
+    )
+    print(
+        f"{'cache':<5} {'read s':>7} {'steps s':>8} {'sum s':>7} {'sync s':>7} {'thread s':>9} {'first s':>8} "
+        f"{'read hidden':>12}"
+    )
     for cache in ("warm", "cold"):
         read, steps = rows[cache, 0, 0.0][0], len(batches) * step_s
         sync, (thread, first) = rows[cache, 0, step_s][0], rows[cache, args.depth, step_s]
-        print(f"{cache:<5} {read:>7.3f} {steps:>8.3f} {read + steps:>7.3f} {sync:>7.3f} {thread:>9.3f} {first:>8.3f} "
-              f"{(read + steps - thread) / read:>12.0%}")
+        print(
+            f"{cache:<5} {read:>7.3f} {steps:>8.3f} {read + steps:>7.3f} {sync:>7.3f} {thread:>9.3f} {first:>8.3f} "
+            f"{(read + steps - thread) / read:>12.0%}"
+        )
 
     counted = f"counted at {count_size} px and scaled by pixels" if count_size != size else f"counted at {size} px"
-    print(f"\nneed (a projection from counted FLOPs, not a measurement): vgg16_bn auto-encoder training step at "
-          f"{size} px, {flops / 1e9:.1f} GFLOP per image ({counter}, {counted}); H100 SXM dense bf16 peak "
-          f"{H100_BF16_PEAK / 1e12:.0f} TFLOP/s x {args.mfu:.0%} = {args.mfu * H100_BF16_PEAK / 1e12:.0f} TFLOP/s "
-          f"-> {need:.0f} images/s ({batch / need * 1e3:.1f} ms per batch of {batch})")
+    print(
+        f"\nneed (a projection from counted FLOPs, not a measurement): vgg16_bn auto-encoder training step at "
+        f"{size} px, {flops / 1e9:.1f} GFLOP per image ({counter}, {counted}); H100 SXM dense bf16 peak "
+        f"{H100_BF16_PEAK / 1e12:.0f} TFLOP/s x {args.mfu:.0%} = {args.mfu * H100_BF16_PEAK / 1e12:.0f} TFLOP/s "
+        f"-> {need:.0f} images/s ({batch / need * 1e3:.1f} ms per batch of {batch})"
+    )
     feed = images / rows["warm", args.depth, 0.0][0]
     verdict = "exceeds" if feed > need else "does NOT reach"
-    print(f"verdict: one reader thread from a warm cache delivers {feed:.0f} images/s, {feed / need:.1f}x the "
-          f"{need:.0f} images/s the H100 step consumes: it {verdict} the consumption")
+    print(
+        f"verdict: one reader thread from a warm cache delivers {feed:.0f} images/s, {feed / need:.1f}x the "
+        f"{need:.0f} images/s the H100 step consumes: it {verdict} the consumption"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ spread across seeds is the evaluation's, not the training's.
     python benchmarks/eval_restarts.py RUN [RUN ...]
     python benchmarks/eval_restarts.py --quick    # a 300-image synthetic set of codes, seconds
 """
+
 from __future__ import annotations
 
 import argparse

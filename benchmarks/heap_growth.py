@@ -14,6 +14,7 @@ blocks, so its steps run only as shipped.
     python benchmarks/heap_growth.py              # N = 276,000, 3 runs per row (under 3 minutes on 2 cores)
     python benchmarks/heap_growth.py --n 20000    # seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def per_chunk_assign(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tenso
     labels, dists = [], []
     step = laray.clustering._rows_per_chunk(len(centroids))
     for start in range(0, len(x), step):
-        part = torch.addmm(c_sq, x[start:start + step], centroids.T, alpha=-2.0)  # (chunk, C)
+        part = torch.addmm(c_sq, x[start : start + step], centroids.T, alpha=-2.0)  # (chunk, C)
         d, lab = part.min(1)
         labels.append(lab)
         dists.append(d)
@@ -74,8 +75,9 @@ def la_point(n: int, iters: int, steps: int) -> dict:
     loss_fn.recluster()  # as at the start of an epoch: the steps begin on the heap k-means left
     gen = torch.Generator().manual_seed(1)
     # clone: a slice would keep each N-long permutation alive, a block of its own between the steps'.
-    batches = [(torch.randn(BATCH, DIM, generator=gen), torch.randperm(n, generator=gen)[:BATCH].clone())
-               for _ in range(steps)]
+    batches = [
+        (torch.randn(BATCH, DIM, generator=gen), torch.randperm(n, generator=gen)[:BATCH].clone()) for _ in range(steps)
+    ]
     before = _memory_mb()
     for codes, indices in batches:
         codes.requires_grad_()
@@ -100,24 +102,46 @@ def main(argv=None) -> int:
         return 0
 
     c = max(2, args.n // 100)
-    print(f"N {args.n:,}, d {DIM}, {THREADS} threads, torch {torch.__version__}; k-means: C {c:,}, random init,"
-          f" {args.iters} iterations; LA: batch {BATCH}, k {min(K, args.n - 1)}, C {c:,}, R 1, {args.steps} steps")
-    print(f"{'pass':<31} {'run':>3} {'RSS before':>10} {'after':>6} {'growth':>6}"
-          f" {'anon before':>11} {'after':>6} {'growth':>6}")
-    passes = (("kmeans:buffer", "k-means, one buffer (shipped)"),
-              ("kmeans:per-chunk", "k-means, a block per chunk"),
-              ("la:buffer", "LA steps, one buffer (shipped)"))
+    print(
+        f"N {args.n:,}, d {DIM}, {THREADS} threads, torch {torch.__version__}; k-means: C {c:,}, random init,"
+        f" {args.iters} iterations; LA: batch {BATCH}, k {min(K, args.n - 1)}, C {c:,}, R 1, {args.steps} steps"
+    )
+    print(
+        f"{'pass':<31} {'run':>3} {'RSS before':>10} {'after':>6} {'growth':>6}"
+        f" {'anon before':>11} {'after':>6} {'growth':>6}"
+    )
+    passes = (
+        ("kmeans:buffer", "k-means, one buffer (shipped)"),
+        ("kmeans:per-chunk", "k-means, a block per chunk"),
+        ("la:buffer", "LA steps, one buffer (shipped)"),
+    )
     for point, label in passes:
         growth = []
         for run in range(1, args.repeats + 1):
-            done = subprocess.run([sys.executable, __file__, "--point", point, "--n", str(args.n), "--iters",
-                                   str(args.iters), "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--point",
+                    point,
+                    "--n",
+                    str(args.n),
+                    "--iters",
+                    str(args.iters),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(done.stdout.strip().splitlines()[-1])
             b, a = r["before"], r["after"]
             growth.append((a["rss"] - b["rss"], a["anon"] - b["anon"]))
-            print(f"{label:<31} {run:>3} {b['rss']:>10.0f} {a['rss']:>6.0f} {growth[-1][0]:>+6.0f}"
-                  f" {b['anon']:>11.0f} {a['anon']:>6.0f} {growth[-1][1]:>+6.0f}")
+            print(
+                f"{label:<31} {run:>3} {b['rss']:>10.0f} {a['rss']:>6.0f} {growth[-1][0]:>+6.0f}"
+                f" {b['anon']:>11.0f} {a['anon']:>6.0f} {growth[-1][1]:>+6.0f}"
+            )
         rss, anon = (statistics.median(g) for g in zip(*growth))
         print(f"{'  median':<31} {'':>3} {'':>10} {'':>6} {rss:>+6.0f} {'':>11} {'':>6} {anon:>+6.0f}")
     print("LA steps, a block per chunk: not measured (laray.la has no switch or constant for it)")

@@ -11,6 +11,7 @@ float64 tensors from numpy.
     python benchmarks/la_step.py            # headline + scaling table (a few minutes on 2 cores)
     python benchmarks/la_step.py --quick    # small sizes, seconds (what the tests run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,8 +150,12 @@ def run_scaling(base: dict, sizes, steps: int, device: str) -> list[dict]:
     rows = []
     for n in sizes:
         cfg = {**base, "n": n}
-        out = subprocess.run([sys.executable, __file__, "--point", json.dumps(cfg), "--steps", str(steps),
-                              "--device", device], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--point", json.dumps(cfg), "--steps", str(steps), "--device", device],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append({"n": n, **json.loads(out.stdout.strip().splitlines()[-1])})
     return rows
 
@@ -183,15 +188,19 @@ def main(argv=None) -> int:
 
     if not args.no_scaling:
         print(f"\nscaling with N (d={cfg['d']}, k={cfg['k']}, R={cfg['R']}, C={cfg['C']}, batch={cfg['batch']}):")
-        print(f"{'N':>9} {'step ms':>9} {'recluster s':>12} {'amortised ms':>13} {'peak MiB':>9}"
-              f" {'N ratio':>8} {'time ratio':>11} {'peak ratio':>11}")
+        print(
+            f"{'N':>9} {'step ms':>9} {'recluster s':>12} {'amortised ms':>13} {'peak MiB':>9}"
+            f" {'N ratio':>8} {'time ratio':>11} {'peak ratio':>11}"
+        )
         rows = run_scaling(cfg, sizes, args.steps, args.device)
         first = rows[0]
         for row in rows:  # ratios to the first row: linear growth keeps them at or below the N ratio
-            print(f"{row['n']:>9,} {row['step_s'] * 1e3:>9.2f} {row['recluster_s']:>12.2f} "
-                  f"{row['amortised_s'] * 1e3:>13.2f} {row['extra_peak_mib']:>9.0f} {row['n'] / first['n']:>8.1f} "
-                  f"{row['amortised_s'] / first['amortised_s']:>11.1f} "
-                  f"{row['extra_peak_mib'] / max(first['extra_peak_mib'], 1):>11.1f}")
+            print(
+                f"{row['n']:>9,} {row['step_s'] * 1e3:>9.2f} {row['recluster_s']:>12.2f} "
+                f"{row['amortised_s'] * 1e3:>13.2f} {row['extra_peak_mib']:>9.0f} {row['n'] / first['n']:>8.1f} "
+                f"{row['amortised_s'] / first['amortised_s']:>11.1f} "
+                f"{row['extra_peak_mib'] / max(first['extra_peak_mib'], 1):>11.1f}"
+            )
     return 0
 
 

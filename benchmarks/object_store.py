@@ -7,6 +7,7 @@ held at once: at least its peak (here, 30 MB put, freed, then 20 MB put read 50 
 therefore proves a small peak. Works for every Ray node started on this machine, which is how the
 benchmarks and the multi-node rehearsal run them; Linux only.
 """
+
 from __future__ import annotations
 
 import os

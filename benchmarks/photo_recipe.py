@@ -8,6 +8,7 @@ as a sweep's trials do. The row it prints is what docs/photos.md's recipe table 
 Settings: the data's defaults for this machine (laray.defaults), then --config, then each --set
 SECTION.FIELD=VALUE. Scores are on the selection half of a 0.5 held-out split; "held-out" the other half.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,18 @@ def one_run(job: tuple) -> dict:
 
     dataset = open_dataset(describe(data, ae.image_size), cache_dir)
     began = time.perf_counter()
-    metrics = train_run(dataset, Path(workdir) / f"seed{seed}", ae, la, seed=seed, device="cpu",
-                        store_dir=store, progress=False)
+    metrics = train_run(
+        dataset, Path(workdir) / f"seed{seed}", ae, la, seed=seed, device="cpu", store_dir=store, progress=False
+    )
     base = metrics["baselines"]
-    return {"seed": seed, "purity": metrics["purity"], "heldout": metrics["heldout_purity"],
-            "raw": base["raw_pixels"]["purity"],
-            "ae": base["autoencoder"]["purity"], "seconds": time.perf_counter() - began}
+    return {
+        "seed": seed,
+        "purity": metrics["purity"],
+        "heldout": metrics["heldout_purity"],
+        "raw": base["raw_pixels"]["purity"],
+        "ae": base["autoencoder"]["purity"],
+        "seconds": time.perf_counter() - began,
+    }
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -72,14 +79,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a folder of species folders, or a CSV (as laray train)")
     parser.add_argument("--config", help="YAML with autoencoder:/la: sections, on top of the data's defaults")
-    parser.add_argument("--set", dest="sets", type=_parse_set, action="append", default=[], metavar="S.F=V",
-                        help="one setting, e.g. la.epochs=20 or autoencoder.image_size=48 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        type=_parse_set,
+        action="append",
+        default=[],
+        metavar="S.F=V",
+        help="one setting, e.g. la.epochs=20 or autoencoder.image_size=48 (repeatable)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--label", default="", help="the row's name in the table")
     parser.add_argument("--workdir", help="run folders and the stage-1 store (default: a temporary folder)")
-    parser.add_argument("--store", help="trained auto-encoders, shared between recipes with the same stage 1 "
-                                        "(default: WORKDIR/store)")
+    parser.add_argument(
+        "--store", help="trained auto-encoders, shared between recipes with the same stage 1 (default: WORKDIR/store)"
+    )
     parser.add_argument("--cache-dir", help="decode cache (default: laray's)")
     args = parser.parse_args(argv)
 
@@ -95,13 +110,18 @@ def main(argv=None) -> int:
         runs = []
         for run in pool.imap_unordered(one_run, jobs):
             runs.append(run)
-            print(f"  seed {run['seed']}: purity {run['purity']:.3f} held-out {run['heldout']:.3f}  raw pixels "
-                  f"{run['raw']:.3f}  auto-encoder {run['ae']:.3f}  {run['seconds']:.0f} s", flush=True)
+            print(
+                f"  seed {run['seed']}: purity {run['purity']:.3f} held-out {run['heldout']:.3f}  raw pixels "
+                f"{run['raw']:.3f}  auto-encoder {run['ae']:.3f}  {run['seconds']:.0f} s",
+                flush=True,
+            )
     column = {key: [r[key] for r in runs] for key in runs[0]}
     margin = [p - r for p, r in zip(column["purity"], column["raw"])]
-    print(f"| {args.label or ' '.join(' '.join(map(str, s)) for s in args.sets) or 'defaults'} "
-          f"| {_mean_sd(column['purity'])} | {_mean_sd(column['heldout'])} | {_mean_sd(column['raw'])} "
-          f"| {_mean_sd(column['ae'])} | {_mean_sd(margin)} | {statistics.mean(column['seconds']):.0f} |")
+    print(
+        f"| {args.label or ' '.join(' '.join(map(str, s)) for s in args.sets) or 'defaults'} "
+        f"| {_mean_sd(column['purity'])} | {_mean_sd(column['heldout'])} | {_mean_sd(column['raw'])} "
+        f"| {_mean_sd(column['ae'])} | {_mean_sd(margin)} | {statistics.mean(column['seconds']):.0f} |"
+    )
     print(f"({len(runs)} seeds, {time.perf_counter() - began:.0f} s wall, {args.jobs} side by side, in {workdir})")
     return 0
 

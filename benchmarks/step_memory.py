@@ -4,11 +4,13 @@ laray's loss (laray.la) scores the batch against the bank a few rows at a time a
 chosen (batch x (1+k)) scores, forward and backward. The plain way, written here as laray first
 had it, runs autograd through `v @ M.T`: a (batch x N) product, a copy for the top-k, and a
 (batch x N) gradient. Each (way, N) runs in its own process: the peak resident memory a step
-adds above the bank (the kernel's peak, VmHWM, reset before the steps; Linux), and the median time of a loss + backward, on the same batches.
+adds above the bank (the kernel's peak, VmHWM, reset before the steps; Linux), and the median time
+of a loss + backward, on the same batches.
 
     python benchmarks/step_memory.py            # N = 5,400, 50,000, 276,000 (about a minute on 2 cores)
     python benchmarks/step_memory.py --quick    # N = 2,000 and 8,000, seconds (what the tests run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +62,9 @@ def measure(way: str, n: int, steps: int) -> dict:
     loss_fn.recluster()
     step = loss_fn if way == "laray" else lambda c, i: plain_loss(loss_fn, c, i)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(BATCH, DIM, generator=gen), torch.randperm(n, generator=gen)[:BATCH])
-               for _ in range(steps + 1)]
+    batches = [
+        (torch.randn(BATCH, DIM, generator=gen), torch.randperm(n, generator=gen)[:BATCH]) for _ in range(steps + 1)
+    ]
     before = _reset_peak_rss()  # the bank's creation and k-means peaked higher than a step may: start afresh
     times, losses = [], []
     for codes, indices in batches:
@@ -72,8 +75,14 @@ def measure(way: str, n: int, steps: int) -> dict:
         times.append(time.perf_counter() - began)
         losses.append(loss.item())
     added = (_status_kb("VmHWM") - before) / 1024
-    return {"way": way, "n": n, "step_ms": 1000 * float(np.median(times[1:])), "added_mb": added,
-            "bank_mb": n * DIM * 4 / 2**20, "losses": losses}
+    return {
+        "way": way,
+        "n": n,
+        "step_ms": 1000 * float(np.median(times[1:])),
+        "added_mb": added,
+        "bank_mb": n * DIM * 4 / 2**20,
+        "losses": losses,
+    }
 
 
 def main(argv=None) -> int:
@@ -88,17 +97,25 @@ def main(argv=None) -> int:
         return 0
     sizes, steps = ((2_000, 8_000), 3) if args.quick else ((5_400, 50_000, 276_000), args.steps)
     print(f"batch {BATCH}, d {DIM}, k {K}, one LA step (loss + backward), {steps} steps per point, 2 threads")
-    print(f"{'N':>8} {'bank MB':>8} {'plain MB':>9} {'laray MB':>9} {'plain ms':>9} {'laray ms':>9} {'max |dloss|':>12}")
+    print(
+        f"{'N':>8} {'bank MB':>8} {'plain MB':>9} {'laray MB':>9} {'plain ms':>9} {'laray ms':>9} {'max |dloss|':>12}"
+    )
     for n in sizes:
         rows = {}
         for way in ("plain", "laray"):
-            done = subprocess.run([sys.executable, __file__, "--point", f"{way}:{n}", "--steps", str(steps)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--point", f"{way}:{n}", "--steps", str(steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[way] = json.loads(done.stdout.strip().splitlines()[-1])
         plain, ours = rows["plain"], rows["laray"]
         gap = max(abs(a - b) for a, b in zip(plain["losses"], ours["losses"]))
-        print(f"{n:>8,} {ours['bank_mb']:>8.1f} {plain['added_mb']:>9.0f} {ours['added_mb']:>9.0f} "
-              f"{plain['step_ms']:>9.1f} {ours['step_ms']:>9.1f} {gap:>12.2e}")
+        print(
+            f"{n:>8,} {ours['bank_mb']:>8.1f} {plain['added_mb']:>9.0f} {ours['added_mb']:>9.0f} "
+            f"{plain['step_ms']:>9.1f} {ours['step_ms']:>9.1f} {gap:>12.2e}"
+        )
     print("MB: peak resident memory the steps added above the bank; ms: median step time")
     return 0
 

@@ -18,6 +18,7 @@ would take hours on 2 cores. A point that runs past --point-timeout is cut and s
     python benchmarks/sweep_scale.py --workdir DIR --report   # the table of the points DIR holds, again
     python benchmarks/sweep_scale.py --quick          # 300 and 600 at 32 px, 200 at 64 px (about a minute)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def _write_species(job) -> None:
         (folder / f"sp{s:04d}").mkdir(exist_ok=True)
         for i in range(s, n, n_species):
             pixels = pattern + rng.normal(0, 12, pattern.shape)
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"sp{s:04d}" / f"{i:06d}.png",
-                                                                        compress_level=1)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                folder / f"sp{s:04d}" / f"{i:06d}.png", compress_level=1
+            )
 
 
 def make_images(root: Path, n: int, n_species: int, size: int) -> tuple[Path, float]:
@@ -88,8 +90,9 @@ def preset_stage1(experiment: Path, ref, space) -> None:
     (experiment / "autoencoders" / key).mkdir(parents=True)
     model = AutoEncoderVGG(space.ae.arch, None, space.ae.width)
     torch.save({"model": model.state_dict(), "history": []}, experiment / "autoencoders" / key / "autoencoder.pt")
-    write_json(baselines_path(experiment / "autoencoders", key, "mean", ref.labels_key),
-               {"raw_pixels": {}, "autoencoder": {}})
+    write_json(
+        baselines_path(experiment / "autoencoders", key, "mean", ref.labels_key), {"raw_pixels": {}, "autoencoder": {}}
+    )
 
 
 def run_point(args) -> None:
@@ -115,20 +118,39 @@ def run_point(args) -> None:
     row["cache_bytes"], row["decoded_bytes"] = (cache / f"{ref.key}.npy").stat().st_size, ref.decoded_bytes
     row["bank_bytes"] = n * EncoderVGGMerged(AE["arch"], None, AE["width"], "mean").code_dim(size) * 4
     row["codes_bytes"] = row["bank_bytes"]  # an evaluation's codes, mapped from the trial's codes.npy (N x d float32)
-    space = parse_space({
-        "num_samples": 1, "max_concurrent": 1, "grace_period": 1, "holdout": 0, "confirm_top": 0,
-        "fixed": {"autoencoder": {**AE, "image_size": size},
-                  "la": {"epochs": 1, "batch_size": 256, "lr": 0.01, "augment": True, "merger": "mean"}},
-        "search": {"k_neighbours": {"categorical": [min(300, n - 1)]}, "clustering_repeats": {"categorical": [1]},
-                   "n_centroids": {"categorical": [max(2, n // 100)]}, "temperature": {"categorical": [0.07]},
-                   "mixing_rate": {"categorical": [0.5]}}})
+    space = parse_space(
+        {
+            "num_samples": 1,
+            "max_concurrent": 1,
+            "grace_period": 1,
+            "holdout": 0,
+            "confirm_top": 0,
+            "fixed": {
+                "autoencoder": {**AE, "image_size": size},
+                "la": {"epochs": 1, "batch_size": 256, "lr": 0.01, "augment": True, "merger": "mean"},
+            },
+            "search": {
+                "k_neighbours": {"categorical": [min(300, n - 1)]},
+                "clustering_repeats": {"categorical": [1]},
+                "n_centroids": {"categorical": [max(2, n // 100)]},
+                "temperature": {"categorical": [0.07]},
+                "mixing_rate": {"categorical": [0.5]},
+            },
+        }
+    )
     name = f"n{n}_px{size}_{time.strftime('%H%M%S')}"
     row["stage1"] = "trained" if n <= args.stage1_task_max else "preset"
     if row["stage1"] == "preset":
         preset_stage1(storage / name, ref, space)
     save()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             object_store_memory=max(200 * 2**20, 2 * ref.decoded_bytes))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        object_store_memory=max(200 * 2**20, 2 * ref.decoded_bytes),
+    )
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     done, peak = threading.Event(), [0]
 
@@ -139,11 +161,13 @@ def run_point(args) -> None:
             if ticks % 25 == 0:  # every 5 s, so that a cut point still shows its peak so far
                 row["store_peak_bytes"] = peak[0]
                 save()
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     began = time.time()
-    result = run_sweep(ref, space, str(storage), name, seed=0, cpus_per_trial=2, device="cpu", verbose=0,
-                       cache_dir=str(cache))
+    result = run_sweep(
+        ref, space, str(storage), name, seed=0, cpus_per_trial=2, device="cpu", verbose=0, cache_dir=str(cache)
+    )
     row["sweep_s"] = time.time() - began
     done.set()
     sampler.join()
@@ -164,8 +188,23 @@ def fmt(value, scale=1.0, digits=1) -> str:
     return "n/a" if value is None else f"{value / scale:.{digits}f}"
 
 
-COLUMNS = ["N", "px", "species", "decode s", "cache MB", "store peak MB", "store/data %", "worker RSS MB",
-           "bank MB", "mapped MB", "start-up s", "stage-1 s", "eval s", "LA epoch s", "point s"]
+COLUMNS = [
+    "N",
+    "px",
+    "species",
+    "decode s",
+    "cache MB",
+    "store peak MB",
+    "store/data %",
+    "worker RSS MB",
+    "bank MB",
+    "mapped MB",
+    "start-up s",
+    "stage-1 s",
+    "eval s",
+    "LA epoch s",
+    "point s",
+]
 
 
 def rss_bytes(r: dict) -> float | None:
@@ -179,12 +218,23 @@ def mapped_bytes(r: dict) -> int:
 
 def cells(r: dict) -> list[str]:
     ratio = None if r.get("store_peak_bytes") is None else 100 * r["store_peak_bytes"] / r["decoded_bytes"]
-    return [str(r["n"]), str(r["size"]), str(r["species"]), fmt(r.get("decode_s")), fmt(r.get("cache_bytes"), MB),
-            fmt(r.get("store_peak_bytes"), MB), fmt(ratio, digits=2), fmt(rss_bytes(r), MB, digits=0),
-            fmt(r.get("bank_bytes"), MB), fmt(mapped_bytes(r) if "cache_bytes" in r else None, MB),
-            fmt(r.get("startup_s")),
-            fmt(r.get("stage1_s")) + ("" if r.get("stage1") != "preset" else "*"), fmt(r.get("eval_s")),
-            fmt(r.get("epoch_s")), fmt(r.get("point_s"), digits=0) + (" CUT" if r.get("cut") else "")]
+    return [
+        str(r["n"]),
+        str(r["size"]),
+        str(r["species"]),
+        fmt(r.get("decode_s")),
+        fmt(r.get("cache_bytes"), MB),
+        fmt(r.get("store_peak_bytes"), MB),
+        fmt(ratio, digits=2),
+        fmt(rss_bytes(r), MB, digits=0),
+        fmt(r.get("bank_bytes"), MB),
+        fmt(mapped_bytes(r) if "cache_bytes" in r else None, MB),
+        fmt(r.get("startup_s")),
+        fmt(r.get("stage1_s")) + ("" if r.get("stage1") != "preset" else "*"),
+        fmt(r.get("eval_s")),
+        fmt(r.get("epoch_s")),
+        fmt(r.get("point_s"), digits=0) + (" CUT" if r.get("cut") else ""),
+    ]
 
 
 def verdicts(rows: list[dict], size: int) -> None:
@@ -196,10 +246,12 @@ def verdicts(rows: list[dict], size: int) -> None:
         per_image = hi["decoded_bytes"] / hi["n"]
         # Flat: what travels (the listing's digest, stage 1's weights) holds nothing per file.
         verdict = "flat in N" if per_added < 1 else "GROWS WITH N"
-        print(f"object store: {verdict}: peak {hi['store_peak_bytes'] / MB:.1f} MB at N={hi['n']} "
-              f"({hi['decoded_bytes'] / MB:.0f} MB decoded) vs {lo['store_peak_bytes'] / MB:.1f} MB at N={lo['n']} "
-              f"({lo['decoded_bytes'] / MB:.1f} MB decoded): {per_added:.2f} bytes per added image against "
-              f"{per_image:.0f} bytes per decoded image")
+        print(
+            f"object store: {verdict}: peak {hi['store_peak_bytes'] / MB:.1f} MB at N={hi['n']} "
+            f"({hi['decoded_bytes'] / MB:.0f} MB decoded) vs {lo['store_peak_bytes'] / MB:.1f} MB at N={lo['n']} "
+            f"({lo['decoded_bytes'] / MB:.1f} MB decoded): {per_added:.2f} bytes per added image against "
+            f"{per_image:.0f} bytes per decoded image"
+        )
     else:
         print("object store: n/a (fewer than two points measured)")
     if len(done) >= 2:
@@ -207,12 +259,16 @@ def verdicts(rows: list[dict], size: int) -> None:
         rss = (rss_bytes(hi) - rss_bytes(lo)) / MB
         data = (hi["bank_bytes"] + mapped_bytes(hi) - lo["bank_bytes"] - mapped_bytes(lo)) / MB
         verdict = "within" if rss <= data else "ABOVE"
-        print(f"worker memory: {verdict} the target: peak RSS grew {rss:.0f} MB from N={lo['n']} to N={hi['n']}; "
-              f"bank + mapped files (cache, codes) grew {data:.0f} MB ({rss / data:.2f} MB of RSS per MB of them)")
+        print(
+            f"worker memory: {verdict} the target: peak RSS grew {rss:.0f} MB from N={lo['n']} to N={hi['n']}; "
+            f"bank + mapped files (cache, codes) grew {data:.0f} MB ({rss / data:.2f} MB of RSS per MB of them)"
+        )
         more = hi["eval_s"] > hi["epoch_s"]
-        print(f"evaluation vs LA epoch at N={hi['n']}: one evaluation {hi['eval_s']:.1f} s, one LA epoch "
-              f"{hi['epoch_s']:.1f} s: evaluation costs {'MORE' if more else 'less'} than an epoch "
-              f"({hi['eval_s'] / hi['epoch_s']:.2f}x){': an eval_every setting is needed' if more else ''}")
+        print(
+            f"evaluation vs LA epoch at N={hi['n']}: one evaluation {hi['eval_s']:.1f} s, one LA epoch "
+            f"{hi['epoch_s']:.1f} s: evaluation costs {'MORE' if more else 'less'} than an epoch "
+            f"({hi['eval_s'] / hi['epoch_s']:.2f}x){': an eval_every setting is needed' if more else ''}"
+        )
     else:
         print("worker memory / evaluation vs LA epoch: n/a (fewer than two complete points)")
 
@@ -224,9 +280,18 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--species", type=int, default=1604, help="capped so every species has >= 2 images")
     parser.add_argument("--big-point", default="2000:224", help="one more point N:size ('' for none)")
-    parser.add_argument("--stage1-task-max", type=int, default=5000,
-                        help="largest N whose stage 1 is trained (a Ray task); above it, preset (see the docstring)")
-    parser.add_argument("--point-timeout", type=float, default=4500, help="seconds before a point is cut (276,000 images took 1,808 s on 2 cores)")
+    parser.add_argument(
+        "--stage1-task-max",
+        type=int,
+        default=5000,
+        help="largest N whose stage 1 is trained (a Ray task); above it, preset (see the docstring)",
+    )
+    parser.add_argument(
+        "--point-timeout",
+        type=float,
+        default=4500,
+        help="seconds before a point is cut (276,000 images took 1,808 s on 2 cores)",
+    )
     parser.add_argument("--workdir", help="images, cache and sweeps here, reused across runs (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary workdir")
     parser.add_argument("--report", action="store_true", help="only print the table of the points in --workdir")
@@ -247,13 +312,28 @@ def main(argv=None) -> int:
         for n, size in [] if args.report else points:
             species = min(args.species, n // 2)
             folder, gen_s = make_images(work / "images", n, species, size)
-            print(f"N={n} at {size} px, {species} species: images {'written in %.1f s' % gen_s if gen_s else 'reused'}",
-                  flush=True)
+            print(
+                f"N={n} at {size} px, {species} species: images {'written in %.1f s' % gen_s if gen_s else 'reused'}",
+                flush=True,
+            )
             out = work / f"point_{n}_{size}.json"
             out.unlink(missing_ok=True)
-            command = [sys.executable, __file__, "--point", f"{n}:{size}", "--folder", str(folder), "--out", str(out),
-                       "--workdir", str(work), "--species", str(args.species), "--stage1-task-max",
-                       str(args.stage1_task_max)]
+            command = [
+                sys.executable,
+                __file__,
+                "--point",
+                f"{n}:{size}",
+                "--folder",
+                str(folder),
+                "--out",
+                str(out),
+                "--workdir",
+                str(work),
+                "--species",
+                str(args.species),
+                "--stage1-task-max",
+                str(args.stage1_task_max),
+            ]
             began, cut = time.perf_counter(), False
             child = subprocess.Popen(command, start_new_session=True)
             try:
@@ -267,30 +347,41 @@ def main(argv=None) -> int:
                         pass
                 child.wait()
                 cut = True
-            row = json.loads(out.read_text()) if out.exists() else {"n": n, "size": size, "species": species,
-                                                                    "decoded_bytes": n * size * size * 3}
+            row = (
+                json.loads(out.read_text())
+                if out.exists()
+                else {"n": n, "size": size, "species": species, "decoded_bytes": n * size * size * 3}
+            )
             trial = max(work.glob(f"sweeps/n{n}_px{size}_*/*/worker.json"), key=os.path.getmtime, default=None)
             if cut and trial is not None:  # written at the trial's start: its peak RSS by then
                 row.update({k: v for k, v in json.loads(trial.read_text()).items() if k == "peak_rss_mb"})
             row.update(point_s=time.perf_counter() - began, cut=cut, failed=child.returncode != 0 and not cut)
             rows.append(row)
             out.write_text(json.dumps(row))  # --report reads it back
-            print(f"N={n} at {size} px: {'CUT after' if cut else 'done in'} {row['point_s']:.0f} s"
-                  f"{' (FAILED: exit %d)' % child.returncode if row['failed'] else ''}", flush=True)
+            print(
+                f"N={n} at {size} px: {'CUT after' if cut else 'done in'} {row['point_s']:.0f} s"
+                f"{' (FAILED: exit %d)' % child.returncode if row['failed'] else ''}",
+                flush=True,
+            )
     finally:
         if not (args.workdir or args.keep):
             shutil.rmtree(work, ignore_errors=True)
     if args.report:
-        rows = [json.loads((work / f"point_{n}_{size}.json").read_text()) for n, size in points
-                if (work / f"point_{n}_{size}.json").exists()]
+        rows = [
+            json.loads((work / f"point_{n}_{size}.json").read_text())
+            for n, size in points
+            if (work / f"point_{n}_{size}.json").exists()
+        ]
     rows = [r for r in rows if r["size"] == args.image_size] + [r for r in rows if r["size"] != args.image_size]
     table = [COLUMNS] + [cells(r) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     print()
     for line in table:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-    print("store/data %: the object store's peak over the decoded images' size; * stage 1 preset, not trained;"
-          " CUT: stopped at --point-timeout")
+    print(
+        "store/data %: the object store's peak over the decoded images' size; * stage 1 preset, not trained;"
+        " CUT: stopped at --point-timeout"
+    )
     verdicts(rows, args.image_size)
     return 1 if any(r.get("failed") for r in rows) else 0
 

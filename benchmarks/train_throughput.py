@@ -12,6 +12,7 @@ achieved rate and its fraction of the GPU's dense bf16 peak are reported.
     python benchmarks/train_throughput.py --quick         # tiny, seconds (what the tests run)
     python benchmarks/train_throughput.py --encode-flops  # GFLOP of one evaluation encode, vgg16_bn at 224 px
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from laray.config import AutoEncoderConfig, LAConfig
+from laray.defaults import demo_configs
 from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
-from laray.defaults import demo_configs
 from laray.train import make_optimizer
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, in FLOP/s.
@@ -51,8 +52,13 @@ def stage_steps(ae_cfg: AutoEncoderConfig, la_cfg: LAConfig, batch: int, n_bank:
 
     encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, la_cfg.merger).to(device, memory_format=fmt)
     bank = MemoryBank(n_bank, encoder.code_dim(ae_cfg.image_size), la_cfg.mixing_rate, device=device)
-    loss_fn = LocalAggregationLoss(bank, la_cfg.temperature, min(la_cfg.k_neighbours, n_bank - 1),
-                                   la_cfg.clustering_repeats, min(la_cfg.n_centroids, n_bank))
+    loss_fn = LocalAggregationLoss(
+        bank,
+        la_cfg.temperature,
+        min(la_cfg.k_neighbours, n_bank - 1),
+        la_cfg.clustering_repeats,
+        min(la_cfg.n_centroids, n_bank),
+    )
     loss_fn.recluster()
     la_opt, _ = make_optimizer(encoder.parameters(), la_cfg)
     indices = torch.randperm(n_bank, device=device)[:batch]
@@ -89,8 +95,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="demo settings only, 2 steps (seconds)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when not in the built-in table")
-    parser.add_argument("--encode-flops", action="store_true",
-                        help="only count one evaluation encode (the encoder's forward pass) of vgg16_bn at 224 px")
+    parser.add_argument(
+        "--encode-flops",
+        action="store_true",
+        help="only count one evaluation encode (the encoder's forward pass) of vgg16_bn at 224 px",
+    )
     args = parser.parse_args(argv)
     if args.encode_flops:
         cfg = AutoEncoderConfig()
@@ -101,27 +110,45 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in BF16_PEAK.items() if gpu and k in gpu), None)
+    peak = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops
+        else next((v for k, v in BF16_PEAK.items() if gpu and k in gpu), None)
+    )
 
     demo_ae, demo_la = demo_configs()
     full_ae, full_la = AutoEncoderConfig(), LAConfig()  # vgg16_bn, width 1, 224 px, k=500, R=6, C=100
     on_gpu = device.type == "cuda"
     settings = [("demo (digits)", demo_ae, demo_la, 64, 1797, args.steps or (2 if args.quick else 10))]
     if not args.quick:
-        settings.append((f"{full_ae.arch} {full_ae.image_size} px", full_ae, full_la, 64 if on_gpu else 8, 5400,
-                         args.steps or (20 if on_gpu else 2)))
+        settings.append(
+            (
+                f"{full_ae.arch} {full_ae.image_size} px",
+                full_ae,
+                full_la,
+                64 if on_gpu else 8,
+                5400,
+                args.steps or (20 if on_gpu else 2),
+            )
+        )
 
-    print(f"device {gpu or 'cpu'}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (", bf16 autocast + channels_last" if on_gpu else ", float32"))
-    print(f"{'setting':<18} {'stage':<18} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} "
-          f"{'TFLOP/s':>8}" + (f" {'of peak':>8}" if peak else ""))
+    print(
+        f"device {gpu or 'cpu'}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + (", bf16 autocast + channels_last" if on_gpu else ", float32")
+    )
+    print(
+        f"{'setting':<18} {'stage':<18} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} "
+        f"{'TFLOP/s':>8}" + (f" {'of peak':>8}" if peak else "")
+    )
     for name, ae_cfg, la_cfg, batch, n_bank, steps in settings:
         torch.manual_seed(0)
         for stage, step in stage_steps(ae_cfg, la_cfg, batch, n_bank, device).items():
             seconds, flops = measure(step, steps, device)
             rate = flops / seconds
-            print(f"{name:<18} {stage:<18} {batch:>5} {seconds * 1e3:>9.1f} {batch / seconds:>9.1f} "
-                  f"{flops / batch / 1e9:>10.2f} {rate / 1e12:>8.3f}" + (f" {rate / peak:>8.1%}" if peak else ""))
+            print(
+                f"{name:<18} {stage:<18} {batch:>5} {seconds * 1e3:>9.1f} {batch / seconds:>9.1f} "
+                f"{flops / batch / 1e9:>10.2f} {rate / 1e12:>8.3f}" + (f" {rate / peak:>8.1%}" if peak else "")
+            )
     return 0
 
 

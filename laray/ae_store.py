@@ -17,6 +17,7 @@ resumes from it. One that does not load is removed with a warning naming it, and
 from the other or starts afresh: no user asked to resume it, so it is no error of theirs. Both go
 once autoencoder.pt is written (they are twice its size), and so do those an older laray left.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,13 +110,19 @@ def _drop_unreadable_checkpoints(folder: Path) -> None:
     for path, problem in problems.items():
         if problem is not None:
             path.unlink()
-            log.warning("stage-1 checkpoint %s is %s; removed it, %s", path, problem,
-                        f"resuming from {kept[0]}" if kept else "training stage 1 from the start")
+            log.warning(
+                "stage-1 checkpoint %s is %s; removed it, %s",
+                path,
+                problem,
+                f"resuming from {kept[0]}" if kept else "training stage 1 from the start",
+            )
     if previous.exists() and not latest.exists():
         os.replace(previous, latest)  # so that the trainer does not warn again that training.ckpt is missing
 
 
-def get_or_train(store_dir: str | os.PathLike, key: str, train: Callable[[Path], tuple[dict, list]]) -> tuple[dict, list, bool]:
+def get_or_train(
+    store_dir: str | os.PathLike, key: str, train: Callable[[Path], tuple[dict, list]]
+) -> tuple[dict, list, bool]:
     """(auto-encoder state_dict, stage-1 history, whether this call trained it).
 
     `train(checkpoint_path)` trains stage 1, checkpointing (and resuming) at checkpoint_path,

@@ -6,6 +6,7 @@ metrics.json. Works on a finished sweep, a running one (partial results) and
 with errored trials (listed, not fatal). Ray is not imported: the trial status
 is read from Tune's experiment_state JSON.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,8 +52,10 @@ def tune_trial_states(experiment: Path) -> list[dict]:
 
 def _statuses(experiment: Path) -> dict[str, tuple[str, str]]:
     """Trial folder name -> (trial id, status)."""
-    return {Path(t.get("relative_logdir", "")).name: (t.get("trial_id", ""), t.get("status", "UNKNOWN"))
-            for t in tune_trial_states(experiment)}
+    return {
+        Path(t.get("relative_logdir", "")).name: (t.get("trial_id", ""), t.get("status", "UNKNOWN"))
+        for t in tune_trial_states(experiment)
+    }
 
 
 def _read_json_lines(path: Path) -> list[dict]:
@@ -75,18 +78,26 @@ def load_trials(experiment: str | Path) -> list[Trial]:
     statuses = _statuses(experiment)
     trials = []
     for folder in sorted(p.parent for p in experiment.glob("*/params.json")):
-        trial_id, status = statuses.get(folder.name, (folder.name.split("_")[2] if folder.name.count("_") >= 2
-                                                      else folder.name, "UNKNOWN"))
+        trial_id, status = statuses.get(
+            folder.name, (folder.name.split("_")[2] if folder.name.count("_") >= 2 else folder.name, "UNKNOWN")
+        )
         metrics_path, assignments_path = folder / "metrics.json", folder / "assignments.csv"
         error_file = folder / "error.txt"
         error = error_file.read_text().strip().splitlines()[-1] if error_file.exists() else None
         if error and status == "UNKNOWN":
             status = "ERROR"
-        trials.append(Trial(
-            trial_id, status, folder, json.loads((folder / "params.json").read_text()),
-            json.loads(metrics_path.read_text()) if metrics_path.exists() else None,
-            pd.read_csv(assignments_path, keep_default_na=False) if assignments_path.exists() else None,
-            error, _read_json_lines(folder / "result.json")))
+        trials.append(
+            Trial(
+                trial_id,
+                status,
+                folder,
+                json.loads((folder / "params.json").read_text()),
+                json.loads(metrics_path.read_text()) if metrics_path.exists() else None,
+                pd.read_csv(assignments_path, keep_default_na=False) if assignments_path.exists() else None,
+                error,
+                _read_json_lines(folder / "result.json"),
+            )
+        )
     if not trials:
         raise FileNotFoundError(f"{experiment} holds no trial folders (params.json): not a laray sweep?")
     return trials
@@ -110,8 +121,14 @@ def trial_scores(assignments: pd.DataFrame) -> dict:
     held = known["heldout"].astype(str).str.lower() == "true"  # read back from CSV as bool or text
     scores = cluster_scores(known.loc[~held, "label"].astype(str).to_numpy(), known.loc[~held, "cluster"].to_numpy())
     if held.any():
-        scores.update({PREFIX + k: v for k, v in cluster_scores(known.loc[held, "label"].astype(str).to_numpy(),
-                                                                 known.loc[held, "cluster"].to_numpy()).items()})
+        scores.update(
+            {
+                PREFIX + k: v
+                for k, v in cluster_scores(
+                    known.loc[held, "label"].astype(str).to_numpy(), known.loc[held, "cluster"].to_numpy()
+                ).items()
+            }
+        )
     return scores
 
 
@@ -134,10 +151,16 @@ def per_species_table(assignments: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for i, name in enumerate(species):
         j = int(table[i].argmax())
-        rows.append({"species": name, "images": int(table[i].sum()), "main_cluster": int(clusters[j]),
-                     "share_in_main_cluster": table[i, j] / table[i].sum(),
-                     "main_cluster_purity": table[:, j].max() / table[:, j].sum(),
-                     "main_cluster_majority": species[int(table[:, j].argmax())]})
+        rows.append(
+            {
+                "species": name,
+                "images": int(table[i].sum()),
+                "main_cluster": int(clusters[j]),
+                "share_in_main_cluster": table[i, j] / table[i].sum(),
+                "main_cluster_purity": table[:, j].max() / table[:, j].sum(),
+                "main_cluster_majority": species[int(table[:, j].argmax())],
+            }
+        )
     return pd.DataFrame(rows).sort_values("share_in_main_cluster", ascending=False, ignore_index=True)
 
 
@@ -188,8 +211,13 @@ def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "ma
         if t.assignments is None or not t.params.get("la"):
             continue
         config = t.params["la"]
-        row = {"config": json.dumps(config, sort_keys=True), **{p: config.get(p) for p in PARAMS},
-               "seed": t.params.get("seed"), "status": t.status, **trial_scores(t.assignments)}
+        row = {
+            "config": json.dumps(config, sort_keys=True),
+            **{p: config.get(p) for p in PARAMS},
+            "seed": t.params.get("seed"),
+            "status": t.status,
+            **trial_scores(t.assignments),
+        }
         for name, base in ((t.metrics or {}).get("baselines") or {}).items():
             row.update({f"{name}_{s}": v for s, v in base.items() if s.removeprefix(PREFIX) in SCORES})
         rows.append(row)

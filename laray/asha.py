@@ -8,6 +8,7 @@ tests/test_stop_signals.py). This scheduler writes its rungs to STORAGE/NAME/ash
 result and reads them back at its first call after a restore, so that a resumed sweep decides
 as the uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ class ResumableASHA(ASHAScheduler):
         self._num_stopped = state["num_stopped"]
 
     def _save(self) -> None:
-        write_json(Path(self.state_file), {"rungs": [[[m, r] for m, r in b._rungs] for b in self._brackets],
-                                           "num_stopped": self._num_stopped})
+        write_json(
+            Path(self.state_file),
+            {"rungs": [[[m, r] for m, r in b._rungs] for b in self._brackets], "num_stopped": self._num_stopped},
+        )
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load_once()  # before a restored trial is given a bracket: the brackets as they were

@@ -7,6 +7,7 @@ before normalisation. Random draws come from a CPU generator, so the same seed
 gives the same augmentation on CPU and CUDA; an option that is off draws nothing,
 so turning one on leaves the draws of the others as they were for that batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
-def augment_batch(images: torch.Tensor, gen: torch.Generator, min_area: float = 0.5, jitter: float = 0.4,
-                  flip: bool = True, grey: float = 0.0, blur: float = 0.0) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor,
+    gen: torch.Generator,
+    min_area: float = 0.5,
+    jitter: float = 0.4,
+    flip: bool = True,
+    grey: float = 0.0,
+    blur: float = 0.0,
+) -> torch.Tensor:
     """images (b, 3, H, W) float in [0, 1] -> augmented, same shape, clamped to [0, 1].
 
     flip: mirror half of the images left-right (the draw is made either way, so that turning it
@@ -69,7 +77,6 @@ def augment_batch(images: torch.Tensor, gen: torch.Generator, min_area: float = 
         sigma = _uniform(gen, b, *BLUR_SIGMA) * images.shape[-1]
         out = torch.where(chosen.to(images.device).view(b, 1, 1, 1), gaussian_blur(out, sigma), out)
     return out
-
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

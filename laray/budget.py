@@ -11,6 +11,7 @@ Tune copies these parts: tuner.pkl holds the ones given to the first Tuner and t
 state holds another copy of the stopper, both un-pickled on a resume. So the parts hold only
 the experiment folder, and the running clock is looked up by that folder in this process.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,9 @@ class BudgetSearcher(Searcher):
         return Searcher.FINISHED if _spent(self.experiment) else self.searcher.suggest(trial_id)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
-                                                           config, **spec)
+        return _set_search_properties_backwards_compatible(
+            self.searcher.set_search_properties, metric, mode, config, **spec
+        )
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.searcher.set_max_concurrency(max_concurrent)
@@ -170,13 +172,17 @@ def resume_budget(seconds: float | None, experiment) -> None:
         return
     path = Path(experiment) / BUDGET_FILE
     if not path.exists():
-        raise BudgetError(f"the sweep at {experiment} was started without time budgets: resume it without "
-                          "--time-budget, or start a new sweep")
+        raise BudgetError(
+            f"the sweep at {experiment} was started without time budgets: resume it without "
+            "--time-budget, or start a new sweep"
+        )
     state = _read(experiment)
     if state.get("ended_search") and seconds != state.get("budget_s"):
         # Tune saved its search as finished; a restore keeps it so, whatever the budget says now.
-        raise BudgetError("the time budget already ended this sweep's search, which a resume does not reopen: "
-                          "resume without --time-budget, or start a new sweep")
+        raise BudgetError(
+            "the time budget already ended this sweep's search, which a resume does not reopen: "
+            "resume without --time-budget, or start a new sweep"
+        )
     write_json(path, {**state, "budget_s": seconds})
 
 

@@ -13,6 +13,7 @@ and matches its own checksum, and the array's header gives the expected shape, d
 for a file of exactly the expected length. An entry that fails (a truncated copy, a disk error,
 a file edited by hand) is removed and decoded again, with one warning naming the file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,7 +51,7 @@ class DecodedImages:
 
 
 def default_cache_dir() -> Path:
-    """LARAY_CACHE_DIR (set per node on a cluster: its fast local disk), else $XDG_CACHE_HOME/laray or ~/.cache/laray."""
+    """LARAY_CACHE_DIR (set per node on a cluster: its fast local disk), else $XDG_CACHE_HOME/laray, ~/.cache/laray."""
     if os.environ.get("LARAY_CACHE_DIR"):
         return Path(os.environ["LARAY_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -73,8 +74,9 @@ def fingerprint(paths: list[str], size: int, stats: list[tuple[int, int] | None]
     """Key of the decoded images: every file's path, size and mtime (`stats`, else read now), the size, the decoder."""
     digest = hashlib.sha256(f"laray-decoder-{DECODER_VERSION} size={size}\n".encode())
     for p, st in zip(paths, stats if stats is not None else file_stats(paths)):
-        digest.update((f"{os.path.abspath(p)}\tmissing\n" if st is None else
-                       f"{os.path.abspath(p)}\t{st[0]}\t{st[1]}\n").encode())
+        digest.update(
+            (f"{os.path.abspath(p)}\tmissing\n" if st is None else f"{os.path.abspath(p)}\t{st[0]}\t{st[1]}\n").encode()
+        )
     return digest.hexdigest()[:32]
 
 
@@ -161,8 +163,10 @@ def _verified_meta(meta_path: Path, size: int, n_paths: int) -> dict:
     if meta.pop("checksum") != _checksum(meta):
         raise _BadEntry(meta_path, "metadata does not match its checksum")
     if meta.get("size") != size or meta.get("n_paths") != n_paths:
-        raise _BadEntry(meta_path, f"metadata of {meta.get('n_paths')} images at {meta.get('size')} px, "
-                                   f"expected {n_paths} at {size} px")
+        raise _BadEntry(
+            meta_path,
+            f"metadata of {meta.get('n_paths')} images at {meta.get('size')} px, expected {n_paths} at {size} px",
+        )
     return meta
 
 
@@ -181,8 +185,11 @@ def _verify_array(array_path: Path, meta: dict) -> None:
         except (ValueError, EOFError) as exc:
             raise _BadEntry(array_path, f"unreadable array header ({exc})") from None
         if shape != expected or dtype != np.uint8 or fortran_order:
-            raise _BadEntry(array_path, f"array of shape {shape}, dtype {dtype}"
-                                        f"{', Fortran order' if fortran_order else ''}; expected {expected} uint8")
+            raise _BadEntry(
+                array_path,
+                f"array of shape {shape}, dtype {dtype}"
+                f"{', Fortran order' if fortran_order else ''}; expected {expected} uint8",
+            )
         length, wanted = os.fstat(handle.fileno()).st_size, handle.tell() + int(np.prod(expected))
         if length != wanted:
             raise _BadEntry(array_path, f"{length} bytes where its header says {wanted} (truncated?)")
@@ -194,13 +201,24 @@ def _read_entry(array_path: Path, meta_path: Path, key: str, size: int, n_paths:
     _verify_array(array_path, meta)
     images = np.load(array_path, mmap_mode="r")
     n_ok = len(meta["kept"])
-    return DecodedImages(images[:n_ok], np.array(meta["kept"], dtype=np.int64),
-                         np.array(meta["original_sizes"], dtype=np.int64).reshape(-1, 2),
-                         [tuple(f) for f in meta["failed"]], cache_hit=True, key=key)
+    return DecodedImages(
+        images[:n_ok],
+        np.array(meta["kept"], dtype=np.int64),
+        np.array(meta["original_sizes"], dtype=np.int64).reshape(-1, 2),
+        [tuple(f) for f in meta["failed"]],
+        cache_hit=True,
+        key=key,
+    )
 
 
-def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | None = None,
-                  workers: int | None = None, desc: str = "decoding", key: str | None = None) -> DecodedImages:
+def decode_cached(
+    paths: list[str],
+    size: int,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    desc: str = "decoding",
+    key: str | None = None,
+) -> DecodedImages:
     """Decoded images of `paths` at `size`, from the cache when its entry exists, else decoded and stored.
 
     key: the entry's name when the caller has it already (a trial gets the driver's fingerprint),
@@ -221,8 +239,7 @@ def decode_cached(paths: list[str], size: int, cache_dir: str | os.PathLike | No
         except FileNotFoundError:
             present, absent = (array_path, meta_path) if array_path.exists() else (meta_path, array_path)
             if present.exists():  # e.g. killed between the two renames of _decode_entry
-                log.warning("decode cache entry %s: no %s beside it; removed it, decoding again", present,
-                            absent.name)
+                log.warning("decode cache entry %s: no %s beside it; removed it, decoding again", present, absent.name)
         except _BadEntry as bad:
             log.warning("decode cache entry %s; removed it, decoding again", bad)
         _remove_entry(cache_dir, key)
@@ -235,8 +252,9 @@ def _remove_entry(cache_dir: Path, key: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def _decode_entry(paths: list[str], size: int, cache_dir: Path, workers: int | None, desc: str,
-                  key: str) -> DecodedImages:
+def _decode_entry(
+    paths: list[str], size: int, cache_dir: Path, workers: int | None, desc: str, key: str
+) -> DecodedImages:
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     workers = workers or os.cpu_count() or 1
     began = time.perf_counter()
@@ -246,17 +264,24 @@ def _decode_entry(paths: list[str], size: int, cache_dir: Path, workers: int | N
     os.chmod(tmp_array, 0o644)  # mkstemp makes it private; a cache shared on a cluster must be readable
     try:
         kept, originals, failed = _decode_all(paths, size, workers, tmp_array, desc)
-        meta = {"kept": kept.tolist(), "original_sizes": originals.tolist(), "failed": failed, "size": size,
-                "n_paths": len(paths)}
+        meta = {
+            "kept": kept.tolist(),
+            "original_sizes": originals.tolist(),
+            "failed": failed,
+            "size": size,
+            "n_paths": len(paths),
+        }
         tmp_meta = tmp_array.with_suffix(".json")
         _write_meta(tmp_meta, meta)
         os.replace(tmp_array, array_path)  # array first: the meta file's presence marks a complete entry
         os.replace(tmp_meta, meta_path)
         with open(cache_dir / "decodes.log", "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} {key} "
-                      f"{len(kept)} images {time.perf_counter() - began:.1f} s\n")
+            log.write(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} {key} "
+                f"{len(kept)} images {time.perf_counter() - began:.1f} s\n"
+            )
     finally:
         for leftover in (tmp_array, tmp_array.with_suffix(".json")):
             leftover.unlink(missing_ok=True)
     images = np.load(array_path, mmap_mode="r")
-    return DecodedImages(images[:len(kept)], kept, originals, failed, cache_hit=False, key=key)
+    return DecodedImages(images[: len(kept)], kept, originals, failed, cache_hit=False, key=key)

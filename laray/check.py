@@ -2,6 +2,7 @@
 
 `check_dataset` returns a JSON-serialisable report; `format_report` renders it for people.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,29 +19,58 @@ __all__ = ["check_dataset", "format_report"]
 def _size_stats(original_sizes: np.ndarray) -> dict:
     """min / median / max of the original widths and heights."""
     sizes = np.asarray(original_sizes).reshape(-1, 2)
-    return {axis: {"min": int(sizes[:, i].min()), "median": float(np.median(sizes[:, i])),
-                   "max": int(sizes[:, i].max())}
-            for i, axis in enumerate(("width", "height"))}
+    return {
+        axis: {"min": int(sizes[:, i].min()), "median": float(np.median(sizes[:, i])), "max": int(sizes[:, i].max())}
+        for i, axis in enumerate(("width", "height"))
+    }
 
 
-def check_dataset(spec: str, image_size: int = 64, label_column: str | None = DEFAULT_LABEL_COLUMN,
-                  path_column: str = DEFAULT_PATH_COLUMN, image_root: str | None = None,
-                  cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> dict:
+def check_dataset(
+    spec: str,
+    image_size: int = 64,
+    label_column: str | None = DEFAULT_LABEL_COLUMN,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    image_root: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+) -> dict:
     """Decode every image of `spec` at `image_size` and report counts, original sizes and bad files.
 
     Never raises DataError: an unusable data set gives usable=False and a one-line "reason".
     """
-    report = {"spec": spec, "image_size": image_size, "usable": True, "reason": None, "labelled": False,
-              "n_images": 0, "n_skipped": 0, "per_label": {}, "image_sizes": None, "bad_files": []}
+    report = {
+        "spec": spec,
+        "image_size": image_size,
+        "usable": True,
+        "reason": None,
+        "labelled": False,
+        "n_images": 0,
+        "n_skipped": 0,
+        "per_label": {},
+        "image_sizes": None,
+        "bad_files": [],
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)  # the report lists the skipped files itself
-            dataset = load_dataset(spec, image_size, label_column=label_column, path_column=path_column,
-                                   image_root=image_root, strict=False, cache_dir=cache_dir, workers=workers)
+            dataset = load_dataset(
+                spec,
+                image_size,
+                label_column=label_column,
+                path_column=path_column,
+                image_root=image_root,
+                strict=False,
+                cache_dir=cache_dir,
+                workers=workers,
+            )
     except DataError as exc:
         bad = exc.skipped  # every bad file, though the message names only the first few dozen
-        report.update(usable=False, reason=str(exc).splitlines()[0].rstrip(":"), n_skipped=len(bad),
-                      bad_files=[{"path": p, "reason": r} for p, r in bad])
+        report.update(
+            usable=False,
+            reason=str(exc).splitlines()[0].rstrip(":"),
+            n_skipped=len(bad),
+            bad_files=[{"path": p, "reason": r} for p, r in bad],
+        )
         return report
 
     counts = np.bincount(dataset.labels, minlength=len(dataset.class_names)) if dataset.labelled else []
@@ -79,8 +109,9 @@ def format_report(report: dict) -> str:
         lines += ["", "images per label"] + _table(("label", "images"), rows, (False, True))
     if report["image_sizes"]:
         rows = [(axis, s["min"], f"{s['median']:g}", s["max"]) for axis, s in report["image_sizes"].items()]
-        lines += ["", "original image size (pixels)"] + _table(("", "min", "median", "max"), rows,
-                                                               (False, True, True, True))
+        lines += ["", "original image size (pixels)"] + _table(
+            ("", "min", "median", "max"), rows, (False, True, True, True)
+        )
     if report["bad_files"]:
         rows = [(b["path"], b["reason"]) for b in report["bad_files"]]
         lines += ["", f"bad files ({len(rows)})"] + _table(("path", "reason"), rows, (False, False))

@@ -7,6 +7,7 @@ cluster labels, reclustering count).
 Each save keeps the checkpoint it replaces as NAME.prev (so a checkpoint takes twice
 its size on disk); resuming falls back to it when the latest cannot be read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import torch
 
-from laray.errors import CheckpointError, LarayError, naming_full_disk
+from laray.errors import CheckpointError, naming_full_disk
 
 log = logging.getLogger("laray.checkpoint")
 
@@ -32,8 +33,12 @@ def rng_state() -> dict:
     version, py_state, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "cached_gaussian": cached},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
         "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
@@ -44,14 +49,13 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -174,5 +178,6 @@ def load_with_fallback(path: str | os.PathLike, required=REQUIRED_KEYS) -> dict:
         return _check_keys(state, candidate, required)
     delete = " and ".join(str(p) for p in (path, prev) if p.exists())
     todo = f"delete {delete} to start afresh, or run without --resume" if delete else "run without --resume"
-    raise CheckpointError(f"cannot resume: checkpoint {path} is {problems[path]} and {prev.name} is {problems[prev]}; "
-                          + todo)
+    raise CheckpointError(
+        f"cannot resume: checkpoint {path} is {problems[path]} and {prev.name} is {problems[prev]}; " + todo
+    )

@@ -3,6 +3,7 @@
 It works in chunks of rows so that the (rows x centroids) score matrix stays bounded
 whatever the data set size.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -38,7 +39,7 @@ def _assign(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor) -> tup
     buffer = x.new_empty(min(step, n) * len(centroids))
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        part = buffer[:(rows.stop - start) * len(centroids)].view(rows.stop - start, len(centroids))
+        part = buffer[: (rows.stop - start) * len(centroids)].view(rows.stop - start, len(centroids))
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the argmin needs only the last two terms.
         torch.addmm(c_sq, x[rows], centroids.T, alpha=-2.0, out=part)  # (chunk, C)
         torch.min(part, 1, out=(dists[rows], labels[rows]))
@@ -66,8 +67,9 @@ def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, n_clusters: int, gen:
     return centroids
 
 
-def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means++",
-           max_iter: int = 100, tol: float = 1e-6) -> KMeansResult:
+def kmeans(
+    x: torch.Tensor, n_clusters: int, seed: int = 0, init: str = "k-means++", max_iter: int = 100, tol: float = 1e-6
+) -> KMeansResult:
     """Lloyd's k-means on the rows of `x` (N, d), deterministic for a given seed and device.
 
     Stops when no label changes, when the relative drop of inertia falls below `tol`,

@@ -5,6 +5,7 @@ It imports no torch, so that the CLI checks settings before paying for that impo
 Unknown keys and out-of-range values raise ConfigError naming the field, before
 anything trains. A YAML file holds up to two sections, `autoencoder:` and `la:`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,11 @@ def check_enough_images(n_images: int, n_species: int) -> None:
     """Refuse, before anything trains, a data set with no more images than the clusters that score it."""
     clusters = n_species or UNLABELLED_CLUSTERS
     if n_images <= clusters:
-        scored = (f" for {n_species} species: the clusters are scored with k-means at K = {clusters}" if n_species
-                  else f": unlabelled data are scored with k-means at K = {clusters}")
+        scored = (
+            f" for {n_species} species: the clusters are scored with k-means at K = {clusters}"
+            if n_species
+            else f": unlabelled data are scored with k-means at K = {clusters}"
+        )
         raise ConfigError(f"{n_images} images are too few{scored}, which needs at least {clusters + 1} images")
 
 
@@ -50,8 +54,12 @@ class OptimConfig:
 
     def _validate_optim(self) -> None:
         _require(isinstance(self.epochs, int) and self.epochs >= 0, "epochs", "must be an integer >= 0", self.epochs)
-        _require(isinstance(self.batch_size, int) and self.batch_size >= 2, "batch_size",
-                 "must be an integer >= 2 (batch norm needs two samples)", self.batch_size)
+        _require(
+            isinstance(self.batch_size, int) and self.batch_size >= 2,
+            "batch_size",
+            "must be an integer >= 2 (batch norm needs two samples)",
+            self.batch_size,
+        )
         _require(self.lr > 0, "lr", "must be > 0", self.lr)
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
@@ -73,12 +81,21 @@ class AutoEncoderConfig(OptimConfig):
         self._validate_optim()
         _require(self.arch in ARCHS, "arch", f"must be one of {ARCHS}", self.arch)
         _require(self.width > 0, "width", "must be > 0", self.width)
-        _require(self.pretrained is None or self.width == 1.0, "width", "must be 1.0 with pretrained weights",
-                 self.width)
-        _require(self.pretrained in (None, "imagenet") or os.path.isfile(os.path.expanduser(self.pretrained)),
-                 "pretrained", "must be None, 'imagenet' or an existing state_dict file", self.pretrained)
-        _require(isinstance(self.image_size, int) and self.image_size >= 32, "image_size",
-                 "must be an integer >= 32 (five 2x2 pools)", self.image_size)
+        _require(
+            self.pretrained is None or self.width == 1.0, "width", "must be 1.0 with pretrained weights", self.width
+        )
+        _require(
+            self.pretrained in (None, "imagenet") or os.path.isfile(os.path.expanduser(self.pretrained)),
+            "pretrained",
+            "must be None, 'imagenet' or an existing state_dict file",
+            self.pretrained,
+        )
+        _require(
+            isinstance(self.image_size, int) and self.image_size >= 32,
+            "image_size",
+            "must be an integer >= 32 (five 2x2 pools)",
+            self.image_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -111,16 +128,36 @@ class LAConfig(OptimConfig):
         self._validate_optim()
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _require(0 < self.mixing_rate <= 1, "mixing_rate", "must be in (0, 1]", self.mixing_rate)
-        _require(isinstance(self.k_neighbours, int) and self.k_neighbours >= 1, "k_neighbours",
-                 "must be an integer >= 1", self.k_neighbours)
-        _require(isinstance(self.clustering_repeats, int) and self.clustering_repeats >= 1, "clustering_repeats",
-                 "must be an integer >= 1", self.clustering_repeats)
-        _require(isinstance(self.n_centroids, int) and self.n_centroids >= 1, "n_centroids",
-                 "must be an integer >= 1", self.n_centroids)
-        _require(isinstance(self.recluster_every, int) and self.recluster_every >= 0, "recluster_every",
-                 "must be an integer >= 0", self.recluster_every)
-        _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1",
-                 self.eval_every)
+        _require(
+            isinstance(self.k_neighbours, int) and self.k_neighbours >= 1,
+            "k_neighbours",
+            "must be an integer >= 1",
+            self.k_neighbours,
+        )
+        _require(
+            isinstance(self.clustering_repeats, int) and self.clustering_repeats >= 1,
+            "clustering_repeats",
+            "must be an integer >= 1",
+            self.clustering_repeats,
+        )
+        _require(
+            isinstance(self.n_centroids, int) and self.n_centroids >= 1,
+            "n_centroids",
+            "must be an integer >= 1",
+            self.n_centroids,
+        )
+        _require(
+            isinstance(self.recluster_every, int) and self.recluster_every >= 0,
+            "recluster_every",
+            "must be an integer >= 0",
+            self.recluster_every,
+        )
+        _require(
+            isinstance(self.eval_every, int) and self.eval_every >= 1,
+            "eval_every",
+            "must be an integer >= 1",
+            self.eval_every,
+        )
         _require(0 < self.crop_min_area <= 1, "crop_min_area", "must be in (0, 1]", self.crop_min_area)
         _require(0 <= self.jitter < 1, "jitter", "must be in [0, 1)", self.jitter)
         _require(0 <= self.grey <= 1, "grey", "must be in [0, 1]", self.grey)
@@ -131,8 +168,9 @@ class LAConfig(OptimConfig):
 
     def check_data_size(self, n_images: int) -> None:
         """The size-dependent limits: k <= N-1 and C <= N."""
-        _require(self.k_neighbours <= n_images - 1, "k_neighbours", f"must be <= N-1 = {n_images - 1}",
-                 self.k_neighbours)
+        _require(
+            self.k_neighbours <= n_images - 1, "k_neighbours", f"must be <= N-1 = {n_images - 1}", self.k_neighbours
+        )
         _require(self.n_centroids <= n_images, "n_centroids", f"must be <= N = {n_images}", self.n_centroids)
 
 
@@ -172,11 +210,14 @@ def from_dict(cls, values: dict | None):
 
 def replace(config, **changes):
     """A copy of `config` with `changes` (None values ignored), validated again."""
-    return from_dict(type(config), {**dataclasses.asdict(config), **{k: v for k, v in changes.items() if v is not None}})
+    return from_dict(
+        type(config), {**dataclasses.asdict(config), **{k: v for k, v in changes.items() if v is not None}}
+    )
 
 
-def load_config(path: str | Path, base: tuple[AutoEncoderConfig, LAConfig] | None = None
-                ) -> tuple[AutoEncoderConfig, LAConfig]:
+def load_config(
+    path: str | Path, base: tuple[AutoEncoderConfig, LAConfig] | None = None
+) -> tuple[AutoEncoderConfig, LAConfig]:
     """Read a YAML file with optional `autoencoder:` and `la:` sections, on top of `base` (default: class defaults)."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -191,5 +232,7 @@ def load_config(path: str | Path, base: tuple[AutoEncoderConfig, LAConfig] | Non
     for name, section in (("autoencoder", raw.get("autoencoder")), ("la", raw.get("la"))):
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"section {name!r} of {path} must be a mapping of settings")
-    return (from_dict(AutoEncoderConfig, {**dataclasses.asdict(ae), **(raw.get("autoencoder") or {})}),
-            from_dict(LAConfig, {**dataclasses.asdict(la), **(raw.get("la") or {})}))
+    return (
+        from_dict(AutoEncoderConfig, {**dataclasses.asdict(ae), **(raw.get("autoencoder") or {})}),
+        from_dict(LAConfig, {**dataclasses.asdict(la), **(raw.get("la") or {})}),
+    )

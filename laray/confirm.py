@@ -8,6 +8,7 @@ configuration is then described by its mean over seeds, the standard deviation a
 t-interval, mean +- t(0.975, S-1) * sd / sqrt(S) (Student's t: S is small and the spread
 unknown), and the winner is the best mean. Pure functions; no Ray here.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ def pick_top(trials: list[tuple[dict, dict]], objective: str, mode: str, epochs:
     epochs, and an early score is not comparable with a final one. Then by the objective.
     """
     sign = 1 if mode == "max" else -1
-    scored = [(m.get("epoch", 0) >= epochs, sign * m[objective], c) for c, m in trials
-              if m and isinstance(m.get(objective), (int, float)) and math.isfinite(m[objective])]
+    scored = [
+        (m.get("epoch", 0) >= epochs, sign * m[objective], c)
+        for c, m in trials
+        if m and isinstance(m.get(objective), (int, float)) and math.isfinite(m[objective])
+    ]
     scored.sort(key=lambda row: row[:2], reverse=True)
     chosen = []
     for _, _, config in scored:
@@ -66,9 +70,14 @@ def summarize(runs: list[dict]) -> dict:
     for name in SCORES:
         values = [float(r[name]) for r in runs if name in r]
         if values:
-            out.update({name: values, f"{name}_mean": float(np.mean(values)),
-                        f"{name}_sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                        f"{name}_ci95": interval95(values)})
+            out.update(
+                {
+                    name: values,
+                    f"{name}_mean": float(np.mean(values)),
+                    f"{name}_sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    f"{name}_ci95": interval95(values),
+                }
+            )
         held = [float(r[PREFIX + name]) for r in runs if PREFIX + name in r]
         if held:
             out.update({PREFIX + name: held, f"{PREFIX}{name}_mean": float(np.mean(held))})
@@ -86,8 +95,7 @@ def confirmed(runs: list[tuple[dict, int, dict]], objective: str, mode: str) -> 
     entries = []
     for key, seeded in groups.items():
         seeded.sort(key=lambda pair: pair[0])
-        entries.append({"config": configs[key], "seeds": [s for s, _ in seeded],
-                        **summarize([m for _, m in seeded])})
+        entries.append({"config": configs[key], "seeds": [s for s, _ in seeded], **summarize([m for _, m in seeded])})
     sign = 1 if mode == "max" else -1
     return sorted(entries, key=lambda e: sign * e.get(f"{objective}_mean", -sign * math.inf), reverse=True)
 
@@ -95,8 +103,10 @@ def confirmed(runs: list[tuple[dict, int, dict]], objective: str, mode: str) -> 
 def baselines_over_seeds(baselines: dict[int, dict]) -> dict:
     """{seed: {"raw_pixels": scores, "autoencoder": scores}} -> the same two summarised over seeds."""
     seeds = sorted(baselines)
-    return {name: {"seeds": seeds, **summarize([baselines[s][name] for s in seeds])}
-            for name in ("raw_pixels", "autoencoder")}
+    return {
+        name: {"seeds": seeds, **summarize([baselines[s][name] for s in seeds])}
+        for name in ("raw_pixels", "autoencoder")
+    }
 
 
 def margin_over(winner: dict, baseline: dict) -> dict:
@@ -107,8 +117,11 @@ def margin_over(winner: dict, baseline: dict) -> dict:
     interval says whether the winner beat the baseline beyond the seeds' spread. Held-out scores
     get an interval too (heldout_purity_ci95): the estimate to report needs one most.
     """
+
     def per_seed(summary: dict) -> dict[int, dict]:
-        names = [n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if len(summary.get(n, ())) == len(summary["seeds"])]
+        names = [
+            n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if len(summary.get(n, ())) == len(summary["seeds"])
+        ]
         return {seed: {n: summary[n][i] for n in names} for i, seed in enumerate(summary["seeds"])}
 
     won, base = per_seed(winner), per_seed(baseline)
@@ -123,6 +136,7 @@ def margin_over(winner: dict, baseline: dict) -> dict:
 
 def describe_margin(margin: dict, objective: str) -> str:
     """One line: the winner's margin over k-means on raw pixels, its interval, held-out, and what it means."""
+
     def part(name: str) -> str:
         ci = margin.get(f"{name}_ci95")
         return f"{margin[f'{name}_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")

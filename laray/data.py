@@ -9,6 +9,7 @@
 Images are decoded once into a uint8 cache; bad files are skipped with one warning
 naming each of them (or, with strict=True, refused with a DataError listing them).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,17 @@ from laray.dataref import labels_key as labels_key_of
 from laray.errors import DataWarning
 from laray.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN, DataError
 
-__all__ = ["DataError", "DataRef", "ImageDataset", "ListingDigest", "describe", "load_dataset", "open_dataset",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "DataError",
+    "DataRef",
+    "ImageDataset",
+    "ListingDigest",
+    "describe",
+    "load_dataset",
+    "open_dataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 log = logging.getLogger("laray.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,8 +57,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return standardize(images.float().div_(255.0))
 
 
-def model_batch(images: torch.Tensor, device: torch.device, channels_last: bool = False,
-                transform=None) -> torch.Tensor:
+def model_batch(
+    images: torch.Tensor, device: torch.device, channels_last: bool = False, transform=None
+) -> torch.Tensor:
     """uint8 (b, 3, H, W) from the cache -> device -> [0, 1] -> `transform` (augmentation) -> normalised.
 
     non_blocking: from pinned memory (laray.prefetch pins on CUDA) the copy overlaps with the GPU's
@@ -64,11 +75,23 @@ def model_batch(images: torch.Tensor, device: torch.device, channels_last: bool 
 class ImageDataset(Dataset):
     """Decoded images (uint8, N x H x W x 3, often memory-mapped) with their labels and sources."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str],
-                 skipped: list[tuple[str, str]] | None = None, original_sizes: np.ndarray | None = None,
-                 augment: bool = False, spec: str = "", fingerprint: str = "", labels_key: str | None = None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        class_names: list[str],
+        paths: list[str],
+        skipped: list[tuple[str, str]] | None = None,
+        original_sizes: np.ndarray | None = None,
+        augment: bool = False,
+        spec: str = "",
+        fingerprint: str = "",
+        labels_key: str | None = None,
+    ):
         if len(images) != len(labels) or len(images) != len(paths):
-            raise ValueError(f"images ({len(images)}), labels ({len(labels)}) and paths ({len(paths)}) differ in length")
+            raise ValueError(
+                f"images ({len(images)}), labels ({len(labels)}) and paths ({len(paths)}) differ in length"
+            )
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
@@ -116,11 +139,19 @@ def _digits(image_size: int) -> ImageDataset:
     grey = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
     images = np.empty((len(grey), image_size, image_size, 3), dtype=np.uint8)
     for i, g in enumerate(grey):
-        images[i] = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))[..., None]
+        images[i] = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))[
+            ..., None
+        ]
     paths = [f"digits:{i}" for i in range(len(grey))]
-    return ImageDataset(images, bunch.target.astype(np.int64), [str(c) for c in range(10)], paths,
-                        original_sizes=np.full((len(grey), 2), 8), spec="digits",
-                        fingerprint=digits_key(image_size))
+    return ImageDataset(
+        images,
+        bunch.target.astype(np.int64),
+        [str(c) for c in range(10)],
+        paths,
+        original_sizes=np.full((len(grey), 2), 8),
+        spec="digits",
+        fingerprint=digits_key(image_size),
+    )
 
 
 def _listing(items: list[tuple[str, str]]) -> str:
@@ -148,10 +179,17 @@ def _skipped_summary(ref: DataRef, skipped: list[tuple[str, str]], total: int, c
     return f"{ref.spec}: skipped {len(skipped)} of {total} file(s) ({where}):\n{shown}{more}"
 
 
-def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_LABEL_COLUMN,
-                 path_column: str = DEFAULT_PATH_COLUMN, image_root: str | None = None, strict: bool = False,
-                 cache_dir: str | os.PathLike | None = None, augment: bool | None = None,
-                 workers: int | None = None) -> ImageDataset:
+def load_dataset(
+    spec: str,
+    image_size: int,
+    label_column: str | None = DEFAULT_LABEL_COLUMN,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    image_root: str | None = None,
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    augment: bool | None = None,
+    workers: int | None = None,
+) -> ImageDataset:
     """Load the data set that `spec` names (see the module docstring), decoded at `image_size` pixels square.
 
     label_column: the CSV column holding the label; when it is the default ("species") and
@@ -163,8 +201,13 @@ def load_dataset(spec: str, image_size: int, label_column: str | None = DEFAULT_
     return open_dataset(ref, cache_dir, strict=strict, augment=augment, workers=workers)
 
 
-def open_dataset(ref: DataRef | ListingDigest, cache_dir: str | os.PathLike | None = None, strict: bool = False,
-                 augment: bool | None = None, workers: int | None = None) -> ImageDataset:
+def open_dataset(
+    ref: DataRef | ListingDigest,
+    cache_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+    augment: bool | None = None,
+    workers: int | None = None,
+) -> ImageDataset:
     """The images that `ref` lists, mapped from `cache_dir` (decoded there first if absent, once per folder).
 
     On a cluster node this is where a trial gets its data, from the driver's `ListingDigest`: the
@@ -178,18 +221,29 @@ def open_dataset(ref: DataRef | ListingDigest, cache_dir: str | os.PathLike | No
         dataset.augment = bool(augment)
         log.info("digits: %s", dataset.summary())
         return dataset
-    decoded = decode_cached(list(ref.paths), ref.image_size, cache_dir, workers, key=ref.key,
-                            desc=f"decoding {os.path.basename(ref.spec)}")
+    decoded = decode_cached(
+        list(ref.paths), ref.image_size, cache_dir, workers, key=ref.key, desc=f"decoding {os.path.basename(ref.spec)}"
+    )
     skipped = list(ref.skipped) + decoded.failed
     if strict and skipped:
         raise DataError(f"{len(skipped)} unusable file(s) in {ref.spec} (strict mode):\n{_listing(skipped)}", skipped)
     if len(decoded.kept) == 0:
-        raise DataError(f"no usable image in {ref.spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}",
-                        skipped)
+        raise DataError(
+            f"no usable image in {ref.spec}: all {len(skipped)} file(s) failed:\n{_listing(skipped)}", skipped
+        )
     labels = ref.labels[decoded.kept]
-    dataset = ImageDataset(decoded.images, labels, list(ref.class_names), [ref.paths[i] for i in decoded.kept],
-                           skipped, decoded.original_sizes, augment=bool(augment), spec=ref.spec,
-                           fingerprint=ref.key, labels_key=ref.labels_key)
+    dataset = ImageDataset(
+        decoded.images,
+        labels,
+        list(ref.class_names),
+        [ref.paths[i] for i in decoded.kept],
+        skipped,
+        decoded.original_sizes,
+        augment=bool(augment),
+        spec=ref.spec,
+        fingerprint=ref.key,
+        labels_key=ref.labels_key,
+    )
     dataset.decoded_here = not decoded.cache_hit
     if dataset.class_names:
         # A species whose every image failed keeps its index so labels stay stable; say so.
@@ -198,7 +252,6 @@ def open_dataset(ref: DataRef | ListingDigest, cache_dir: str | os.PathLike | No
         if empty:
             log.warning("labels with no usable image: %s", ", ".join(empty))
     if skipped:
-        warnings.warn(_skipped_summary(ref, skipped, len(skipped) + len(dataset), cache_dir), DataWarning,
-                      stacklevel=2)
+        warnings.warn(_skipped_summary(ref, skipped, len(skipped) + len(dataset), cache_dir), DataWarning, stacklevel=2)
     log.info("%s: %s%s", ref.spec, dataset.summary(), " (from cache)" if decoded.cache_hit else "")
     return dataset

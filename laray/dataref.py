@@ -10,6 +10,7 @@ through Ray's object store does not grow with the number of images (a whole Data
 file), refuses them where they are not the driver's, then maps the decoded images from its
 own cache folder, decoding them once if that folder lacks them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,14 +62,24 @@ class DataRef:
     def digest(self) -> ListingDigest:
         """What a trial on another node receives: a few hundred bytes plus ~60 per species, never per file."""
         groups = _group_digests(self)
-        return ListingDigest(self.spec, self.image_size, self.label_column, self.path_column, self.image_root,
-                             len(self), self.key, _listing_digest(self), len(self.skipped),
-                             tuple(sorted(groups.items())) if len(groups) <= MAX_GROUPS else ())
+        return ListingDigest(
+            self.spec,
+            self.image_size,
+            self.label_column,
+            self.path_column,
+            self.image_root,
+            len(self),
+            self.key,
+            _listing_digest(self),
+            len(self.skipped),
+            tuple(sorted(groups.items())) if len(groups) <= MAX_GROUPS else (),
+        )
 
 
 @dataclass(frozen=True)
 class ListingDigest:
     """A DataRef without its per-file entries: how to list the data again, and digests to check a node's files by."""
+
     spec: str
     image_size: int
     label_column: str | None
@@ -102,8 +113,14 @@ def _hash(parts) -> str:
 
 
 def _listing_digest(ref: DataRef) -> str:
-    return _hash([str(ref.image_size), *ref.class_names, "|",
-                  *(f"{p}\t{s}\t{lab}" for p, s, lab in zip(ref.paths, ref.sizes.tolist(), ref.labels.tolist()))])
+    return _hash(
+        [
+            str(ref.image_size),
+            *ref.class_names,
+            "|",
+            *(f"{p}\t{s}\t{lab}" for p, s, lab in zip(ref.paths, ref.sizes.tolist(), ref.labels.tolist())),
+        ]
+    )
 
 
 def _group_digests(ref: DataRef) -> dict[str, tuple[int, str]]:
@@ -126,8 +143,13 @@ def labels_key(images_key: str, labels: np.ndarray, class_names) -> str:
     return digest.hexdigest()[:16]
 
 
-def describe(spec: str, image_size: int, label_column: str | None = DEFAULT_LABEL_COLUMN,
-             path_column: str = DEFAULT_PATH_COLUMN, image_root: str | None = None) -> DataRef:
+def describe(
+    spec: str,
+    image_size: int,
+    label_column: str | None = DEFAULT_LABEL_COLUMN,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    image_root: str | None = None,
+) -> DataRef:
     """List the data set that `spec` names (see laray.data) without decoding it."""
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
@@ -135,9 +157,18 @@ def describe(spec: str, image_size: int, label_column: str | None = DEFAULT_LABE
         from sklearn.datasets import load_digits
 
         labels = load_digits().target.astype(np.int64)
-        return DataRef(DIGITS, int(image_size), (), np.zeros(0, np.int64), labels,
-                       tuple(str(c) for c in range(10)), digits_key(image_size), label_column=label_column,
-                       path_column=path_column, image_root=image_root)
+        return DataRef(
+            DIGITS,
+            int(image_size),
+            (),
+            np.zeros(0, np.int64),
+            labels,
+            tuple(str(c) for c in range(10)),
+            digits_key(image_size),
+            label_column=label_column,
+            path_column=path_column,
+            image_root=image_root,
+        )
     # Absolute, so that a trial, which runs in its own folder, lists the same files as the driver's cwd named.
     spec = os.path.abspath(os.path.expanduser(spec))
     image_root = None if image_root is None else os.path.abspath(os.path.expanduser(image_root))
@@ -147,9 +178,20 @@ def describe(spec: str, image_size: int, label_column: str | None = DEFAULT_LABE
     gone = [(p, "unreadable") for p, st in zip(paths, stats) if st is None]
     if gone:  # listed a moment ago: something removed them meanwhile
         raise DataError(f"{len(gone)} listed file(s) of {spec} cannot be read, e.g. {gone[0][0]}", gone)
-    return DataRef(spec, int(image_size), paths, np.array([st[0] for st in stats], dtype=np.int64),
-                   source.labels, tuple(source.class_names), fingerprint(list(paths), image_size, stats),
-                   tuple(source.skipped), tuple(source.notes), label_column, path_column, image_root)
+    return DataRef(
+        spec,
+        int(image_size),
+        paths,
+        np.array([st[0] for st in stats], dtype=np.int64),
+        source.labels,
+        tuple(source.class_names),
+        fingerprint(list(paths), image_size, stats),
+        tuple(source.skipped),
+        tuple(source.notes),
+        label_column,
+        path_column,
+        image_root,
+    )
 
 
 def relist(digest: ListingDigest) -> DataRef:
@@ -164,8 +206,10 @@ def relist(digest: ListingDigest) -> DataRef:
     except DataError as exc:  # e.g. the folder is not on this node at all
         raise DataError(f"node {socket.gethostname()} cannot list the driver's data: {exc}", exc.skipped) from None
     if _listing_digest(local) != digest.listing:
-        raise DataError(f"the files of {digest.spec} on node {socket.gethostname()} differ from the driver's listing: "
-                        + _differences(local, digest))
+        raise DataError(
+            f"the files of {digest.spec} on node {socket.gethostname()} differ from the driver's listing: "
+            + _differences(local, digest)
+        )
     return replace(local, key=digest.key)
 
 
@@ -182,10 +226,14 @@ def _differences(local: DataRef, digest: ListingDigest) -> str:
         n_here, digest_here = here.get(group, (0, ""))
         n_there, digest_there = there.get(group, (0, ""))
         if digest_here != digest_there:
-            differing.append(f"{group!r} ({n_here} here, {n_there} at the driver)" if n_here != n_there
-                             else f"{group!r} ({n_here} files each: other names or sizes)")
+            differing.append(
+                f"{group!r} ({n_here} here, {n_there} at the driver)"
+                if n_here != n_there
+                else f"{group!r} ({n_here} files each: other names or sizes)"
+            )
     if not differing:
         return counts + "; the same files, listed in another order"
     more = len(differing) - SHOWN_DIFFERENCES
-    return (f"{counts}; {len(differing)} group(s) differ: {', '.join(differing[:SHOWN_DIFFERENCES])}"
-            + (f" and {more} more" if more > 0 else ""))
+    return f"{counts}; {len(differing)} group(s) differ: {', '.join(differing[:SHOWN_DIFFERENCES])}" + (
+        f" and {more} more" if more > 0 else ""
+    )

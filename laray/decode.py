@@ -4,6 +4,7 @@ Every mode PIL reads becomes RGB (grayscale, palette, alpha composited on white,
 CMYK, 16-bit and float scaled to 8 bits); EXIF orientation is applied; the
 shorter side is resized to the target size and the centre cropped to a square.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,6 @@ from laray.errors import DecodeError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Photos of a few hundred megapixels are legitimate; PIL's bomb check would reject them as a warning-turned-error.
 Image.MAX_IMAGE_PIXELS = 1 << 30
-
-
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

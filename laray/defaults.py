@@ -8,6 +8,7 @@
 its `recipe` (one value for each searched setting), so that the two commands agree. No torch here:
 the choice is made before the CLI pays for that import.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,10 @@ class Choice:
 
     def announcement(self, how_to_choose: str) -> str:
         """The first console line of a run that did not name its settings."""
-        return (f"settings: {self.space} (search_spaces/{self.space}.yaml): {self.reason}; "
-                f"choose others with {how_to_choose}")
+        return (
+            f"settings: {self.space} (search_spaces/{self.space}.yaml): {self.reason}; "
+            f"choose others with {how_to_choose}"
+        )
 
 
 def cuda_available() -> bool:

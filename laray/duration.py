@@ -1,4 +1,5 @@
 """Durations as people write them (--time-budget 6h) and as the console prints them; no ray, no torch here."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,9 @@ def parse_duration(text: str) -> float:
     compact = re.sub(r"\s+", "", str(text)).lower()
     parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", compact)
     if not parts or "".join(n + u for n, u in parts) != compact or sum(float(n) for n, _ in parts) <= 0:
-        raise BudgetError(f"bad time budget {text!r}: give a positive duration with units s, m, h or d "
-                          "(45s, 90m, 6h, 2d, 1h30m)")
+        raise BudgetError(
+            f"bad time budget {text!r}: give a positive duration with units s, m, h or d (45s, 90m, 6h, 2d, 1h30m)"
+        )
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 

@@ -5,6 +5,7 @@ Every failure a user can cause or meet is a LarayError subclass here. The CLI pr
 comes as one line naming its cause. Anything else is a bug and shows its traceback; `--debug` shows it
 for all.
 """
+
 from __future__ import annotations
 
 import errno
@@ -61,5 +62,7 @@ def naming_full_disk(folder: str | Path, what: str):
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise DiskFullError(f"no space left on the device of {folder} while writing {what}; "
-                            "free some space there and run the same command again (earlier files are intact)") from exc
+        raise DiskFullError(
+            f"no space left on the device of {folder} while writing {what}; "
+            "free some space there and run the same command again (earlier files are intact)"
+        ) from exc

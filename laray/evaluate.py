@@ -4,6 +4,7 @@ Purity grows with the number of clusters, so the score that the sweep optimises 
 always computed with K = the number of species, never with the LA clusterings.
 Without labels, the silhouette of the codes under the same k-means stands in.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,15 @@ SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): score a fixed random sample of
 
 
 @torch.no_grad()
-def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_size: int = 256,
-               autocast: bool = False, prefetch: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+def encode_all(
+    encoder: torch.nn.Module,
+    dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    autocast: bool = False,
+    prefetch: int = 3,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Unit codes (N, d) float32 of every image in index order, the encoder in eval mode.
 
     out: the (N, d) float32 tensor to fill, on any device (a memory-mapped file's, or the memory
@@ -44,15 +52,21 @@ def encode_all(encoder: torch.nn.Module, dataset, device: torch.device, batch_si
                     batch = F.normalize(encoder(x).float(), dim=1)
                 if codes is None:
                     codes = torch.empty(len(dataset), batch.shape[1])
-                codes[idx[0]:idx[-1] + 1] = batch.to(codes.device)
+                codes[idx[0] : idx[-1] + 1] = batch.to(codes.device)
     finally:
         encoder.train(was_training)
     return codes
 
 
-def score_codes(codes: torch.Tensor, labels: np.ndarray, n_clusters: int | None = None, seed: int = 0,
-                n_init: int = N_INIT, device: str | torch.device = "cpu",
-                heldout: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+def score_codes(
+    codes: torch.Tensor,
+    labels: np.ndarray,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    n_init: int = N_INIT,
+    device: str | torch.device = "cpu",
+    heldout: np.ndarray | None = None,
+) -> tuple[dict, np.ndarray]:
     """k-means on the codes (K = number of species unless given, best inertia of n_init seeds) -> (scores, assignments).
 
     Labelled data: purity, nmi, ari, acc. Unlabelled (all labels -1): silhouette (cosine).

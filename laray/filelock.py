@@ -1,4 +1,5 @@
 """An exclusive lock on a file: one process at a time does the work the lock guards, the others wait."""
+
 from __future__ import annotations
 
 import fcntl

@@ -8,6 +8,7 @@ training); only the scoring is split: the objective that Optuna and ASHA see is 
 the selection part, and the held-out scores, which no choice was made on, are the estimate
 to report.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -11,6 +11,7 @@ time, with every running trial's last reported checkpoint, and `fit` returns; th
 A second signal stops at once, unless it comes within ECHO_S of the first: `scancel` signals
 every process of a job, and slurm/laray.sbatch forwards its own SIGTERM too.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ memory bank (N, d), B_i the background neighbours, C_i the close neighbours,
 tau the temperature. Both classes are nn.Modules whose state (bank vectors,
 cluster labels, reclustering count) are buffers, so a state_dict checkpoints them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,8 +72,16 @@ class LocalAggregationLoss(nn.Module):
     Calling the loss never changes the bank; gradients flow only through the codes.
     """
 
-    def __init__(self, bank: MemoryBank, temperature: float, k_neighbours: int,
-                 clustering_repeats: int, n_centroids: int, seed: int = 0, kmeans_max_iter: int = 20):
+    def __init__(
+        self,
+        bank: MemoryBank,
+        temperature: float,
+        k_neighbours: int,
+        clustering_repeats: int,
+        n_centroids: int,
+        seed: int = 0,
+        kmeans_max_iter: int = 20,
+    ):
         super().__init__()
         n = len(bank.vectors)
         if not temperature > 0:
@@ -105,8 +114,9 @@ class LocalAggregationLoss(nn.Module):
         t = int(self.n_reclusters)
         for r in range(self.R):
             seed = self.seed * 1_000_003 + t * self.R + r
-            self.cluster_labels[r] = kmeans(self.bank.vectors, self.C, seed=seed, init="random",
-                                           max_iter=self.kmeans_max_iter).labels
+            self.cluster_labels[r] = kmeans(
+                self.bank.vectors, self.C, seed=seed, init="random", max_iter=self.kmeans_max_iter
+            ).labels
         self.n_reclusters += 1
 
     def forward(self, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -144,7 +154,7 @@ class _BackgroundScores(torch.autograd.Function):
         buffer = v.new_empty(b * cols)  # one for every block: see laray.clustering._assign on glibc's heap
         for start in range(0, n, cols):
             width = min(cols, n - start)
-            sims = torch.mm(v, M[start:start + width].T, out=buffer[:b * width].view(b, width))  # (b, width)
+            sims = torch.mm(v, M[start : start + width].T, out=buffer[: b * width].view(b, width))  # (b, width)
             here = ((indices >= start) & (indices < start + width)).nonzero().flatten()
             own[here] = sims[here, indices[here] - start]
             sims[here, indices[here] - start] = float("-inf")  # the neighbours are other entries
@@ -172,9 +182,9 @@ class _BackgroundScores(torch.autograd.Function):
             part = slice(start, min(start + rows, len(B)))
             size = part.stop - start
             if dense:  # the chosen gradients scattered into (rows, N) scores, times M
-                grad = buffer[:size * n].view(size, n).zero_().scatter_(1, B[part], grad_scores[part])
+                grad = buffer[: size * n].view(size, n).zero_().scatter_(1, B[part], grad_scores[part])
                 torch.mm(grad, M, out=grad_v[part])
             else:  # the chosen gradients times the chosen rows of M, (rows, 1+k, d)
-                chosen = torch.index_select(M, 0, B[part].flatten(), out=buffer[:size * per_row].view(-1, d))
+                chosen = torch.index_select(M, 0, B[part].flatten(), out=buffer[: size * per_row].view(-1, d))
                 torch.bmm(grad_scores[part, None, :], chosen.view(size, width, d), out=grad_v[part, None, :])
         return grad_v, None, None, None

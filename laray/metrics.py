@@ -3,12 +3,12 @@
 Labels may be ints or strings, and the number of clusters need not equal the
 number of species.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
 
 LABEL_SCORES = ("purity", "nmi", "ari", "acc")  # against species labels
 SCORE_NAMES = (*LABEL_SCORES, "silhouette")  # silhouette: unlabelled data only
@@ -18,8 +18,9 @@ def contingency(labels_true, labels_pred) -> np.ndarray:
     """Counts (n_clusters, n_species): row = predicted cluster, column = true species."""
     labels_true, labels_pred = np.asarray(labels_true), np.asarray(labels_pred)
     if labels_true.ndim != 1 or labels_true.shape != labels_pred.shape:
-        raise ValueError(f"label arrays must be 1-D and of equal length, got shapes "
-                         f"{labels_true.shape} and {labels_pred.shape}")
+        raise ValueError(
+            f"label arrays must be 1-D and of equal length, got shapes {labels_true.shape} and {labels_pred.shape}"
+        )
     if len(labels_true) == 0:
         raise ValueError("cannot score an empty set of labels")
     _, species = np.unique(labels_true, return_inverse=True)

@@ -6,6 +6,7 @@ into a transposed convolution with swapped channels and every pool into an
 unpool fed with the matching indices (Badrinarayanan et al. 2015, SegNet,
 arXiv:1511.00561).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def _load_pretrained_features(arch: str, pretrained: str) -> dict:
     else:
         raise ConfigError(f"pretrained must be None, 'imagenet' or an existing state_dict file, got {pretrained!r}")
     prefix = "features."
-    features = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    features = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not features:
         raise ConfigError(f"pretrained state_dict {pretrained!r} has no 'features.*' keys: not a torchvision VGG")
     return features
@@ -110,7 +111,9 @@ class DecoderVGG(nn.Module):
         for layer in reversed(encoder.features):
             if isinstance(layer, nn.Conv2d):
                 layers += [
-                    nn.ConvTranspose2d(layer.out_channels, layer.in_channels, layer.kernel_size, layer.stride, layer.padding),
+                    nn.ConvTranspose2d(
+                        layer.out_channels, layer.in_channels, layer.kernel_size, layer.stride, layer.padding
+                    ),
                     nn.BatchNorm2d(layer.in_channels),
                     nn.ReLU(inplace=True),
                 ]
@@ -148,8 +151,9 @@ class EncoderVGGMerged(nn.Module):
     or None (the code map itself).
     """
 
-    def __init__(self, arch: str = "vgg16_bn", pretrained: str | None = None, width: float = 1.0,
-                 merger: str | None = "mean"):
+    def __init__(
+        self, arch: str = "vgg16_bn", pretrained: str | None = None, width: float = 1.0, merger: str | None = "mean"
+    ):
         super().__init__()
         _check_choice("merger", merger, MERGERS)
         self.merger = merger

@@ -5,6 +5,7 @@ module changes no global backend and never opens a window. The cluster montage
 is drawn with numpy and PIL instead, so that every tile sits at a pixel box the
 caller is told about and a test can check what each tile shows.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ ANNOTATE_MAX = 15  # write counts in the contingency cells up to this many rows 
 
 # ---------------------------------------------------------------- matplotlib helpers
 
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)  # attaches itself to fig; no pyplot, so no figure is ever left open
@@ -49,6 +51,7 @@ def _message_png(path, text: str) -> Path:
 
 # ---------------------------------------------------------------- sweep charts
 
+
 def _use_log(x: np.ndarray) -> bool:
     """Log axis when all values are positive and span more than LOG_SPAN (temperature, k)."""
     return len(x) > 0 and bool(np.all(x > 0)) and x.max() / x.min() > LOG_SPAN
@@ -67,8 +70,11 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
         raise ValueError(f"trials have no column(s) {missing}; columns are {list(trials.columns)}")
     y_all = pd.to_numeric(trials[objective], errors="coerce").to_numpy(dtype=float)
     finished = np.isfinite(y_all)
-    stopped_all = (trials["stopped_early"].fillna(False).to_numpy(dtype=bool) if "stopped_early" in trials
-                   else np.zeros(len(trials), dtype=bool))
+    stopped_all = (
+        trials["stopped_early"].fillna(False).to_numpy(dtype=bool)
+        if "stopped_early" in trials
+        else np.zeros(len(trials), dtype=bool)
+    )
     panels = []  # (name, x, y, stopped, numeric) for each parameter
     for name in params:
         col = trials[name]
@@ -90,8 +96,9 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
         if len(x):
             ax.scatter(x[~stopped], y[~stopped], s=18, alpha=0.7, label="ran every epoch")
             if stopped.any():
-                ax.scatter(x[stopped], y[stopped], s=18, facecolors="none", edgecolors="grey",
-                           label="stopped early by ASHA")
+                ax.scatter(
+                    x[stopped], y[stopped], s=18, facecolors="none", edgecolors="grey", label="stopped early by ASHA"
+                )
         else:
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
         if numeric and _use_log(x):
@@ -99,13 +106,16 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
         ax.set_xlabel(name)
         ax.set_ylabel(objective)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if (finished & stopped_all).any():
         axes[0].legend(fontsize=7, loc="best")
     n, n_stopped = int(finished.sum()), int((finished & stopped_all).sum())
-    fig.suptitle(f"{objective} against each hyperparameter ({n} trial{'s' * (n != 1)} with a score"
-                 + (f", {n_stopped} stopped early: hollow" if n_stopped else "") + ")")
+    fig.suptitle(
+        f"{objective} against each hyperparameter ({n} trial{'s' * (n != 1)} with a score"
+        + (f", {n_stopped} stopped early: hollow" if n_stopped else "")
+        + ")"
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -126,15 +136,35 @@ def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) ->
     held = f"heldout_{objective}"
     for rank, group in runs.groupby("rank"):
         values = group[objective].to_numpy(dtype=float)
-        ax.scatter(np.full(len(values), rank - 0.08), values, s=22, color="C0", alpha=0.8,
-                   label="selection part, one seed" if rank == 1 else None)
+        ax.scatter(
+            np.full(len(values), rank - 0.08),
+            values,
+            s=22,
+            color="C0",
+            alpha=0.8,
+            label="selection part, one seed" if rank == 1 else None,
+        )
         interval = interval95(values)
         if interval is not None:
-            ax.errorbar(rank - 0.08, values.mean(), yerr=[[values.mean() - interval[0]], [interval[1] - values.mean()]],
-                        color="C0", capsize=4, fmt="_", markersize=14, label="mean, 95 % interval" if rank == 1 else None)
+            ax.errorbar(
+                rank - 0.08,
+                values.mean(),
+                yerr=[[values.mean() - interval[0]], [interval[1] - values.mean()]],
+                color="C0",
+                capsize=4,
+                fmt="_",
+                markersize=14,
+                label="mean, 95 % interval" if rank == 1 else None,
+            )
         if held in group and group[held].notna().any():
-            ax.scatter(np.full(len(group), rank + 0.08), group[held].to_numpy(dtype=float), s=22, marker="x",
-                       color="C2", label="held-out part" if rank == 1 else None)
+            ax.scatter(
+                np.full(len(group), rank + 0.08),
+                group[held].to_numpy(dtype=float),
+                s=22,
+                marker="x",
+                color="C2",
+                label="held-out part" if rank == 1 else None,
+            )
     for i, (label, base) in enumerate(baselines.items()):
         value = base.get(f"{objective}_mean", base.get(objective))
         if value is not None:
@@ -201,6 +231,7 @@ def plot_importances(importances: dict[str, float], path) -> Path:
 
 # ---------------------------------------------------------------- contingency heatmap
 
+
 def _order_clusters(table: np.ndarray) -> np.ndarray:
     """Column order: by the row of each cluster's majority species, then larger clusters first."""
     majority = table.argmax(axis=0)
@@ -219,8 +250,10 @@ def plot_contingency(labels_true, clusters, path, max_species: int = 40) -> Path
     if len(species) > max_species:
         # the most frequent species; ties go to the earlier name; rows stay in name order
         keep = np.sort(np.argsort(-table.sum(axis=1), kind="stable")[:max_species])
-        title = (f"Species by cluster: the {max_species} most frequent of {len(species)} species "
-                 f"({int(table[keep].sum())} of {len(labels_true)} images)")
+        title = (
+            f"Species by cluster: the {max_species} most frequent of {len(species)} species "
+            f"({int(table[keep].sum())} of {len(labels_true)} images)"
+        )
         table, species = table[keep], species[keep]
         used = table.sum(axis=0) > 0  # clusters holding only dropped species would be empty columns
         table, cluster_ids = table[:, used], cluster_ids[used]
@@ -234,13 +267,19 @@ def plot_contingency(labels_true, clusters, path, max_species: int = 40) -> Path
     fig.colorbar(im, ax=ax, label="images", ticks=MaxNLocator(integer=True))  # counts are whole
     small = 7 if max(n_rows, n_cols) > 30 else 9
     ax.set_yticks(range(n_rows), [str(s) for s in species], fontsize=small)
-    ax.set_xticks(range(n_cols), [str(c) for c in cluster_ids], fontsize=small,
-                  rotation=90 if n_cols > 15 else 0)
+    ax.set_xticks(range(n_cols), [str(c) for c in cluster_ids], fontsize=small, rotation=90 if n_cols > 15 else 0)
     if n_rows <= ANNOTATE_MAX and n_cols <= ANNOTATE_MAX:
         bright = table.max() / 2
         for i, j in zip(*np.nonzero(table)):  # zeros stay blank so the populated cells stand out
-            ax.text(j, i, str(table[i, j]), ha="center", va="center", fontsize=8,
-                    color="black" if table[i, j] > bright else "white")
+            ax.text(
+                j,
+                i,
+                str(table[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if table[i, j] > bright else "white",
+            )
     ax.set_xlabel("cluster")
     ax.set_ylabel("species")
     ax.set_title(title)
@@ -261,6 +300,7 @@ class Montage:
     indices[c][i] is the image shown by tile i of cluster c, boxes[c][i] its
     (x0, y0, x1, y1) pixel box in the PNG, ends exclusive.
     """
+
     path: Path
     indices: dict[int, list[int]]
     boxes: dict[int, list[tuple[int, int, int, int]]]
@@ -271,7 +311,7 @@ def _square_tile(image: np.ndarray, tile: int) -> Image.Image:
     h, w = image.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    crop = np.ascontiguousarray(image[top:top + s, left:left + s])
+    crop = np.ascontiguousarray(image[top : top + s, left : left + s])
     return Image.fromarray(crop, mode="RGB").resize((tile, tile), Image.BILINEAR)
 
 
@@ -284,9 +324,16 @@ def _fit(text: str, font, width: int) -> str:
     return text + ".."
 
 
-def cluster_montage(images: np.ndarray, clusters: np.ndarray, path, species: np.ndarray | None = None,
-                    per_cluster: int = 8, max_clusters: int | None = None, tile: int = 64,
-                    seed: int = 0) -> Montage:
+def cluster_montage(
+    images: np.ndarray,
+    clusters: np.ndarray,
+    path,
+    species: np.ndarray | None = None,
+    per_cluster: int = 8,
+    max_clusters: int | None = None,
+    tile: int = 64,
+    seed: int = 0,
+) -> Montage:
     """One row per cluster, largest first: a label, then a seeded sample of its images."""
     clusters = np.asarray(clusters)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -346,7 +393,6 @@ def cluster_montage(images: np.ndarray, clusters: np.ndarray, path, species: np.
             canvas.paste(_square_tile(images[i], tile), (x0, y0))
             boxes[c].append((x0, y0, x0 + tile, y0 + tile))
             if species is not None:  # in the strip below the tile, never on the image itself
-                draw.text((x0, y0 + tile + TEXT_GAP - top), _fit(str(species[i]), font, tile),
-                          fill="black", font=font)
+                draw.text((x0, y0 + tile + TEXT_GAP - top), _fit(str(species[i]), font, tile), fill="black", font=font)
     canvas.save(path, format="PNG")
     return Montage(path, indices, boxes)

@@ -11,13 +11,13 @@ the consumer's thread, so training is bit-identical to reading in the loop.
         for indices, images in feed:
             x = model_batch(images, device)      # laray.data: to the device, normalised
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 
 import torch
-
 
 _END = object()  # the reader's last item: every batch has been delivered
 

@@ -4,6 +4,7 @@ A Ray Tune callback on the driver. The estimate ("up to ~X left") counts every u
 its last epoch, at the median seconds per epoch seen so far, with as many trials at once as the
 concurrency limit allows: ASHA stopping trials early makes the real rest shorter, slower epochs longer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -130,9 +131,13 @@ class SweepProgress(tune.Callback):
         def count(state, test=lambda t: True):
             return sum(status[t.trial_id] == state and test(t) for t in trials)
 
-        counts = {"running": count("RUNNING"), "done": count("TERMINATED", lambda t: self._epoch(t) >= self.epochs),
-                  "stopped early": count("TERMINATED", lambda t: self._epoch(t) < self.epochs),
-                  "failed": count("ERROR"), "waiting": max(0, self.n_trials - len(trials)) + count("PENDING")}
+        counts = {
+            "running": count("RUNNING"),
+            "done": count("TERMINATED", lambda t: self._epoch(t) >= self.epochs),
+            "stopped early": count("TERMINATED", lambda t: self._epoch(t) < self.epochs),
+            "failed": count("ERROR"),
+            "waiting": max(0, self.n_trials - len(trials)) + count("PENDING"),
+        }
         total = max(self.n_trials, len(trials))
         text = f"{len(ended)}/{total} trials ended ({', '.join(f'{n} {k}' for k, n in counts.items() if n)})"
         if self.epoch_s:
@@ -149,8 +154,11 @@ class SweepProgress(tune.Callback):
         left = left_s(self.budget_of)
         if left is None:
             return ""
-        return "; time budget spent: no new trials" if ended_search(self.budget_of) or left <= 0 else \
-            f"; time budget {duration(left)} left"
+        return (
+            "; time budget spent: no new trials"
+            if ended_search(self.budget_of) or left <= 0
+            else f"; time budget {duration(left)} left"
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(f"trial {trial.trial_id} started; {self._state(trials)}")
@@ -177,8 +185,13 @@ class SweepProgress(tune.Callback):
             if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.announced:
                 self.announced.add(t.trial_id)
                 epoch = self._epoch(t)
-                how = ("FAILED (its error.txt says why)" if t.status == "ERROR" else "finished" if epoch >= self.epochs
-                       else f"stopped by {self._stopper(t.trial_id)} after {epoch}/{self.epochs} epochs")
+                how = (
+                    "FAILED (its error.txt says why)"
+                    if t.status == "ERROR"
+                    else "finished"
+                    if epoch >= self.epochs
+                    else f"stopped by {self._stopper(t.trial_id)} after {epoch}/{self.epochs} epochs"
+                )
                 self._say(f"trial {t.trial_id} {how}; {self._state(trials)}")
 
     def _stopper(self, trial_id: str) -> str:

@@ -1,16 +1,17 @@
 """`laray analyze`: the tables, pictures and report.md of a sweep, built on laray.analysis and laray.plots.
 
-    OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters, purity, nmi, ari, acc
-                          (on the selection part; heldout_purity... on the held-out part), purity at 2x and 5x
-                          the species count, epochs run, stopped_early (ASHA), time, whether it beats each baseline
-    OUT/confirmed.csv     one row per confirmed configuration and seed: rank, hyperparameters, seed, scores,
-                          and the baselines of that seed
-    OUT/baselines.csv     k-means on raw pixels and on the auto-encoder's codes (and ImageNet VGG codes if given)
-    OUT/per_species.csv   the best trial's clusters, species by species
-    OUT/*.png             objective vs each hyperparameter, optimisation history, parameter importances,
-                          species x clusters contingency heatmap, cluster montage of the best trial
-    OUT/report.md         ties them together
+OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters, purity, nmi, ari, acc
+                      (on the selection part; heldout_purity... on the held-out part), purity at 2x and 5x
+                      the species count, epochs run, stopped_early (ASHA), time, whether it beats each baseline
+OUT/confirmed.csv     one row per confirmed configuration and seed: rank, hyperparameters, seed, scores,
+                      and the baselines of that seed
+OUT/baselines.csv     k-means on raw pixels and on the auto-encoder's codes (and ImageNet VGG codes if given)
+OUT/per_species.csv   the best trial's clusters, species by species
+OUT/*.png             objective vs each hyperparameter, optimisation history, parameter importances,
+                      species x clusters contingency heatmap, cluster montage of the best trial
+OUT/report.md         ties them together
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,16 @@ import pandas as pd
 
 from laray import analysis, plots
 
-BASELINE_NAMES = {"raw_pixels": "k-means on raw pixels", "autoencoder": "k-means on the auto-encoder's codes",
-                  "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes"}
+BASELINE_NAMES = {
+    "raw_pixels": "k-means on raw pixels",
+    "autoencoder": "k-means on the auto-encoder's codes",
+    "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes",
+}
 FEW_TRIALS = 20  # below this many finished trials, parameter importances are mostly noise
-NO_LABELS = ("The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
-             "compared by the silhouette of their codes instead.")
+NO_LABELS = (
+    "The data set has no species labels: purity, NMI, ARI and accuracy need them, so trials are "
+    "compared by the silhouette of their codes instead."
+)
 
 
 def baseline_names(ae_epochs: int) -> dict:
@@ -35,7 +41,9 @@ def baseline_names(ae_epochs: int) -> dict:
 
     With no stage-1 epochs (the CPU photo settings), LA starts from a randomly initialised encoder.
     """
-    return BASELINE_NAMES if ae_epochs else {**BASELINE_NAMES, "autoencoder": "k-means on the untrained encoder's codes"}
+    return (
+        BASELINE_NAMES if ae_epochs else {**BASELINE_NAMES, "autoencoder": "k-means on the untrained encoder's codes"}
+    )
 
 
 def relabel(assignments: pd.DataFrame, spec: str, label_column: str, image_root: str | None = None) -> pd.DataFrame:
@@ -62,10 +70,12 @@ def _imagenet_baseline(dataset, weights: str, seed: int) -> dict:
 
 def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
     """A pandas frame as a GitHub table, without the optional tabulate dependency."""
+
     def cell(v):
         if isinstance(v, float):
             return "" if math.isnan(v) else floats.format(v)
         return str(v)
+
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
@@ -95,13 +105,23 @@ class Scored:
 
     @property
     def best(self) -> analysis.Trial | None:
-        return analysis.best_trial(self.trials, self.table, self.objective, self.mode) \
-            if self.objective in self.table else None
+        return (
+            analysis.best_trial(self.trials, self.table, self.objective, self.mode)
+            if self.objective in self.table
+            else None
+        )
 
 
-def score(experiment: str | Path, out: str | Path, label_column: str | None = None, objective: str = "purity",
-          mode: str = "max", imagenet_weights: str | None = None, cache_dir: str | None = None,
-          seed: int = 0) -> Scored:
+def score(
+    experiment: str | Path,
+    out: str | Path,
+    label_column: str | None = None,
+    objective: str = "purity",
+    mode: str = "max",
+    imagenet_weights: str | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> Scored:
     """Score every trial and the baselines; writes trials.csv and baselines.csv into `out`."""
     experiment, out = Path(experiment), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,8 +145,9 @@ def score(experiment: str | Path, out: str | Path, label_column: str | None = No
         from laray.evaluate import score_codes
         from laray.run import raw_pixel_codes
 
-        labels = pd.factorize(relabel(pd.DataFrame({"path": dataset.paths, "label": ""}), spec, label_column)
-                              ["label"].replace("", np.nan))[0]
+        labels = pd.factorize(
+            relabel(pd.DataFrame({"path": dataset.paths, "label": ""}), spec, label_column)["label"].replace("", np.nan)
+        )[0]
         baselines = {"raw_pixels": score_codes(raw_pixel_codes(dataset), labels, seed=seed)[0]}
     if imagenet_weights and dataset is not None and has_labels:
         baselines["imagenet_vgg16_bn"] = _imagenet_baseline(dataset, imagenet_weights, seed)
@@ -138,8 +159,9 @@ def score(experiment: str | Path, out: str | Path, label_column: str | None = No
     notes = [] if has_labels else [NO_LABELS]
     if not scored_trials:
         notes.append("No trial has finished an LA epoch yet: scores appear as trials report.")
-    confirmed = analysis.confirmed_table(experiment, objective, mode) if has_labels and label_column is None \
-        else pd.DataFrame()
+    confirmed = (
+        analysis.confirmed_table(experiment, objective, mode) if has_labels and label_column is None else pd.DataFrame()
+    )
     if len(confirmed):
         confirmed.to_csv(out / "confirmed.csv", index=False)
     summary_path = experiment / "best.json"
@@ -182,8 +204,10 @@ def _margin_over_raw_pixels(winner_runs: pd.DataFrame) -> dict:
     names = [c.removeprefix("raw_pixels_") for c in rows if c.startswith("raw_pixels_")]
     names = [n for n in names if n in rows]
     seeds = rows["seed"].tolist()
-    return margin_over({"seeds": seeds, **{n: rows[n].tolist() for n in names}},
-                       {"seeds": seeds, **{n: rows[f"raw_pixels_{n}"].tolist() for n in names}})
+    return margin_over(
+        {"seeds": seeds, **{n: rows[n].tolist() for n in names}},
+        {"seeds": seeds, **{n: rows[f"raw_pixels_{n}"].tolist() for n in names}},
+    )
 
 
 def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[str]:
@@ -194,14 +218,22 @@ def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[
     if scored.has_labels:
         analysis.per_species_table(best.assignments).to_csv(out / "per_species.csv", index=False)
         known = best.assignments[best.assignments["label"].astype(str) != ""]
-        plots.plot_contingency(known["label"].astype(str).to_numpy(), known["cluster"].to_numpy(),
-                               out / "contingency.png")
+        plots.plot_contingency(
+            known["label"].astype(str).to_numpy(), known["cluster"].to_numpy(), out / "contingency.png"
+        )
     return _montage(best, scored.dataset, out, seed)
 
 
-def analyze(experiment: str | Path, out: str | Path | None = None, label_column: str | None = None,
-            objective: str = "purity", mode: str = "max", imagenet_weights: str | None = None,
-            cache_dir: str | None = None, seed: int = 0) -> Path:
+def analyze(
+    experiment: str | Path,
+    out: str | Path | None = None,
+    label_column: str | None = None,
+    objective: str = "purity",
+    mode: str = "max",
+    imagenet_weights: str | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Write the whole analysis of `experiment` into `out` (default: EXPERIMENT/analysis); returns report.md."""
     out = Path(out) if out is not None else Path(experiment) / "analysis"
     scored = score(experiment, out, label_column, objective, mode, imagenet_weights, cache_dir, seed)
@@ -239,43 +271,79 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
     experiment, table, baselines, best = scored.experiment, scored.table, scored.baselines, scored.best
     objective, mode, has_labels = scored.objective, scored.mode, scored.has_labels
     counts = table["status"].value_counts().to_dict()
-    lines = [f"# Sweep report: {experiment.name}", "",
-             f"{len(table)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), "
-             f"objective **{objective}** ({mode}).", ""]
+    lines = [
+        f"# Sweep report: {experiment.name}",
+        "",
+        f"{len(table)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), "
+        f"objective **{objective}** ({mode}).",
+        "",
+    ]
     holdout = scored.summary.get("holdout")
     if holdout and has_labels:
-        lines += [f"Scores are on the selection part: {holdout:.0%} of each species' images is held out, never "
-                  f"selected on, and scored apart (heldout_...): the estimate to report.", ""]
+        lines += [
+            f"Scores are on the selection part: {holdout:.0%} of each species' images is held out, never "
+            f"selected on, and scored apart (heldout_...): the estimate to report.",
+            "",
+        ]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     lines += _confirmed_section(scored)
     if best is not None:
         row = table[table["trial_id"] == best.trial_id].iloc[0]
-        lines += ["## Best trial of the search (one seed)", "",
-                  f"`{best.trial_id}` ({best.status}), folder `{best.folder.name}`", "",
-                  "| hyperparameter | value |", "| --- | --- |"]
-        lines += [f"| {p} | {row[p]:.4g} |" if isinstance(row[p], float) else f"| {p} | {row[p]} |"
-                  for p in analysis.PARAMS if p in row]
+        lines += [
+            "## Best trial of the search (one seed)",
+            "",
+            f"`{best.trial_id}` ({best.status}), folder `{best.folder.name}`",
+            "",
+            "| hyperparameter | value |",
+            "| --- | --- |",
+        ]
+        lines += [
+            f"| {p} | {row[p]:.4g} |" if isinstance(row[p], float) else f"| {p} | {row[p]} |"
+            for p in analysis.PARAMS
+            if p in row
+        ]
         scores = [s for s in (*analysis.SCORES, "silhouette") if s in row and not pd.isna(row[s])]
-        lines += ["", "| | " + " | ".join(scores) + " |", "|" + " --- |" * (len(scores) + 1),
-                  "| best trial | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |"]
+        lines += [
+            "",
+            "| | " + " | ".join(scores) + " |",
+            "|" + " --- |" * (len(scores) + 1),
+            "| best trial | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |",
+        ]
         for name, base in baselines.items():
-            lines.append(f"| {scored.baseline_names.get(name, name)} | " + " | ".join(
-                f"{base[s]:.3f}" if s in base else "" for s in scores) + " |")
+            lines.append(
+                f"| {scored.baseline_names.get(name, name)} | "
+                + " | ".join(f"{base[s]:.3f}" if s in base else "" for s in scores)
+                + " |"
+            )
         beats = [scored.baseline_names.get(n, n) for n in baselines if row.get(f"beats_{n}")]
-        lines += ["", f"It beats {', '.join(beats) if beats else 'no baseline'} on {objective}."
-                  if baselines else "No baselines were recorded.", ""]
+        lines += [
+            "",
+            f"It beats {', '.join(beats) if beats else 'no baseline'} on {objective}."
+            if baselines
+            else "No baselines were recorded.",
+            "",
+        ]
         if has_labels and {"purity_k2x", "purity_k5x"} <= set(row.index):
-            lines += [f"Purity grows with the number of clusters: {row['purity']:.3f} at K = species, "
-                      f"{row['purity_k2x']:.3f} at 2x, {row['purity_k5x']:.3f} at 5x (k-means on its codes).", ""]
+            lines += [
+                f"Purity grows with the number of clusters: {row['purity']:.3f} at K = species, "
+                f"{row['purity_k2x']:.3f} at 2x, {row['purity_k5x']:.3f} at 5x (k-means on its codes).",
+                "",
+            ]
     lines += ["## All trials", "", _markdown(table.drop(columns=["error"], errors="ignore")), ""]
     errored = table[table["status"] == "ERROR"]
     if len(errored):
-        lines += ["## Errored trials", ""] + [f"- `{r.trial_id}`: {r.error or 'no error message'}"
-                                             for r in errored.itertuples()] + [""]
-    pictures = [("Objective against each hyperparameter", "objective_vs_params.png"),
-                ("Optimisation history (Optuna)", "history.png"), ("Parameter importances (Optuna)", "importances.png"),
-                ("Species x clusters, best trial of the search", "contingency.png"),
-                ("Cluster montage, best trial of the search", "montage.png")]
+        lines += (
+            ["## Errored trials", ""]
+            + [f"- `{r.trial_id}`: {r.error or 'no error message'}" for r in errored.itertuples()]
+            + [""]
+        )
+    pictures = [
+        ("Objective against each hyperparameter", "objective_vs_params.png"),
+        ("Optimisation history (Optuna)", "history.png"),
+        ("Parameter importances (Optuna)", "importances.png"),
+        ("Species x clusters, best trial of the search", "contingency.png"),
+        ("Cluster montage, best trial of the search", "montage.png"),
+    ]
     for title, name in pictures:
         if (out / name).exists():
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
@@ -283,8 +351,11 @@ def _write_report(out: Path, scored: Scored, importances: dict, notes: list[str]
         lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
         finished = int(table[objective].notna().sum()) if objective in table else 0
         if finished < FEW_TRIALS:
-            lines += [f"> These importances rest on {finished} finished trials, fewer than {FEW_TRIALS}: "
-                      "read them as a hint, not a finding.", ""]
+            lines += [
+                f"> These importances rest on {finished} finished trials, fewer than {FEW_TRIALS}: "
+                "read them as a hint, not a finding.",
+                "",
+            ]
     (out / "report.md").write_text("\n".join(lines))
 
 
@@ -305,42 +376,66 @@ def _confirmed_section(scored: Scored) -> list[str]:
 
     _, group, winner = entries[0]
     config = group.iloc[0]
-    lines = ["## Confirmed winner", "",
-             f"The search's {len(entries)} best configurations, each re-run with {len(seeds)} fresh seeds "
-             f"({', '.join(map(str, seeds))}; both stages seeded), ranked by their mean {objective}. "
-             f"Intervals are Student's t 95 % intervals of the mean over seeds.", "",
-             "| hyperparameter | value |", "| --- | --- |"]
-    lines += [f"| {p} | {config[p]:.4g} |" if isinstance(config[p], float) else f"| {p} | {config[p]} |"
-              for p in analysis.PARAMS if p in config and not pd.isna(config[p])]
-    lines += ["", f"| | mean {objective} | sd | 95 % interval | held-out {objective} (mean) |",
-              "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Confirmed winner",
+        "",
+        f"The search's {len(entries)} best configurations, each re-run with {len(seeds)} fresh seeds "
+        f"({', '.join(map(str, seeds))}; both stages seeded), ranked by their mean {objective}. "
+        f"Intervals are Student's t 95 % intervals of the mean over seeds.",
+        "",
+        "| hyperparameter | value |",
+        "| --- | --- |",
+    ]
+    lines += [
+        f"| {p} | {config[p]:.4g} |" if isinstance(config[p], float) else f"| {p} | {config[p]} |"
+        for p in analysis.PARAMS
+        if p in config and not pd.isna(config[p])
+    ]
+    lines += [
+        "",
+        f"| | mean {objective} | sd | 95 % interval | held-out {objective} (mean) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
 
     def line(label, summary):
         held_mean = summary.get(f"{held}_mean")
-        return (f"| {label} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
-                f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |")
+        return (
+            f"| {label} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
+            f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |"
+        )
 
     lines.append(line("**LA, confirmed winner**", winner))
     for name, base in _confirmed_baselines(scored).items():
         if f"{objective}_mean" in base:
             lines.append(line(name + " (same seeds)", base))
     if winner.get(f"{held}_mean") is not None:
-        lines += ["", f"The held-out {objective}, {winner[f'{held}_mean']:.3f}, is the figure to report: the selection "
-                  f"{objective} was used to choose this configuration, so it is optimistic."]
+        lines += [
+            "",
+            f"The held-out {objective}, {winner[f'{held}_mean']:.3f}, is the figure to report: the selection "
+            f"{objective} was used to choose this configuration, so it is optimistic.",
+        ]
     margin = _margin_over_raw_pixels(group)
     if margin["seeds"]:
         from laray.confirm import describe_margin
 
         text = describe_margin(margin, objective)
         lines += ["", text[0].upper() + text[1:] + "."]
-    lines += ["", "All confirmed configurations:", "",
-              "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
-              "|" + " --- |" * (len(analysis.PARAMS) + 5)]
+    lines += [
+        "",
+        "All confirmed configurations:",
+        "",
+        "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
+        "|" + " --- |" * (len(analysis.PARAMS) + 5),
+    ]
     for rank, group, summary in entries:
         first = group.iloc[0]
-        values = " | ".join(f"{first[p]:.4g}" if isinstance(first[p], float) else str(first[p]) for p in analysis.PARAMS)
+        values = " | ".join(
+            f"{first[p]:.4g}" if isinstance(first[p], float) else str(first[p]) for p in analysis.PARAMS
+        )
         held_mean = summary.get(f"{held}_mean")
-        lines.append(f"| {rank} | {values} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
-                     f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |")
+        lines.append(
+            f"| {rank} | {values} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "
+            f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |"
+        )
     lines += ["", "![Confirmed configurations over seeds](confirmed.png)", ""]
     return lines

@@ -10,6 +10,7 @@ Every file is written to a temporary file and renamed: a kill or a full disk lea
 
 `laray train` calls `train_run`; the sweep's trainable calls it too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +49,14 @@ def raw_pixel_codes(dataset: ImageDataset) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def write_assignments(path: Path, dataset: ImageDataset, clusters: np.ndarray, heldout: np.ndarray | None = None) -> None:
+def write_assignments(
+    path: Path, dataset: ImageDataset, clusters: np.ndarray, heldout: np.ndarray | None = None
+) -> None:
     """One row per image; with a held-out split, a `heldout` column says which part scores it."""
     names = np.array(dataset.class_names + [""], dtype=object)  # label -1 -> ""
-    frame = pd.DataFrame({"idx": np.arange(len(dataset)), "path": dataset.paths,
-                          "label": names[dataset.labels], "cluster": clusters})
+    frame = pd.DataFrame(
+        {"idx": np.arange(len(dataset)), "path": dataset.paths, "label": names[dataset.labels], "cluster": clusters}
+    )
     if heldout is not None:
         frame["heldout"] = heldout
     write_atomic(path, lambda file: frame.to_csv(file, index=False))
@@ -115,6 +119,7 @@ class Stage1:
 
     A sweep trains it once (a Ray task) and hands it to every trial through Ray's object store.
     """
+
     key: str  # the store key: data fingerprint, stage-1 settings and seed
     encoder_state: dict
     history: list
@@ -124,19 +129,34 @@ class Stage1:
 
 
 def encoder_part(ae_state: dict) -> dict:
-    return {k[len("encoder."):]: v for k, v in ae_state.items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v for k, v in ae_state.items() if k.startswith("encoder.")}
 
 
-def train_autoencoder(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, seed: int, device, checkpoint: Path | None,
-                      callback: Callback | None = None, progress: bool = True) -> tuple[dict, list]:
+def train_autoencoder(
+    dataset: ImageDataset,
+    ae_cfg: AutoEncoderConfig,
+    seed: int,
+    device,
+    checkpoint: Path | None,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> tuple[dict, list]:
     """Stage 1, resuming from `checkpoint` when it exists: (state_dict on the CPU, history)."""
-    model, history = pretrain_autoencoder(dataset, ae_cfg, seed, device, checkpoint=checkpoint, resume=True,
-                                          callback=callback, progress=progress)
+    model, history = pretrain_autoencoder(
+        dataset, ae_cfg, seed, device, checkpoint=checkpoint, resume=True, callback=callback, progress=progress
+    )
     return {k: v.cpu() for k, v in model.state_dict().items()}, history
 
 
-def compute_baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, merger: str, seed: int,
-                      device, holdout: tuple[float, int] = NO_HOLDOUT) -> dict:
+def compute_baselines(
+    dataset: ImageDataset,
+    encoder_state: dict,
+    ae_cfg: AutoEncoderConfig,
+    merger: str,
+    seed: int,
+    device,
+    holdout: tuple[float, int] = NO_HOLDOUT,
+) -> dict:
     """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
 
     holdout: (fraction, seed) of laray.holdout, so that the baselines are scored on the same parts as the trials.
@@ -146,27 +166,44 @@ def compute_baselines(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEn
     ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
     ae_encoder.encoder.load_state_dict(encoder_state)
     return {
-        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device,
-                                  heldout=heldout)[0],
-        "autoencoder": score_codes(encode_all(ae_encoder.to(device), dataset, device), dataset.labels, seed=seed,
-                                   device=device, heldout=heldout)[0],
+        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device, heldout=heldout)[
+            0
+        ],
+        "autoencoder": score_codes(
+            encode_all(ae_encoder.to(device), dataset, device),
+            dataset.labels,
+            seed=seed,
+            device=device,
+            heldout=heldout,
+        )[0],
     }
 
 
-def baselines_path(store_dir: Path, key: str, merger: str, labels_key: str,
-                   holdout: tuple[float, int] = NO_HOLDOUT) -> Path:
+def baselines_path(
+    store_dir: Path, key: str, merger: str, labels_key: str, holdout: tuple[float, int] = NO_HOLDOUT
+) -> Path:
     """Baselines are kept beside the stored auto-encoder they score, per merger, label set and held-out split."""
     return Path(store_dir) / key / f"baselines_{merger}_{labels_key}_{split_tag(*holdout)}.json"
 
 
-def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, seed: int, device,
-                  store_dir: str | os.PathLike, callback: Callback | None = None, progress: bool = True,
-                  holdout: tuple[float, int] = NO_HOLDOUT) -> Stage1:
+def stored_stage1(
+    dataset: ImageDataset,
+    ae_cfg: AutoEncoderConfig,
+    mergers,
+    seed: int,
+    device,
+    store_dir: str | os.PathLike,
+    callback: Callback | None = None,
+    progress: bool = True,
+    holdout: tuple[float, int] = NO_HOLDOUT,
+) -> Stage1:
     """Stage 1 and its baselines from the store, trained there first when absent (by one process at a time)."""
     key = store_key(dataset.fingerprint, ae_cfg, seed)
     ae_state, history, trained = get_or_train(
-        store_dir, key, lambda checkpoint: train_autoencoder(dataset, ae_cfg, seed, device, checkpoint, callback,
-                                                             progress))
+        store_dir,
+        key,
+        lambda checkpoint: train_autoencoder(dataset, ae_cfg, seed, device, checkpoint, callback, progress),
+    )
     encoder_state = encoder_part(ae_state)
     baselines = {}
     for merger in mergers:
@@ -180,9 +217,19 @@ def stored_stage1(dataset: ImageDataset, ae_cfg: AutoEncoderConfig, mergers, see
     return Stage1(key, encoder_state, history, baselines, trained, "trained" if trained else "store")
 
 
-def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoderConfig, la_cfg: LAConfig,
-              seed: int = 0, device="auto", resume: bool = False, store_dir: str | os.PathLike | None = None,
-              callback: Callback | None = None, progress: bool = True, stage1: Stage1 | None = None) -> dict:
+def train_run(
+    dataset: ImageDataset,
+    out: str | os.PathLike,
+    ae_cfg: AutoEncoderConfig,
+    la_cfg: LAConfig,
+    seed: int = 0,
+    device="auto",
+    resume: bool = False,
+    store_dir: str | os.PathLike | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    stage1: Stage1 | None = None,
+) -> dict:
     """Stage 1 (given, or reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
     device = resolve_device(device)  # a device this machine lacks fails before anything is created
     out = Path(out)
@@ -193,8 +240,17 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
     la_cfg.check_data_size(len(dataset))
     if stage1 is None:
         store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
-        stage1 = stored_stage1(dataset, ae_cfg, [la_cfg.merger], seed, device, store_dir, callback, progress,
-                               (la_cfg.holdout, la_cfg.holdout_seed))
+        stage1 = stored_stage1(
+            dataset,
+            ae_cfg,
+            [la_cfg.merger],
+            seed,
+            device,
+            store_dir,
+            callback,
+            progress,
+            (la_cfg.holdout, la_cfg.holdout_seed),
+        )
     baselines = stage1.baselines[la_cfg.merger]
     heldout = holdout_mask(dataset.labels, la_cfg.holdout, la_cfg.holdout_seed)
 
@@ -208,7 +264,11 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
             "data": dataset.spec,
             "seed": seed,
             "device": str(device),
-            "autoencoder": {"key": stage1.key, "source": stage1.source, "trained_in_this_run": stage1.trained_in_this_run},
+            "autoencoder": {
+                "key": stage1.key,
+                "source": stage1.source,
+                "trained_in_this_run": stage1.trained_in_this_run,
+            },
             "config": {"autoencoder": dataclasses.asdict(ae_cfg), "la": dataclasses.asdict(la_cfg)},
         }
 
@@ -227,12 +287,24 @@ def train_run(dataset: ImageDataset, out: str | os.PathLike, ae_cfg: AutoEncoder
 
     codes_file = CodesFile(out / "codes.npy")
     try:
-        result = finetune_la(dataset, stage1.encoder_state, ae_cfg, la_cfg, seed, device,
-                             checkpoint=out / "checkpoints" / "la.ckpt", resume=resume, callback=callback,
-                             progress=progress, on_evaluated=write_outputs, codes_buffer=codes_file.new)
+        result = finetune_la(
+            dataset,
+            stage1.encoder_state,
+            ae_cfg,
+            la_cfg,
+            seed,
+            device,
+            checkpoint=out / "checkpoints" / "la.ckpt",
+            resume=resume,
+            callback=callback,
+            progress=progress,
+            on_evaluated=write_outputs,
+            codes_buffer=codes_file.new,
+        )
         if not result.history:  # zero LA epochs: score the encoder as it is
-            return write_outputs([{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes,
-                                 result.assignments)
+            return write_outputs(
+                [{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes, result.assignments
+            )
         return write_outputs(result.history, result.codes, result.assignments)
     finally:
         codes_file.discard()

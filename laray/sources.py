@@ -4,6 +4,7 @@ Nothing is decoded here; files that cannot be used (a CSV row whose file does no
 exist, a row without a path) are returned as `skipped` with a reason, so that the
 caller reports them together with the files that fail to decode.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,6 @@ from laray.errors import DataError
 
 DEFAULT_LABEL_COLUMN = "species"
 DEFAULT_PATH_COLUMN = "image_path"
-
-
 
 
 @dataclass
@@ -43,15 +42,22 @@ def _encode(names: list[str]) -> tuple[np.ndarray, list[str]]:
 def from_folder(root: Path) -> Source:
     """One sub-folder per species (images nested deeper count), or a flat folder of unlabelled images."""
     # Hidden files and folders (.thumbs/, .DS_Store...) are never species or images.
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p)
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and _is_image(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise DataError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) under {root}")
     at_root = [p for p in files if p.parent == root]
     nested = [p for p in files if p.parent != root]
     if not nested:
-        return Source([str(p) for p in at_root], np.full(len(at_root), -1, dtype=np.int64), [],
-                      notes=[f"{root} has no species sub-folders: loading {len(at_root)} images unlabelled"])
+        return Source(
+            [str(p) for p in at_root],
+            np.full(len(at_root), -1, dtype=np.int64),
+            [],
+            notes=[f"{root} has no species sub-folders: loading {len(at_root)} images unlabelled"],
+        )
     names = [p.relative_to(root).parts[0] for p in nested]
     labels, class_names = _encode(names)
     skipped = [(str(p), "not inside a species sub-folder") for p in at_root]
@@ -102,8 +108,12 @@ def from_csv(csv_path: Path, label_column: str | None, path_column: str, image_r
     return Source(paths, labels, class_names, skipped, notes)
 
 
-def resolve(spec: str, label_column: str | None = DEFAULT_LABEL_COLUMN, path_column: str = DEFAULT_PATH_COLUMN,
-            image_root: str | None = None) -> Source:
+def resolve(
+    spec: str,
+    label_column: str | None = DEFAULT_LABEL_COLUMN,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    image_root: str | None = None,
+) -> Source:
     """A folder or a CSV file; anything else is a DataError naming the spec."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():

@@ -28,6 +28,7 @@ Size-dependent ranges are resolved against N when the sweep starts, so that no
 trial is ever invalid: `k_neighbours` is clipped to [1, N-1], `n_centroids` to
 [1, N], and `fraction` ranges become integer ranges.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,14 +44,25 @@ from laray.errors import SpaceError
 OBJECTIVES = ("purity", "nmi", "ari", "acc")
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
 SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
-TOP_KEYS = ("objective", "mode", "num_samples", "max_concurrent", "grace_period", "holdout", "confirm_top",
-            "confirm_seeds", "time_budget", "data", "fixed", "search", "recipe")
+TOP_KEYS = (
+    "objective",
+    "mode",
+    "num_samples",
+    "max_concurrent",
+    "grace_period",
+    "holdout",
+    "confirm_top",
+    "confirm_seeds",
+    "time_budget",
+    "data",
+    "fixed",
+    "search",
+    "recipe",
+)
 DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
 SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data: there in every install
-
-
 
 
 @dataclass(frozen=True)
@@ -70,8 +82,9 @@ class Distribution:
         elif self.kind == "int":
             (low, high), kind = self.args, "int"
         elif self.kind == "categorical":
-            kept = tuple(c for c in self.args if low_limit <= c <= high_limit) or (min(max(self.args[0], low_limit),
-                                                                                       high_limit),)
+            kept = tuple(c for c in self.args if low_limit <= c <= high_limit) or (
+                min(max(self.args[0], low_limit), high_limit),
+            )
             return Distribution("categorical", kept)
         else:
             return self
@@ -111,13 +124,22 @@ class SearchSpace:
     recipe: dict = dataclasses.field(default_factory=dict)  # searched setting -> the value `laray train` takes
     time_budget_s: float | None = None  # seconds of search before no new trial starts (laray.budget); None: none
 
-    def overridden(self, holdout: float | None = None, confirm_top: int | None = None,
-                   confirm_seeds: int | None = None, time_budget_s: float | None = None) -> SearchSpace:
+    def overridden(
+        self,
+        holdout: float | None = None,
+        confirm_top: int | None = None,
+        confirm_seeds: int | None = None,
+        time_budget_s: float | None = None,
+    ) -> SearchSpace:
         """This space with the command line's values where given."""
         la = self.la if holdout is None else dataclasses.replace(self.la, holdout=holdout)
-        return dataclasses.replace(self, la=la, confirm_top=self.confirm_top if confirm_top is None else confirm_top,
-                                   confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds,
-                                   time_budget_s=self.time_budget_s if time_budget_s is None else time_budget_s)
+        return dataclasses.replace(
+            self,
+            la=la,
+            confirm_top=self.confirm_top if confirm_top is None else confirm_top,
+            confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds,
+            time_budget_s=self.time_budget_s if time_budget_s is None else time_budget_s,
+        )
 
     @property
     def confirms(self) -> bool:
@@ -152,8 +174,9 @@ def _number(value):
     return value
 
 
-INT_SETTINGS = tuple(f.name for f in dataclasses.fields(LAConfig)
-                     if isinstance(f.default, int) and not isinstance(f.default, bool))
+INT_SETTINGS = tuple(
+    f.name for f in dataclasses.fields(LAConfig) if isinstance(f.default, int) and not isinstance(f.default, bool)
+)
 
 
 def _distribution(name: str, spec) -> Distribution:
@@ -167,16 +190,20 @@ def _distribution(name: str, spec) -> Distribution:
     if isinstance(args, list):
         args = [_number(a) for a in args]
     if name in INT_SETTINGS and kind in ("uniform", "loguniform"):
-        raise SpaceError(f"{where} is an integer setting: use int: [low, high] (with log: true for a log scale), "
-                         f"not {kind}")
+        raise SpaceError(
+            f"{where} is an integer setting: use int: [low, high] (with log: true for a log scale), not {kind}"
+        )
     if not isinstance(log, bool):
         raise SpaceError(f"{where}.log must be true or false, got {log!r}")
     if kind == "categorical":
         if not isinstance(args, list) or not args:
             raise SpaceError(f"{where}.categorical must be a non-empty list, got {args!r}")
         return Distribution(kind, tuple(args))
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                                              for a in args)):
+    if not (
+        isinstance(args, list)
+        and len(args) == 2
+        and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    ):
         raise SpaceError(f"{where}.{kind} must be [low, high] numbers, got {args!r}")
     low, high = args
     if low > high:
@@ -238,8 +265,10 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     if not isinstance(fixed, dict) or set(fixed) - {"autoencoder", "la"}:
         raise SpaceError(f"fixed must be a mapping with 'autoencoder' and/or 'la', got {fixed!r}")
     if isinstance(fixed.get("la"), dict) and set(fixed["la"]) & set(SWEEP_SET):
-        raise SpaceError(f"fixed.la: {sorted(set(fixed['la']) & set(SWEEP_SET))} are set by the sweep: use the "
-                         f"top-level key holdout (the split's seed is the sweep's --seed)")
+        raise SpaceError(
+            f"fixed.la: {sorted(set(fixed['la']) & set(SWEEP_SET))} are set by the sweep: use the "
+            f"top-level key holdout (the split's seed is the sweep's --seed)"
+        )
     try:
         ae = from_dict(AutoEncoderConfig, fixed.get("autoencoder"))
         la = from_dict(LAConfig, {**(fixed.get("la") or {}), "holdout": float(holdout)})
@@ -257,8 +286,10 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     if not isinstance(recipe, dict):
         raise SpaceError(f"recipe must be a mapping of searched settings to values, got {recipe!r}")
     if set(recipe) - set(search):
-        raise SpaceError(f"recipe key(s) {sorted(set(recipe) - set(search))} are not searched; the recipe gives "
-                         f"one value for each of {sorted(search)}")
+        raise SpaceError(
+            f"recipe key(s) {sorted(set(recipe) - set(search))} are not searched; the recipe gives "
+            f"one value for each of {sorted(search)}"
+        )
     try:
         with_recipe = from_dict(LAConfig, {**dataclasses.asdict(la), **{k: _number(v) for k, v in recipe.items()}})
     except ConfigError as exc:
@@ -269,8 +300,18 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         time_budget_s = None if budget is None else parse_duration(budget)
     except BudgetError as exc:
         raise SpaceError(f"time_budget: {exc}") from None
-    return SearchSpace(distributions, ae, la, objective, mode, data=data, source=source, recipe=recipe,
-                       time_budget_s=time_budget_s, **counts)
+    return SearchSpace(
+        distributions,
+        ae,
+        la,
+        objective,
+        mode,
+        data=data,
+        source=source,
+        recipe=recipe,
+        time_budget_s=time_budget_s,
+        **counts,
+    )
 
 
 def bundled_spaces() -> list[str]:
@@ -283,12 +324,16 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.exists() and not path.suffix:
         if str(path) not in bundled_spaces():
-            raise SpaceError(f"no search space {str(path)!r}: not a file, nor one of the bundled spaces "
-                             f"({', '.join(bundled_spaces())})")
+            raise SpaceError(
+                f"no search space {str(path)!r}: not a file, nor one of the bundled spaces "
+                f"({', '.join(bundled_spaces())})"
+            )
         path = SPACES_DIR / f"{path}.yaml"
     if not path.exists():  # a typo, or a bundled name with its .yaml: say what there is
-        raise SpaceError(f"no search space file {str(path)!r}; the bundled spaces are {', '.join(bundled_spaces())} "
-                         f"(--space NAME), or give the path of a YAML file")
+        raise SpaceError(
+            f"no search space file {str(path)!r}; the bundled spaces are {', '.join(bundled_spaces())} "
+            f"(--space NAME), or give the path of a YAML file"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

@@ -25,6 +25,7 @@ A trial reports every LA epoch with `ray.tune.report(metrics, checkpoint=...)` a
 resumes from `tune.get_checkpoint()` after its worker dies. A trial whose loss goes
 non-finite ends as errored with that reason, and the sweep goes on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,15 +53,28 @@ from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
 from laray.sweep_stage1 import cancel_stage1_tasks, sweep_stage1
-from laray.warm_start import recorded as warm_start_record
 from laray.train import NonFiniteLossError
+from laray.warm_start import recorded as warm_start_record
 
 log = logging.getLogger("laray.sweep")
 
 OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
-REPORTED = ("purity", "nmi", "ari", "acc", "silhouette", "heldout_purity", "heldout_nmi", "heldout_ari", "heldout_acc",
-            "loss", "images_per_s", "lr", "epoch")
+REPORTED = (
+    "purity",
+    "nmi",
+    "ari",
+    "acc",
+    "silhouette",
+    "heldout_purity",
+    "heldout_nmi",
+    "heldout_ari",
+    "heldout_acc",
+    "loss",
+    "images_per_s",
+    "lr",
+    "epoch",
+)
 
 
 def ignore_exit_in_callbacks() -> None:
@@ -107,8 +121,17 @@ def _write_worker_record(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2))
 
 
-def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: SearchSpace, seed: int, device: str,
-                threads: int, cache_dir: str | None = None, quiet: bool = False) -> None:
+def train_trial(
+    config: dict,
+    data: ListingDigest,
+    stage1: Stage1,
+    space: SearchSpace,
+    seed: int,
+    device: str,
+    threads: int,
+    cache_dir: str | None = None,
+    quiet: bool = False,
+) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
     It opens `data` on its node (from the node's cache folder, decoding once per node) and
@@ -129,9 +152,14 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
     torch.set_num_threads(threads)
     out = _trial_dir()
     dataset = open_dataset(data, cache_dir)
-    worker = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-              "cache_dir": str(Path(cache_dir) if cache_dir else default_cache_dir()),
-              "decoded_here": dataset.decoded_here, "open_data_s": time.perf_counter() - began}
+    worker = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cache_dir": str(Path(cache_dir) if cache_dir else default_cache_dir()),
+        "decoded_here": dataset.decoded_here,
+        "open_data_s": time.perf_counter() - began,
+    }
     _write_worker_record(out / "worker.json", worker)
     marker = out / NONFINITE_MARKER
     if marker.exists():  # restarted after a non-finite loss: it would only diverge again
@@ -152,15 +180,27 @@ def train_trial(config: dict, data: ListingDigest, stage1: Stage1, space: Search
             return  # not evaluated (eval_every): nothing for ASHA to compare
         metrics = {k: record[k] for k in REPORTED if k in record}
         _write_worker_record(out / "worker.json", worker)
-        with naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"), \
-                tempfile.TemporaryDirectory() as folder:
+        with (
+            naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"),
+            tempfile.TemporaryDirectory() as folder,
+        ):
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
     try:
-        train_run(dataset, out, space.ae, la_cfg, seed=seed, device=device, resume=checkpoint is not None,
-                  callback=report, progress=False, stage1=stage1)
+        train_run(
+            dataset,
+            out,
+            space.ae,
+            la_cfg,
+            seed=seed,
+            device=device,
+            resume=checkpoint is not None,
+            callback=report,
+            progress=False,
+            stage1=stage1,
+        )
     except NonFiniteLossError as exc:
         marker.write_text(str(exc))
         raise
@@ -184,8 +224,13 @@ def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
     from ray.tune.search.optuna import OptunaSearch
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
-    return OptunaSearch(metric=space.objective, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
-                        study_name=name, storage=storage)
+    return OptunaSearch(
+        metric=space.objective,
+        mode=space.mode,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=name,
+        storage=storage,
+    )
 
 
 def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool = False) -> None:
@@ -214,10 +259,22 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool =
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_samples: int | None = None,
-              seed: int = 0, cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 2,
-              resume: bool = False, device: str = "auto", verbose: int = 1, cache_dir: str | None = None,
-              warm_start: list[str] = ()) -> SweepResult:
+def run_sweep(
+    data: DataRef,
+    space: SearchSpace,
+    storage: str,
+    name: str,
+    num_samples: int | None = None,
+    seed: int = 0,
+    cpus_per_trial: float = 1,
+    gpus_per_trial: float = 0,
+    max_failures: int = 2,
+    resume: bool = False,
+    device: str = "auto",
+    verbose: int = 1,
+    cache_dir: str | None = None,
+    warm_start: list[str] = (),
+) -> SweepResult:
     """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
 
     cache_dir: the decode cache folder on every node (a shared one, or a local path that exists on
@@ -266,10 +323,21 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
-        stage1_baselines, stage1 = sweep_stage1(data, space.ae, space.mergers(), seed, experiment / "autoencoders",
-                                                resources, device, threads, cache_dir, holdout)
-        shared = dict(data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir,
-                      quiet=verbose < 2)
+        stage1_baselines, stage1 = sweep_stage1(
+            data,
+            space.ae,
+            space.mergers(),
+            seed,
+            experiment / "autoencoders",
+            resources,
+            device,
+            threads,
+            cache_dir,
+            holdout,
+        )
+        shared = dict(
+            data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir, quiet=verbose < 2
+        )
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, **shared)
         trainable = tune.with_resources(trainable, resources)
 
@@ -278,27 +346,43 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         if resume:
             _fail_orphaned_optuna_trials(experiment, name)
             resume_budget(space.time_budget_s, experiment)  # the budget's parts come back from Tune's own files
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False)
+            tuner = tune.Tuner.restore(
+                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False
+            )
         else:
             # The time budget: the searcher asks for no trial once it is spent, the stopper ends running ones at
             # their next epoch end, the clock counts the search's time across resumes (laray.budget).
-            searcher, stopper, clock = budget_parts(space.time_budget_s, experiment,
-                                                    _optuna_search(space, experiment, name, seed))
+            searcher, stopper, clock = budget_parts(
+                space.time_budget_s, experiment, _optuna_search(space, experiment, name, seed)
+            )
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
-                    scheduler=ResumableASHA(experiment, time_attr="epoch", max_t=max(1, space.la.epochs),
-                                            grace_period=min(space.grace_period, max(1, space.la.epochs))),
-                    metric=space.objective, mode=space.mode,
+                    scheduler=ResumableASHA(
+                        experiment,
+                        time_attr="epoch",
+                        max_t=max(1, space.la.epochs),
+                        grace_period=min(space.grace_period, max(1, space.la.epochs)),
+                    ),
+                    metric=space.objective,
+                    mode=space.mode,
                     num_samples=num_samples or space.num_samples,
                     max_concurrent_trials=space.max_concurrent,
                 ),
-                run_config=_run_config(name, storage_path, verbose, max_failures, "search", space, stopper, clock,
-                                       budget_of=str(experiment)),
+                run_config=_run_config(
+                    name,
+                    storage_path,
+                    verbose,
+                    max_failures,
+                    "search",
+                    space,
+                    stopper,
+                    clock,
+                    budget_of=str(experiment),
+                ),
             )
         with tune_fit_stops_on_signal():  # SIGTERM or Ctrl-C: Tune saves its state, then StopRequested
             results = tuner.fit()
@@ -313,23 +397,42 @@ def run_sweep(data: DataRef, space: SearchSpace, storage: str, name: str, num_sa
         confirmed, confirmed_baselines, margin = [], None, None
         if space.confirms and best_config is not None:
             searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
-            confirmed, confirmed_baselines = _confirm(data, searched, space, shared, experiment, experiment_path, seed,
-                                                      resources, verbose, max_failures)
+            confirmed, confirmed_baselines = _confirm(
+                data, searched, space, shared, experiment, experiment_path, seed, resources, verbose, max_failures
+            )
             if confirmed:
                 margin = margin_over(confirmed[0], confirmed_baselines["raw_pixels"])
-        summary = {"best_config": best_config, "best_metrics": {k: best_metrics.get(k) for k in REPORTED}
-                   if best_metrics else None, "n_trials": len(results), "n_errored": errored, "baselines": baselines,
-                   "holdout": space.la.holdout, "confirmed": confirmed, "confirmed_baselines": confirmed_baselines,
-                   "margin_over_raw_pixels": margin,
-                   "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name),
-                   "time_budget_s": budget_s(experiment), "ended_by_time_budget": ended_search(experiment)}
+        summary = {
+            "best_config": best_config,
+            "best_metrics": {k: best_metrics.get(k) for k in REPORTED} if best_metrics else None,
+            "n_trials": len(results),
+            "n_errored": errored,
+            "baselines": baselines,
+            "holdout": space.la.holdout,
+            "confirmed": confirmed,
+            "confirmed_baselines": confirmed_baselines,
+            "margin_over_raw_pixels": margin,
+            "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name),
+            "time_budget_s": budget_s(experiment),
+            "ended_by_time_budget": ended_search(experiment),
+        }
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
-        return SweepResult(Path(experiment_path) if experiment_local is None else experiment, best_config, best_metrics,
-                           len(results), errored, baselines, confirmed, confirmed_baselines, margin)
+        return SweepResult(
+            Path(experiment_path) if experiment_local is None else experiment,
+            best_config,
+            best_metrics,
+            len(results),
+            errored,
+            baselines,
+            confirmed,
+            confirmed_baselines,
+            margin,
+        )
 
 
-def _start_from(warm_start: list[str], data: DataRef, space: SearchSpace, seed: int, param_space: dict,
-                experiment: Path, name: str) -> None:
+def _start_from(
+    warm_start: list[str], data: DataRef, space: SearchSpace, seed: int, param_space: dict, experiment: Path, name: str
+) -> None:
     """A new sweep records what makes its scores comparable (sweep.json), and takes over earlier sweeps' trials."""
     from ray.tune.search.optuna import OptunaSearch
 
@@ -344,8 +447,17 @@ def _start_from(warm_start: list[str], data: DataRef, space: SearchSpace, seed: 
         log.info(taken.describe())
 
 
-def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, label: str, space: SearchSpace,
-                stop=None, clock=None, budget_of: str | None = None):
+def _run_config(
+    name: str,
+    storage_path: str,
+    verbose: int,
+    max_failures: int,
+    label: str,
+    space: SearchSpace,
+    stop=None,
+    clock=None,
+    budget_of: str | None = None,
+):
     """verbose 0: silent; 1: laray's line per trial event (laray.progress); 2: Ray Tune's own table as well.
 
     stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
@@ -355,15 +467,21 @@ def _run_config(name: str, storage_path: str, verbose: int, max_failures: int, l
 
     from laray.progress import SweepProgress
 
-    progress = [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] \
-        if verbose else []
+    progress = (
+        [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] if verbose else []
+    )
     callbacks = progress + ([clock] if clock is not None else [])
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
-    return tune.RunConfig(name=name, storage_path=storage_path, verbose=max(0, verbose - 1), callbacks=callbacks,
-                          stop=stop,
-                          sync_config=tune.SyncConfig(sync_artifacts=True),
-                          failure_config=tune.FailureConfig(max_failures=max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        verbose=max(0, verbose - 1),
+        callbacks=callbacks,
+        stop=stop,
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+    )
 
 
 def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
@@ -374,8 +492,18 @@ def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
     train_trial(config["la"], stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)
 
 
-def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpace, shared: dict, experiment: Path,
-             experiment_path: str, seed: int, resources: dict, verbose: int, max_failures: int):
+def _confirm(
+    data: DataRef,
+    searched: list[tuple[dict, dict]],
+    space: SearchSpace,
+    shared: dict,
+    experiment: Path,
+    experiment_path: str,
+    seed: int,
+    resources: dict,
+    verbose: int,
+    max_failures: int,
+):
     """Re-run the search's top configurations with fresh seeds (laray.confirm) as STORAGE/NAME/confirm/.
 
     A second Tune experiment, run like the search (same resources, concurrency and failure
@@ -387,8 +515,18 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
     seeds = confirmation_seeds(seed, space.confirm_seeds)
 
     def stage1_of(s: int):
-        return sweep_stage1(data, space.ae, space.mergers(), s, experiment / "autoencoders", resources,
-                            shared["device"], shared["threads"], shared["cache_dir"], (space.la.holdout, seed))
+        return sweep_stage1(
+            data,
+            space.ae,
+            space.mergers(),
+            s,
+            experiment / "autoencoders",
+            resources,
+            shared["device"],
+            shared["threads"],
+            shared["cache_dir"],
+            (space.la.holdout, seed),
+        )
 
     # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
     try:
@@ -405,13 +543,18 @@ def _confirm(data: DataRef, searched: list[tuple[dict, dict]], space: SearchSpac
         top = pick_top(searched, space.objective, space.mode, space.la.epochs, space.confirm_top)
         log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
         tuner = tune.Tuner(
-            trainable, param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
+            trainable,
+            param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
-            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space))
+            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space),
+        )
     with tune_fit_stops_on_signal():
         results = tuner.fit()
-    runs = [(r.config["la"], r.config["seed"], dict(r.metrics)) for r in results
-            if r.error is None and r.metrics and space.objective in r.metrics]
+    runs = [
+        (r.config["la"], r.config["seed"], dict(r.metrics))
+        for r in results
+        if r.error is None and r.metrics and space.objective in r.metrics
+    ]
     entries = confirmed(runs, space.objective, space.mode)
     merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
     return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
@@ -462,17 +605,23 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -
     import ray
 
     if device.startswith("cuda") and gpus_per_trial <= 0:
-        raise LarayError(f"--device {device} in a sweep needs --gpus-per-trial > 0: Ray hides the GPUs from "
-                         "trials that did not ask for one")
+        raise LarayError(
+            f"--device {device} in a sweep needs --gpus-per-trial > 0: Ray hides the GPUs from "
+            "trials that did not ask for one"
+        )
     if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
         return
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    for option, wanted, key in (("--cpus-per-trial", cpus_per_trial, "CPU"),
-                                ("--gpus-per-trial", gpus_per_trial, "GPU")):
+    for option, wanted, key in (
+        ("--cpus-per-trial", cpus_per_trial, "CPU"),
+        ("--gpus-per-trial", gpus_per_trial, "GPU"),
+    ):
         most = max((r.get(key, 0) for r in nodes), default=0)
         if wanted > most:
-            raise LarayError(f"{option} {wanted:g}: no node of this Ray cluster has that many {key}s (the most is "
-                             f"{most:g}) and no autoscaler can add one; Tune would wait forever")
+            raise LarayError(
+                f"{option} {wanted:g}: no node of this Ray cluster has that many {key}s (the most is "
+                f"{most:g}) and no autoscaler can add one; Tune would wait forever"
+            )
 
 
 def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) -> None:

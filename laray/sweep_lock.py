@@ -9,6 +9,7 @@ nodes share:
   whose heartbeat is older than STALE_S is taken over, with a warning.
 Releasing empties the file; an empty file is a free lock.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -49,8 +50,10 @@ class SweepLock:
         self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
     def _running(self, holder: dict, detail: str = "") -> SweepRunningError:
-        return SweepRunningError(f"the sweep in {self.path.parent} is running: its driver is {_describe(holder)}"
-                                 f"{detail}; wait for it to end, or choose another --name")
+        return SweepRunningError(
+            f"the sweep in {self.path.parent} is running: its driver is {_describe(holder)}"
+            f"{detail}; wait for it to end, or choose another --name"
+        )
 
     def _read(self) -> dict | None:
         text = self.path.read_text() if self.path.exists() else ""

@@ -8,6 +8,7 @@ the same data, stage-1 settings and seed and the same --storage) loads it instea
 the encoder's weights through Ray's object store and never read that folder: on a cluster without
 a shared file system they could not.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -18,7 +19,6 @@ from laray.config import AutoEncoderConfig
 from laray.data import DataRef, ListingDigest, open_dataset
 from laray.holdout import NO_HOLDOUT
 from laray.run import Stage1, baselines_path, compute_baselines, encoder_part, train_autoencoder, write_json
-
 
 _training: set = set()  # the stage-1 tasks this driver is waiting for (the confirmation waits for several)
 
@@ -36,8 +36,18 @@ def _print_epoch(record: dict) -> None:
     print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
 
 
-def _stage1_task(ref: ListingDigest, ae_cfg: AutoEncoderConfig, key: str, mergers: list[str], seed: int, device: str,
-                 threads: int, cache_dir: str | None, encoder_state: dict | None, holdout: tuple[float, int]) -> Stage1:
+def _stage1_task(
+    ref: ListingDigest,
+    ae_cfg: AutoEncoderConfig,
+    key: str,
+    mergers: list[str],
+    seed: int,
+    device: str,
+    threads: int,
+    cache_dir: str | None,
+    encoder_state: dict | None,
+    holdout: tuple[float, int],
+) -> Stage1:
     """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it)."""
     import torch
 
@@ -46,16 +56,26 @@ def _stage1_task(ref: ListingDigest, ae_cfg: AutoEncoderConfig, key: str, merger
     history = []
     if encoder_state is None:
         with tempfile.TemporaryDirectory() as folder:
-            ae_state, history = train_autoencoder(dataset, ae_cfg, seed, device, Path(folder) / "training.ckpt",
-                                                  callback=_print_epoch, progress=False)
+            ae_state, history = train_autoencoder(
+                dataset, ae_cfg, seed, device, Path(folder) / "training.ckpt", callback=_print_epoch, progress=False
+            )
         encoder_state = encoder_part(ae_state)  # the decoder is not needed after stage 1: it is not shipped
     baselines = {m: compute_baselines(dataset, encoder_state, ae_cfg, m, seed, device, holdout) for m in mergers}
     return Stage1(key, encoder_state, history, baselines, trained_in_this_run=False, source="object store")
 
 
-def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], seed: int, store_dir: Path,
-                 resources: dict, device: str, threads: int, cache_dir: str | None,
-                 holdout: tuple[float, int] = NO_HOLDOUT):
+def sweep_stage1(
+    ref: DataRef,
+    ae_cfg: AutoEncoderConfig,
+    mergers: list[str],
+    seed: int,
+    store_dir: Path,
+    resources: dict,
+    device: str,
+    threads: int,
+    cache_dir: str | None,
+    holdout: tuple[float, int] = NO_HOLDOUT,
+):
     """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
 
     holdout: (fraction, seed) of the sweep's held-out split, which the baselines are scored with too.
@@ -91,8 +111,22 @@ def sweep_stage1(ref: DataRef, ae_cfg: AutoEncoderConfig, mergers: list[str], se
         baselines = {m: scores for m in mergers if (scores := read_baselines(paths[m])) is not None}
         missing = [m for m in mergers if m not in baselines]
         if missing:
-            baselines.update(ray.get(task.remote(ref.digest(), ae_cfg, key, missing, seed, device, threads, cache_dir,
-                                                 encoder_part(ae_state), holdout)).baselines)
+            baselines.update(
+                ray.get(
+                    task.remote(
+                        ref.digest(),
+                        ae_cfg,
+                        key,
+                        missing,
+                        seed,
+                        device,
+                        threads,
+                        cache_dir,
+                        encoder_part(ae_state),
+                        holdout,
+                    )
+                ).baselines
+            )
         shipped = ray.put(Stage1(key, encoder_part(ae_state), history, baselines, False, "object store"))
     for merger, scores in baselines.items():
         if not paths[merger].exists():

@@ -8,6 +8,7 @@ the unit codes of all images), a full checkpoint every epoch, exact resumption.
 Every epoch's randomness (batch order, augmentation) derives from (seed, epoch),
 so 1 epoch + resume + 1 epoch equals 2 epochs straight.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -73,8 +74,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     except RuntimeError:
         raise LarayError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LarayError(f"--device {device}: this machine has no CUDA device that PyTorch can use; "
-                         "use --device cpu (or auto)")
+        raise LarayError(
+            f"--device {device}: this machine has no CUDA device that PyTorch can use; use --device cpu (or auto)"
+        )
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise LarayError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type not in ("cpu", "cuda"):
@@ -89,7 +91,7 @@ def _epoch_seed(seed: int, epoch: int, salt: int) -> int:
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """A seeded permutation cut into batches; a last batch of one image is dropped (batch norm needs two)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch, 1))).numpy()
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     return [b for b in batches if len(b) >= 2]
 
 
@@ -107,12 +109,20 @@ def make_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int, cfg) -> None:
     if not torch.isfinite(loss):
         settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch + 1}, step {step + 1}; "
-                                 f"settings: {settings}")
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) in {stage}, epoch {epoch + 1}, step {step + 1}; settings: {settings}"
+        )
 
 
-def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bool, seed: int, heldout=None,
-              out: torch.Tensor | None = None):
+def _evaluate(
+    encoder: EncoderVGGMerged,
+    dataset: ImageDataset,
+    device,
+    fast: bool,
+    seed: int,
+    heldout=None,
+    out: torch.Tensor | None = None,
+):
     """(codes, scores, assignments, wall seconds); heldout: the images scored apart (laray.holdout).
 
     out: the (N, d) tensor the codes are written into (see finetune_la's codes_buffer).
@@ -126,9 +136,19 @@ def _evaluate(encoder: EncoderVGGMerged, dataset: ImageDataset, device, fast: bo
 
 def _save(path, model, optimizer, scheduler, epoch, cfg, history, **extra) -> None:
     if path is not None:
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "config": dataclasses.asdict(cfg),
-                     "history": history, "rng": rng_state(), **extra}, path)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "config": dataclasses.asdict(cfg),
+                "history": history,
+                "rng": rng_state(),
+                **extra,
+            },
+            path,
+        )
 
 
 def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, list, dict]:
@@ -136,11 +156,13 @@ def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, l
 
     Returns (epochs done, history, the whole state).
     """
-    state = load_with_fallback(path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng",
-                                               *required))
+    state = load_with_fallback(
+        path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng", *required)
+    )
     if state["config"] != dataclasses.asdict(cfg):
-        raise CheckpointError(f"checkpoint {path} was written with another config; start afresh or use the same "
-                              "settings")
+        raise CheckpointError(
+            f"checkpoint {path} was written with another config; start afresh or use the same settings"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -148,9 +170,16 @@ def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, l
     return state["epoch"], state["history"], state
 
 
-def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: int = 0, device="auto",
-                         checkpoint: str | Path | None = None, resume: bool = False,
-                         callback: Callback | None = None, progress: bool = True) -> tuple[AutoEncoderVGG, list]:
+def pretrain_autoencoder(
+    dataset: ImageDataset,
+    cfg: AutoEncoderConfig,
+    seed: int = 0,
+    device="auto",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> tuple[AutoEncoderVGG, list]:
     """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history)."""
     device = resolve_device(device)
     fast = device.type == "cuda"
@@ -168,8 +197,9 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
         batches = epoch_batches(len(dataset), cfg.batch_size, seed, epoch)
         total, seen, began = 0.0, 0, time.perf_counter()
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
-            for step, (idx, images) in enumerate(tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}",
-                                                      leave=False, disable=not progress)):
+            for step, (idx, images) in enumerate(
+                tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+            ):
                 x = model_batch(images, device, channels_last=fast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                     out = model(x)
@@ -182,10 +212,19 @@ def pretrain_autoencoder(dataset: ImageDataset, cfg: AutoEncoderConfig, seed: in
         epoch_s = time.perf_counter() - began  # loss.item() waits for the GPU every step: no sync needed
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        _, scores, _, eval_s = _evaluate(EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device,
-                                         fast, seed)
-        record = {"stage": "autoencoder", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": seen / epoch_s, "lr": lr, **scores, "epoch_s": epoch_s, "eval_s": eval_s}
+        _, scores, _, eval_s = _evaluate(
+            EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed
+        )
+        record = {
+            "stage": "autoencoder",
+            "epoch": epoch + 1,
+            "loss": total / max(seen, 1),
+            "images_per_s": seen / epoch_s,
+            "lr": lr,
+            **scores,
+            "epoch_s": epoch_s,
+            "eval_s": eval_s,
+        }
         history.append(record)
         _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
         if callback is not None:
@@ -203,11 +242,20 @@ class LAResult:
     scores: dict
 
 
-def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderConfig, cfg: LAConfig, seed: int = 0,
-                device="auto", checkpoint: str | Path | None = None, resume: bool = False,
-                callback: Callback | None = None, progress: bool = True,
-                on_evaluated: Callable[[list, torch.Tensor, np.ndarray], None] | None = None,
-                codes_buffer: Callable[[int, int], torch.Tensor] | None = None) -> LAResult:
+def finetune_la(
+    dataset: ImageDataset,
+    encoder_state: dict,
+    ae_cfg: AutoEncoderConfig,
+    cfg: LAConfig,
+    seed: int = 0,
+    device="auto",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    progress: bool = True,
+    on_evaluated: Callable[[list, torch.Tensor, np.ndarray], None] | None = None,
+    codes_buffer: Callable[[int, int], torch.Tensor] | None = None,
+) -> LAResult:
     """Stage 2: fine-tune the auto-encoder's encoder (`encoder_state`) with the Local Aggregation loss.
 
     After each epoch's checkpoint (and its evaluation, every `cfg.eval_every` epochs and at the last),
@@ -229,8 +277,9 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
     if fast:
         model = model.to(memory_format=torch.channels_last)
     bank = MemoryBank(n, model.code_dim(dataset.image_size), cfg.mixing_rate, seed=seed, device=device)
-    loss_fn = LocalAggregationLoss(bank, cfg.temperature, cfg.k_neighbours, cfg.clustering_repeats, cfg.n_centroids,
-                                   seed=seed)
+    loss_fn = LocalAggregationLoss(
+        bank, cfg.temperature, cfg.k_neighbours, cfg.clustering_repeats, cfg.n_centroids, seed=seed
+    )
     optimizer, scheduler = make_optimizer(model.parameters(), cfg)
     start, history = 0, []
     if resume and checkpoint is not None and checkpoint_exists(checkpoint):
@@ -248,11 +297,23 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2)) if cfg.augment else None
         total, seen, began = 0.0, 0, time.perf_counter()
         batches = epoch_batches(n, cfg.batch_size, seed, epoch)
-        transform = None if gen is None else partial(augment_batch, gen=gen, min_area=cfg.crop_min_area,
-                                                     jitter=cfg.jitter, flip=cfg.flip, grey=cfg.grey, blur=cfg.blur)
+        transform = (
+            None
+            if gen is None
+            else partial(
+                augment_batch,
+                gen=gen,
+                min_area=cfg.crop_min_area,
+                jitter=cfg.jitter,
+                flip=cfg.flip,
+                grey=cfg.grey,
+                blur=cfg.blur,
+            )
+        )
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
-            for step, (idx, images) in enumerate(tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}",
-                                                      leave=False, disable=not progress)):
+            for step, (idx, images) in enumerate(
+                tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+            ):
                 every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
                 if (epoch * steps_per_epoch + step) % every == 0:
                     loss_fn.recluster()
@@ -271,8 +332,13 @@ def finetune_la(dataset: ImageDataset, encoder_state: dict, ae_cfg: AutoEncoderC
         release_free_memory()  # the step's blocks, before the evaluation makes its own
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        record = {"stage": "local_aggregation", "epoch": epoch + 1, "loss": total / max(seen, 1),
-                  "images_per_s": seen / epoch_s, "lr": lr}
+        record = {
+            "stage": "local_aggregation",
+            "epoch": epoch + 1,
+            "loss": total / max(seen, 1),
+            "images_per_s": seen / epoch_s,
+            "lr": lr,
+        }
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if evaluated:  # every eval_every epochs and at the last: at large N one evaluation costs about an epoch
             codes = assignments = None  # the last evaluation's (N, d) codes go before the next are made

@@ -18,6 +18,7 @@ and fixed in the other is checked per trial: the trial is taken when its setting
 this sweep's distributions and match this sweep's fixed values; otherwise it counts as
 "outside this space".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +43,17 @@ class WarmStartError(LarayError):
 def sweep_identity(data, space, seed: int) -> dict:
     """What must be equal for two sweeps' objective values to be comparable (JSON types: tuples become lists)."""
     searched_or_set = set(space.search) | set(SWEEP_SET)
-    identity = {"format": FORMAT, "data": data.key, "labels": data.labels_key,
-                "autoencoder": dataclasses.asdict(space.ae), "holdout": space.la.holdout,
-                "holdout_seed": seed if space.la.holdout else None,  # without a holdout the seed splits nothing
-                "la": {k: v for k, v in dataclasses.asdict(space.la).items() if k not in searched_or_set},
-                "objective": space.objective, "mode": space.mode}
+    identity = {
+        "format": FORMAT,
+        "data": data.key,
+        "labels": data.labels_key,
+        "autoencoder": dataclasses.asdict(space.ae),
+        "holdout": space.la.holdout,
+        "holdout_seed": seed if space.la.holdout else None,  # without a holdout the seed splits nothing
+        "la": {k: v for k, v in dataclasses.asdict(space.la).items() if k not in searched_or_set},
+        "objective": space.objective,
+        "mode": space.mode,
+    }
     return json.loads(json.dumps(identity))  # as it reads back from sweep.json, so == compares like with like
 
 
@@ -67,9 +74,10 @@ class WarmStart:
         return "warm start: " + ", ".join(parts)
 
     def record(self) -> dict:
-        return {"trials": len(self.trials),
-                "from": [{"dir": folder, "taken": taken, "outside": outside}
-                         for folder, taken, outside in self.sources]}
+        return {
+            "trials": len(self.trials),
+            "from": [{"dir": folder, "taken": taken, "outside": outside} for folder, taken, outside in self.sources],
+        }
 
 
 def _first_difference(theirs: dict, ours: dict) -> str | None:
@@ -110,8 +118,10 @@ def _take_from(folder: Path, identity: dict, distributions: dict) -> tuple[list,
     if not folder.is_dir():
         raise WarmStartError(f"warm start from {folder}: no such folder")
     if not (folder / IDENTITY_FILE).exists():
-        raise WarmStartError(f"warm start from {folder}: no {IDENTITY_FILE} (not a laray sweep folder, or one made by "
-                             "an older laray), so its objective values cannot be checked as comparable")
+        raise WarmStartError(
+            f"warm start from {folder}: no {IDENTITY_FILE} (not a laray sweep folder, or one made by "
+            "an older laray), so its objective values cannot be checked as comparable"
+        )
     try:
         theirs = json.loads((folder / IDENTITY_FILE).read_text())
         if not isinstance(theirs, dict) or not isinstance(theirs.get("la"), dict):
@@ -120,19 +130,24 @@ def _take_from(folder: Path, identity: dict, distributions: dict) -> tuple[list,
         raise WarmStartError(f"warm start from {folder}: cannot read {IDENTITY_FILE}: {exc}") from None
     difference = _first_difference(theirs, identity)
     if difference:
-        raise WarmStartError(f"warm start from {folder}: {difference}; its objective values are not comparable with "
-                             "this sweep's (run it again with this sweep's settings to use it)")
+        raise WarmStartError(
+            f"warm start from {folder}: {difference}; its objective values are not comparable with "
+            "this sweep's (run it again with this sweep's settings to use it)"
+        )
     if not (folder / OPTUNA_DB).exists():
         raise WarmStartError(f"warm start from {folder}: no {OPTUNA_DB}, so no trials to take over")
     try:  # read-only: never migrate, create tables in or lock the earlier sweep's study
-        storage = optuna.storages.RDBStorage(f"sqlite:///file:{(folder / OPTUNA_DB).resolve()}?mode=ro&uri=true",
-                                             skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///file:{(folder / OPTUNA_DB).resolve()}?mode=ro&uri=true", skip_table_creation=True
+        )
         names = optuna.get_all_study_names(storage)
         if len(names) != 1:
-            raise WarmStartError(f"warm start from {folder}: {len(names)} studies in {OPTUNA_DB}, a laray sweep "
-                                 "has one")
+            raise WarmStartError(
+                f"warm start from {folder}: {len(names)} studies in {OPTUNA_DB}, a laray sweep has one"
+            )
         done = optuna.load_study(study_name=names[0], storage=storage).get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
+        )
     except (RuntimeError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
         raise WarmStartError(f"warm start from {folder}: cannot read {OPTUNA_DB}: {str(exc).splitlines()[0]}") from None
     taken = []
@@ -141,8 +156,14 @@ def _take_from(folder: Path, identity: dict, distributions: dict) -> tuple[list,
         if params is None:
             continue
         try:  # create_trial checks that each value lies in its distribution's range
-            taken.append(optuna.trial.create_trial(params=params, distributions=distributions, value=trial.value,
-                                                   user_attrs={FROM: str(folder), NUMBER: trial.number}))
+            taken.append(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=distributions,
+                    value=trial.value,
+                    user_attrs={FROM: str(folder), NUMBER: trial.number},
+                )
+            )
         except ValueError:  # beyond a range of this sweep
             pass
     return taken, len(done) - len(taken)
@@ -175,8 +196,12 @@ def seed_study(storage, study_name: str, mode: str, warm: WarmStart) -> None:
     """
     import optuna
 
-    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
-                                direction="maximize" if mode == "max" else "minimize")
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        load_if_exists=True,
+        direction="maximize" if mode == "max" else "minimize",
+    )
     there = {(t.user_attrs.get(FROM), t.user_attrs.get(NUMBER)) for t in study.get_trials(deepcopy=False)}
     study.add_trials([t for t in warm.trials if (t.user_attrs[FROM], t.user_attrs[NUMBER]) not in there])
     study.set_user_attr(RECORD, warm.record())

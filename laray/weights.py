@@ -4,6 +4,7 @@
 `pretrained: FILE` then loads that file on any node. `pretrained: imagenet` uses torch's cache
 when the file is there, and otherwise fails within seconds on a node without internet, saying so.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,10 +44,12 @@ def imagenet_state(arch: str) -> dict:
     """torchvision's ImageNet state_dict of `arch`: from torch's cache, else downloaded, else a LarayError."""
     weights = _weights(arch)
     if not _cached(weights).exists() and not _reachable(weights.url):
-        raise LarayError(f"torchvision's ImageNet weights of {arch} are not in torch's cache "
-                         f"({_cached(weights).parent}) and {urlparse(weights.url).hostname} cannot be reached from "
-                         f"this node: run `laray weights fetch {arch} --out FILE` where there is internet, then set "
-                         "`pretrained: FILE` (a path every node can read) instead of `pretrained: imagenet`")
+        raise LarayError(
+            f"torchvision's ImageNet weights of {arch} are not in torch's cache "
+            f"({_cached(weights).parent}) and {urlparse(weights.url).hostname} cannot be reached from "
+            f"this node: run `laray weights fetch {arch} --out FILE` where there is internet, then set "
+            "`pretrained: FILE` (a path every node can read) instead of `pretrained: imagenet`"
+        )
     return weights.get_state_dict(progress=True)
 
 

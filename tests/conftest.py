@@ -1,4 +1,5 @@
 """Shared fixtures. Ray starts only for the tests that ask for `ray_session`, once per test session."""
+
 import os
 from pathlib import Path
 

@@ -6,6 +6,7 @@ CSV with a species and a genus column), params.json and result.json as Tune writ
 trial (params.json and error.txt only), a running trial still in stage 1 (params.json only), an
 experiment_state JSON in Tune's format and an optuna.db made with Optuna directly.
 """
+
 import dataclasses
 import json
 import logging
@@ -26,9 +27,9 @@ from PIL import Image
 
 from laray import analysis, plots, report
 from laray.cli import main
-from laray.errors import LarayError
 from laray.config import AutoEncoderConfig, LAConfig
 from laray.data import ImageDataset, load_dataset
+from laray.errors import LarayError
 from laray.evaluate import score_codes
 from laray.metrics import cluster_scores
 from laray.predict import find_trial, predict
@@ -59,8 +60,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def la_config(temperature, mixing_rate, k, repeats, centroids) -> LAConfig:
-    return LAConfig(epochs=2, batch_size=32, temperature=temperature, mixing_rate=mixing_rate, k_neighbours=k,
-                    clustering_repeats=repeats, n_centroids=centroids)
+    return LAConfig(
+        epochs=2,
+        batch_size=32,
+        temperature=temperature,
+        mixing_rate=mixing_rate,
+        k_neighbours=k,
+        clustering_repeats=repeats,
+        n_centroids=centroids,
+    )
 
 
 def folder_name(trial_id: str, n: int, params: dict) -> str:
@@ -93,16 +101,22 @@ def write_tune_files(folder: Path, params: dict, results: list[dict]) -> None:
 
 def write_experiment_state(exp: Path, entries: list[tuple[str, str, str]]) -> None:
     """Tune's experiment_state: trial_data is a list of [trial JSON, runtime JSON] pairs."""
-    data = [[json.dumps({"trial_id": tid, "status": status, "relative_logdir": name, "config": {}}), "{}"]
-            for tid, status, name in entries]
+    data = [
+        [json.dumps({"trial_id": tid, "status": status, "relative_logdir": name, "config": {}}), "{}"]
+        for tid, status, name in entries
+    ]
     (exp / f"experiment_state-{DATE}.json").write_text(json.dumps({"trial_data": data, "runner_data": {}}))
 
 
 def distributions():
     d = optuna.distributions
-    return {"temperature": d.FloatDistribution(0.01, 1.0, log=True), "mixing_rate": d.FloatDistribution(0.0, 1.0),
-            "k_neighbours": d.IntDistribution(2, 50), "clustering_repeats": d.IntDistribution(1, 10),
-            "n_centroids": d.IntDistribution(2, 50)}
+    return {
+        "temperature": d.FloatDistribution(0.01, 1.0, log=True),
+        "mixing_rate": d.FloatDistribution(0.0, 1.0),
+        "k_neighbours": d.IntDistribution(2, 50),
+        "clustering_repeats": d.IntDistribution(1, 10),
+        "n_centroids": d.IntDistribution(2, 50),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +133,13 @@ def sweep(tmp_path_factory):
     for n, (tid, *values) in enumerate(FINISHED, start=1):
         params = dict(zip(PARAM_NAMES, values))
         folder = exp / folder_name(tid, n, params)
-        metrics = train_run(dataset, folder, AE, la_config(*values), seed=0, device="cpu",
-                            store_dir=root / "store", progress=False)
-        results = [{"training_iteration": 1, "time_total_s": 10.0 * n, "purity": 0.0, "trial_id": tid},
-                   {"training_iteration": 2, "time_total_s": 20.0 * n, "purity": metrics["purity"], "trial_id": tid}]
+        metrics = train_run(
+            dataset, folder, AE, la_config(*values), seed=0, device="cpu", store_dir=root / "store", progress=False
+        )
+        results = [
+            {"training_iteration": 1, "time_total_s": 10.0 * n, "purity": 0.0, "trial_id": tid},
+            {"training_iteration": 2, "time_total_s": 20.0 * n, "purity": metrics["purity"], "trial_id": tid},
+        ]
         write_tune_files(folder, params, results)
         trials[tid] = SimpleNamespace(folder=folder, params=params, metrics=metrics, time_s=20.0 * n)
         entries.append((tid, "TERMINATED", folder.name))
@@ -132,9 +149,11 @@ def sweep(tmp_path_factory):
     errored_params = dict(zip(PARAM_NAMES, (0.9, 0.1, 20, 5, 30)))
     errored = exp / folder_name(ERRORED, 4, errored_params)
     write_tune_files(errored, errored_params, [])
-    (errored / "error.txt").write_text("Failure # 1 (occurred at 2026-11-23_04-41-00)\n"
-                                       "Traceback (most recent call last):\n"
-                                       "  File \"laray/train.py\", line 210, in finetune_la\n" + ERROR_LINE + "\n")
+    (errored / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-11-23_04-41-00)\n"
+        "Traceback (most recent call last):\n"
+        '  File "laray/train.py", line 210, in finetune_la\n' + ERROR_LINE + "\n"
+    )
     entries.append((ERRORED, "ERROR", errored.name))
     running_params = dict(zip(PARAM_NAMES, (0.07, 0.4, 9, 4, 11)))
     running = exp / folder_name(RUNNING, 5, running_params)
@@ -146,12 +165,25 @@ def sweep(tmp_path_factory):
     study = optuna.create_study(storage=f"sqlite:///{exp}/optuna.db", study_name="demo", direction="maximize")
     for tid, *_ in FINISHED:
         t = trials[tid]
-        study.add_trial(optuna.trial.create_trial(params=t.params, distributions=distributions(),
-                                                  value=t.metrics["purity"]))
-    study.add_trial(optuna.trial.create_trial(params=errored_params, distributions=distributions(),
-                                              state=optuna.trial.TrialState.FAIL))
-    return SimpleNamespace(root=root, exp=exp, cache=cache, data=data, dataset=dataset, trials=trials,
-                           errored=errored, running=running, store=root / "store")
+        study.add_trial(
+            optuna.trial.create_trial(params=t.params, distributions=distributions(), value=t.metrics["purity"])
+        )
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=errored_params, distributions=distributions(), state=optuna.trial.TrialState.FAIL
+        )
+    )
+    return SimpleNamespace(
+        root=root,
+        exp=exp,
+        cache=cache,
+        data=data,
+        dataset=dataset,
+        trials=trials,
+        errored=errored,
+        running=running,
+        store=root / "store",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +191,9 @@ def analyzed(sweep):
     out = sweep.root / "analysis"
     code = main(["analyze", str(sweep.exp), "--out", str(out), "--cache-dir", str(sweep.cache)])
     assert code == 0
-    return SimpleNamespace(out=out, table=pd.read_csv(out / "trials.csv", dtype={"trial_id": str}),
-                           report=(out / "report.md").read_text())
+    return SimpleNamespace(
+        out=out, table=pd.read_csv(out / "trials.csv", dtype={"trial_id": str}), report=(out / "report.md").read_text()
+    )
 
 
 def assignments_of(folder: Path) -> pd.DataFrame:
@@ -194,8 +227,19 @@ def test_analyze_writes_every_file(sweep, analyzed):
     for name in ("objective_vs_params.png", "history.png", "importances.png", "contingency.png", "montage.png"):
         assert is_png(out / name), name
     columns = set(analyzed.table.columns)
-    assert {"trial_id", "status", *PARAM_NAMES, *SCORES, "epochs", "stopped_early", "time_s", "purity_k2x",
-            "purity_k5x", "beats_raw_pixels", "beats_autoencoder"} <= columns
+    assert {
+        "trial_id",
+        "status",
+        *PARAM_NAMES,
+        *SCORES,
+        "epochs",
+        "stopped_early",
+        "time_s",
+        "purity_k2x",
+        "purity_k5x",
+        "beats_raw_pixels",
+        "beats_autoencoder",
+    } <= columns
     assert not analyzed.table["stopped_early"].any()  # every finished trial ran its 2 planned epochs
     assert sorted(analyzed.table["trial_id"]) == sorted([t[0] for t in FINISHED] + [ERRORED, RUNNING])
     baselines = pd.read_csv(out / "baselines.csv")
@@ -212,7 +256,7 @@ def test_analyze_writes_every_file(sweep, analyzed):
 
 def test_report_names_best_trial_baselines_and_errored_trial(sweep, analyzed):
     text = analyzed.report
-    best = max(FINISHED, key=lambda t: (row(analyzed.table, t[0])["purity"]))[0]
+    best = max(FINISHED, key=lambda t: row(analyzed.table, t[0])["purity"])[0]
     assert "## Best trial" in text and f"`{best}`" in text.split("## Best trial")[1].split("\n\n")[1]
     assert "| k-means on raw pixels |" in text and "| k-means on the auto-encoder's codes |" in text
     assert "## Confirmed winner" not in text  # this sweep had no confirmation
@@ -336,11 +380,21 @@ def test_folder_without_trials_exits_1(tmp_path, capsys):
 def test_relabel_maps_paths_to_another_csv_column(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")  # resolve only checks that the files exist
     (tmp_path / "b.png").write_bytes(b"")
-    pd.DataFrame({"image_path": ["a.png", "b.png"], "species": ["Amanita muscaria", "Boletus edulis"],
-                  "genus": ["Amanita", "Boletus"]}).to_csv(tmp_path / "meta.csv", index=False)
-    assignments = pd.DataFrame({"idx": [0, 1, 2], "path": [str(tmp_path / "b.png"), str(tmp_path / "a.png"),
-                                                          str(tmp_path / "gone.png")],
-                                "label": ["Boletus edulis", "Amanita muscaria", "x"], "cluster": [1, 0, 1]})
+    pd.DataFrame(
+        {
+            "image_path": ["a.png", "b.png"],
+            "species": ["Amanita muscaria", "Boletus edulis"],
+            "genus": ["Amanita", "Boletus"],
+        }
+    ).to_csv(tmp_path / "meta.csv", index=False)
+    assignments = pd.DataFrame(
+        {
+            "idx": [0, 1, 2],
+            "path": [str(tmp_path / "b.png"), str(tmp_path / "a.png"), str(tmp_path / "gone.png")],
+            "label": ["Boletus edulis", "Amanita muscaria", "x"],
+            "cluster": [1, 0, 1],
+        }
+    )
     out = report.relabel(assignments, str(tmp_path / "meta.csv"), "genus")
     assert list(out["label"]) == ["Boletus", "Amanita", ""]  # a path the CSV no longer has: unlabelled
     assert list(assignments["label"])[0] == "Boletus edulis"  # the input is not changed
@@ -349,8 +403,10 @@ def test_relabel_maps_paths_to_another_csv_column(tmp_path):
 
 def test_analyze_with_label_column_scores_against_genus(sweep, tmp_path):
     out = tmp_path / "genus"
-    assert main(["analyze", str(sweep.exp), "--out", str(out), "--label-column", "genus",
-                 "--cache-dir", str(sweep.cache)]) == 0
+    assert (
+        main(["analyze", str(sweep.exp), "--out", str(out), "--label-column", "genus", "--cache-dir", str(sweep.cache)])
+        == 0
+    )
     table = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     genus = dict(zip(sweep.data.rows["image_path"], sweep.data.rows["genus"]))
     for tid, *_ in FINISHED:
@@ -382,8 +438,9 @@ def unlabelled_sweep(sweep):
         params = dict(zip(PARAM_NAMES, values))
         folder = exp / folder_name(tid, n, params)
         # own store: the labelled sweep's store holds baselines scored against the species (see the xfail below)
-        train_run(dataset, folder, AE, la_config(*values), seed=0, device="cpu", store_dir=root / "store",
-                  progress=False)
+        train_run(
+            dataset, folder, AE, la_config(*values), seed=0, device="cpu", store_dir=root / "store", progress=False
+        )
         write_tune_files(folder, params, [{"training_iteration": 1, "time_total_s": 5.0}])
         entries.append((tid, "TERMINATED", folder.name))
     write_experiment_state(exp, entries)
@@ -440,8 +497,22 @@ def test_predict_on_unlabelled_sweep_uses_best_silhouette(sweep, unlabelled_swee
 
 def test_predict_reproduces_best_trials_assignments(sweep, analyzed, tmp_path, capsys):
     out = tmp_path / "pred" / "best.csv"
-    assert main(["predict", "--experiment", str(sweep.exp), "--data", sweep.data.csv, "--out", str(out),
-                 "--cache-dir", str(sweep.cache)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--experiment",
+                str(sweep.exp),
+                "--data",
+                sweep.data.csv,
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(sweep.cache),
+            ]
+        )
+        == 0
+    )
     frame = pd.read_csv(out)
     assert list(frame.columns) == ["path", "cluster", "distance"]
     assert len(frame) == N_IMAGES
@@ -458,8 +529,24 @@ def test_predict_by_trial_id_prefix(sweep, analyzed, tmp_path):
     best = analyzed.table.loc[analyzed.table["purity"].idxmax(), "trial_id"]
     other = next(t[0] for t in FINISHED if t[0] != best)
     out = tmp_path / "other.csv"
-    assert main(["predict", "--experiment", str(sweep.exp), "--trial", other[:5], "--data", sweep.data.csv,
-                 "--out", str(out), "--cache-dir", str(sweep.cache)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--experiment",
+                str(sweep.exp),
+                "--trial",
+                other[:5],
+                "--data",
+                sweep.data.csv,
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(sweep.cache),
+            ]
+        )
+        == 0
+    )
     frame = pd.read_csv(out)
     a = assignments_of(sweep.trials[other].folder)
     assert (frame["cluster"].to_numpy() == a["cluster"].to_numpy()).mean() >= 0.95
@@ -469,8 +556,21 @@ def test_predict_by_trial_id_prefix(sweep, analyzed, tmp_path):
 @pytest.mark.parametrize("trial", ["ffff0000", "7", ERRORED, RUNNING])
 def test_predict_unknown_or_unfinished_trial_exits_1_with_one_line(sweep, tmp_path, capsys, trial):
     # "7" matches no id; ERRORED and RUNNING have no finished LA epoch to predict with
-    code = main(["predict", "--experiment", str(sweep.exp), "--trial", trial, "--data", sweep.data.csv,
-                 "--out", str(tmp_path / "x.csv"), "--cache-dir", str(sweep.cache)])
+    code = main(
+        [
+            "predict",
+            "--experiment",
+            str(sweep.exp),
+            "--trial",
+            trial,
+            "--data",
+            sweep.data.csv,
+            "--out",
+            str(tmp_path / "x.csv"),
+            "--cache-dir",
+            str(sweep.cache),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("laray: error: ") and len(err.splitlines()) == 1
@@ -486,8 +586,7 @@ def test_predict_ambiguous_prefix_is_refused(sweep):
 
 # ---------------------------------------------------------------- the cluster montage shows each cluster's images
 
-COLOURS = np.array([(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)],
-                   dtype=np.uint8)
+COLOURS = np.array([(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], dtype=np.uint8)
 SIZES = (11, 9, 14, 6, 3, 8)  # images per cluster: rows are ordered by size, not by id
 
 
@@ -495,8 +594,7 @@ def solid_colour_data(seed=0):
     """Images whose colour is their cluster's, the clusters shuffled over the indices."""
     rng = np.random.default_rng(seed)
     clusters = rng.permutation(np.repeat(np.arange(len(SIZES)), SIZES))
-    images = np.ascontiguousarray(np.broadcast_to(COLOURS[clusters][:, None, None, :],
-                                                  (len(clusters), 20, 20, 3)))
+    images = np.ascontiguousarray(np.broadcast_to(COLOURS[clusters][:, None, None, :], (len(clusters), 20, 20, 3)))
     return images, clusters
 
 
@@ -506,7 +604,7 @@ def assert_tiles_have_cluster_colours(png: Path, boxes: dict, colour_of: dict):
     for c, cluster_boxes in boxes.items():
         assert cluster_boxes
         for x0, y0, x1, y1 in cluster_boxes:
-            centre = pixels[y0 + 6:y1 - 6, x0 + 6:x1 - 6]
+            centre = pixels[y0 + 6 : y1 - 6, x0 + 6 : x1 - 6]
             assert np.abs(centre - colour_of[c]).max() <= 2, f"a tile of cluster {c} is not its colour"
 
 
@@ -531,24 +629,42 @@ def test_best_trial_montage_aligns_images_with_assignments(tmp_path, shuffle_row
     order = np.random.default_rng(2).permutation(n) if shuffle_rows else np.arange(n)
     # cluster ids as a model would number them: not the colour index
     cluster_id = {c: 10 * c + 7 for c in range(len(SIZES))}
-    assignments = pd.DataFrame({"idx": order, "path": [paths[i] for i in order], "label": species[order],
-                                "cluster": [cluster_id[c] for c in clusters[order]]})
+    assignments = pd.DataFrame(
+        {
+            "idx": order,
+            "path": [paths[i] for i in order],
+            "label": species[order],
+            "cluster": [cluster_id[c] for c in clusters[order]],
+        }
+    )
     folder = tmp_path / "train_trial_abcd1234_1_x"
     folder.mkdir()
     assignments.to_csv(folder / "assignments.csv", index=False)
-    trial = analysis.Trial("abcd1234", "TERMINATED", folder, {}, {"data": "solid"},
-                           pd.read_csv(folder / "assignments.csv", keep_default_na=False))
+    trial = analysis.Trial(
+        "abcd1234",
+        "TERMINATED",
+        folder,
+        {},
+        {"data": "solid"},
+        pd.read_csv(folder / "assignments.csv", keep_default_na=False),
+    )
     table = analysis.trials_table([trial], {}, with_k=False)
     scored = report.Scored(tmp_path, [trial], table, {}, True, "purity", "max", dataset, [])
     out = tmp_path / "out"
     out.mkdir()
     assert report.best_trial_pictures(scored, out, seed=5) == []
     # the tiles' boxes depend only on the clusters and species, so a montage of the same rows tells them
-    layout = plots.cluster_montage(np.zeros((n, 4, 4, 3), np.uint8), assignments["cluster"].to_numpy(),
-                                   tmp_path / "layout.png", species=assignments["label"].to_numpy(), seed=5)
+    layout = plots.cluster_montage(
+        np.zeros((n, 4, 4, 3), np.uint8),
+        assignments["cluster"].to_numpy(),
+        tmp_path / "layout.png",
+        species=assignments["label"].to_numpy(),
+        seed=5,
+    )
     assert Image.open(out / "montage.png").size == Image.open(layout.path).size
-    assert_tiles_have_cluster_colours(out / "montage.png", layout.boxes,
-                                      {cluster_id[c]: COLOURS[c] for c in range(len(SIZES))})
+    assert_tiles_have_cluster_colours(
+        out / "montage.png", layout.boxes, {cluster_id[c]: COLOURS[c] for c in range(len(SIZES))}
+    )
     assert is_png(out / "contingency.png") and (out / "per_species.csv").is_file()
 
 
@@ -612,16 +728,22 @@ def script_env(sweep):
 
 @pytest.mark.parametrize("script", ["score_runs.py", "plot_sweep.py", "cluster_montage.py"])
 def test_script_help(script):
-    done = subprocess.run([sys.executable, str(ROOT / "analysis" / script), "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / script), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "EXPERIMENT" in done.stdout and "--out" in done.stdout
 
 
 def test_score_runs_script_writes_trials_csv(sweep, analyzed, tmp_path):
     out = tmp_path / "scored"
-    done = subprocess.run([sys.executable, str(ROOT / "analysis" / "score_runs.py"), str(sweep.exp), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=script_env(sweep))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / "score_runs.py"), str(sweep.exp), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=script_env(sweep),
+    )
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     pd.testing.assert_frame_equal(table, analyzed.table)  # the same table as laray analyze's
@@ -636,14 +758,29 @@ def test_imagenet_baseline_from_local_weights(sweep, tmp_path):
     weights = tmp_path / "vgg16_bn.pth"
     torch.save(torchvision.models.vgg16_bn(weights=None).state_dict(), weights)
     out = tmp_path / "out"
-    assert main(["analyze", str(sweep.exp), "--out", str(out), "--cache-dir", str(sweep.cache),
-                 "--imagenet-weights", str(weights)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(sweep.exp),
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(sweep.cache),
+                "--imagenet-weights",
+                str(weights),
+            ]
+        )
+        == 0
+    )
     baselines = pd.read_csv(out / "baselines.csv").set_index("baseline")
     assert {"raw_pixels", "autoencoder", "imagenet_vgg16_bn"} <= set(baselines.index)
     assert 0 < baselines.loc["imagenet_vgg16_bn", "purity"] <= 1
     table = pd.read_csv(out / "trials.csv")
     scored = table[table["purity"].notna()]
-    assert (scored["beats_imagenet_vgg16_bn"] == (scored["purity"] > baselines.loc["imagenet_vgg16_bn", "purity"])).all()
+    assert (
+        scored["beats_imagenet_vgg16_bn"] == (scored["purity"] > baselines.loc["imagenet_vgg16_bn", "purity"])
+    ).all()
 
 
 def test_the_codes_baseline_is_named_for_what_stage_1_was():
@@ -652,5 +789,6 @@ def test_the_codes_baseline_is_named_for_what_stage_1_was():
     assert baseline_names(5) == BASELINE_NAMES
     untrained = baseline_names(0)
     assert untrained["autoencoder"] == "k-means on the untrained encoder's codes"
-    assert {k: v for k, v in untrained.items() if k != "autoencoder"} == \
-        {k: v for k, v in BASELINE_NAMES.items() if k != "autoencoder"}
+    assert {k: v for k, v in untrained.items() if k != "autoencoder"} == {
+        k: v for k, v in BASELINE_NAMES.items() if k != "autoencoder"
+    }

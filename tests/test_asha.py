@@ -1,4 +1,5 @@
 """laray.asha: ASHA's rungs survive a resume (Ray Tune saves the searcher's state, not the scheduler's)."""
+
 import pickle
 from types import SimpleNamespace
 

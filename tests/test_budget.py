@@ -1,4 +1,5 @@
 """laray.budget: durations, and a real tiny Tune search (Optuna, ASHA, 2 at a time) cut by its budget, then resumed."""
+
 import json
 import tempfile
 import time
@@ -13,8 +14,10 @@ from laray.duration import BudgetError, parse_duration
 BUDGET_S, EPOCH_S, EPOCHS = 6.0, 0.2, 20
 
 
-@pytest.mark.parametrize("text, seconds", [("45s", 45), ("90m", 5400), ("6h", 21600), ("2d", 172800),
-                                           ("1h30m", 5400), ("1.5h", 5400), (" 1h 30M ", 5400)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("45s", 45), ("90m", 5400), ("6h", 21600), ("2d", 172800), ("1h30m", 5400), ("1.5h", 5400), (" 1h 30M ", 5400)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -57,8 +60,10 @@ def make_trainable():
             epoch += 1
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "state.json").write_text(json.dumps(epoch))
-                tune.report({"epoch": epoch, "score": config["x"] * epoch, "at": time.time()},
-                            checkpoint=tune.Checkpoint.from_directory(folder))
+                tune.report(
+                    {"epoch": epoch, "score": config["x"] * epoch, "at": time.time()},
+                    checkpoint=tune.Checkpoint.from_directory(folder),
+                )
 
     return trainable
 
@@ -73,8 +78,13 @@ def test_budget_ends_a_real_search_and_survives_a_resume(ray_session, tmp_path):
     trainable = make_trainable()
     experiment.mkdir()
     db = f"sqlite:///{experiment / 'optuna.db'}"
-    optuna_search = OptunaSearch(metric="score", mode="max", sampler=optuna.samplers.TPESampler(seed=0),
-                                 study_name="sweep", storage=optuna.storages.RDBStorage(db))
+    optuna_search = OptunaSearch(
+        metric="score",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        study_name="sweep",
+        storage=optuna.storages.RDBStorage(db),
+    )
     searcher, stopper, clock = budget_parts(BUDGET_S, experiment, optuna_search)
 
     class StartTime(tune.Callback):  # set up just before the budget's clock: its start, a little early
@@ -83,12 +93,20 @@ def test_budget_ends_a_real_search_and_survives_a_resume(ray_session, tmp_path):
 
     start = StartTime()
     tuner = tune.Tuner(
-        trainable, param_space={"x": tune.uniform(0, 1)},
-        tune_config=tune.TuneConfig(search_alg=searcher, metric="score", mode="max", num_samples=20,
-                                    max_concurrent_trials=2,
-                                    scheduler=ASHAScheduler(time_attr="epoch", max_t=EPOCHS, grace_period=1)),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(tmp_path), stop=stopper, callbacks=[start, clock],
-                                  verbose=0))
+        trainable,
+        param_space={"x": tune.uniform(0, 1)},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            metric="score",
+            mode="max",
+            num_samples=20,
+            max_concurrent_trials=2,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=EPOCHS, grace_period=1),
+        ),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=str(tmp_path), stop=stopper, callbacks=[start, clock], verbose=0
+        ),
+    )
     results = tuner.fit()
     spent_at = start.at + BUDGET_S  # the budget was spent no earlier than this
 
@@ -142,19 +160,25 @@ def test_a_budget_given_on_resume_counts_from_the_time_spent_before(ray_session,
                 pressed.touch()
                 os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: Tune saves its state and returns
 
-    tune.Tuner(trainable, param_space={"x": tune.uniform(0, 1)},
-               tune_config=tune.TuneConfig(search_alg=searcher, metric="score", mode="max", num_samples=20,
-                                           max_concurrent_trials=2),
-               run_config=tune.RunConfig(name="sweep", storage_path=str(tmp_path), stop=stopper,
-                                         callbacks=[CtrlC(), clock], verbose=0)).fit()
+    tune.Tuner(
+        trainable,
+        param_space={"x": tune.uniform(0, 1)},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, metric="score", mode="max", num_samples=20, max_concurrent_trials=2
+        ),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=str(tmp_path), stop=stopper, callbacks=[CtrlC(), clock], verbose=0
+        ),
+    ).fit()
     before = json.loads((experiment / BUDGET_FILE).read_text())
     assert before["budget_s"] is None and before["spent_s"] > 0 and left_s(experiment) is None
     asked = len(optuna.load_study(study_name="sweep", storage=db).trials)
 
     # One second more than spent: it runs out while the restored trials restart from their checkpoints.
     resume_budget(before["spent_s"] + 1.0, experiment)
-    results = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
-                                 resume_errored=False).fit()
+    results = tune.Tuner.restore(
+        str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False
+    ).fit()
     after = json.loads((experiment / BUDGET_FILE).read_text())
     assert after["ended_search"] and after["budget_s"] == before["spent_s"] + 1.0
     assert after["spent_s"] >= after["budget_s"] and left_s(experiment) == 0

@@ -1,4 +1,5 @@
 """`laray data check`: counts, sizes, bad files, exit codes, JSON; on small images made here."""
+
 import json
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_clean_folder_prints_counts_per_label_and_sizes(clean, tmp_path, capsys)
 def test_bad_files_are_listed_and_strict_fails_with_one_line(with_bad, tmp_path, capsys):
     code, out, err = check(capsys, tmp_path, with_bad)
     assert code == 0 and not error_lines(err)
-    table = out[out.index("bad files (2)"):]
+    table = out[out.index("bad files (2)") :]
     assert "empty.png" in table and "empty file (0 bytes)" in table
     assert "notes.png" in table and "not an image" in table
 
@@ -70,8 +71,22 @@ def test_bad_files_are_listed_and_strict_fails_with_one_line(with_bad, tmp_path,
 
 
 def test_strict_failure_from_a_real_process(with_bad, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "laray.cli", "data", "check", str(with_bad), "--strict",
-                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "laray.cli",
+            "data",
+            "check",
+            str(with_bad),
+            "--strict",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == f"laray: error: 2 bad file(s) in {with_bad} (--strict)"
@@ -103,8 +118,9 @@ def test_csv_without_its_path_column_names_the_column(clean, tmp_path, capsys):
 def test_csv_with_image_root_and_a_missing_file(clean, tmp_path, capsys):
     csv = tmp_path / "meta.csv"
     csv.write_text("path,genus\namanita/a0.png,Amanita\nboletus/b0.jpg,Boletus\ngone.png,Amanita\n")
-    code, out, err = check(capsys, tmp_path, csv, "--path-column", "path", "--label-column", "genus",
-                           "--image-root", clean, "--json")
+    code, out, err = check(
+        capsys, tmp_path, csv, "--path-column", "path", "--label-column", "genus", "--image-root", clean, "--json"
+    )
     report = json.loads(out)
     assert code == 0 and report["per_label"] == {"Amanita": 1, "Boletus": 1}
     assert report["bad_files"] == [{"path": str(clean / "gone.png"), "reason": "file not found (CSV line 4)"}]
@@ -117,8 +133,10 @@ def test_json_report_fields_and_counts(with_bad, tmp_path, capsys):
     assert report["spec"] == str(with_bad) and report["usable"] is True and report["reason"] is None
     assert report["labelled"] is True and report["n_images"] == 5 and report["n_skipped"] == 2
     assert report["per_label"] == {"amanita": 3, "boletus": 2}
-    assert report["image_sizes"] == {"width": {"min": 32, "median": 32.0, "max": 40},
-                                      "height": {"min": 24, "median": 24.0, "max": 30}}
+    assert report["image_sizes"] == {
+        "width": {"min": 32, "median": 32.0, "max": 40},
+        "height": {"min": 24, "median": 24.0, "max": 30},
+    }
     assert sorted(b["path"].rsplit("/", 1)[1] for b in report["bad_files"]) == ["empty.png", "notes.png"]
     assert "INFO" not in err  # --json: warnings and errors only on stderr
 

@@ -1,4 +1,5 @@
 """Seeded k-means and top-k neighbour search."""
+
 import numpy as np
 import pytest
 import torch

@@ -3,11 +3,12 @@
 Every image is generated in tmp_path; every load passes cache_dir under tmp_path so the
 user's cache is never touched. Images are tiny and image_size is 16-32, so the file runs fast.
 """
+
 from __future__ import annotations
 
 import io
-import re
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 25
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
 
 def _solid(path: Path, color=RED, size=(8, 8), mode="RGB", **save) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +89,7 @@ def _bad_files(folder: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------- decode_image: modes
+
 
 def test_grayscale_L_becomes_rgb(tmp_path):
     path = _solid(tmp_path / "g.png", 100, mode="L")
@@ -175,12 +178,15 @@ def test_dark_16bit_png_is_scaled_too(tmp_path):
     assert arr.max() <= 2
 
 
-@pytest.mark.parametrize("orientation, quadrants", [
-    # decoded (top-left, top-right, bottom-left, bottom-right) of a stored TL red / TR green / BL blue / BR white
-    (1, (RED, GREEN, BLUE, WHITE)),
-    (6, (BLUE, RED, WHITE, GREEN)),  # 6: display rotated 90 degrees clockwise
-    (8, (GREEN, WHITE, RED, BLUE)),  # 8: display rotated 90 degrees counter-clockwise
-])
+@pytest.mark.parametrize(
+    "orientation, quadrants",
+    [
+        # decoded (top-left, top-right, bottom-left, bottom-right) of a stored TL red / TR green / BL blue / BR white
+        (1, (RED, GREEN, BLUE, WHITE)),
+        (6, (BLUE, RED, WHITE, GREEN)),  # 6: display rotated 90 degrees clockwise
+        (8, (GREEN, WHITE, RED, BLUE)),  # 8: display rotated 90 degrees counter-clockwise
+    ],
+)
 def test_exif_orientation_is_applied(tmp_path, orientation, quadrants):
     a = np.zeros((32, 48, 3), dtype=np.uint8)  # stored 48 wide x 32 high
     a[:16, :24], a[:16, 24:], a[16:, :24], a[16:, 24:] = RED, GREEN, BLUE, WHITE
@@ -223,15 +229,27 @@ def test_few_megapixel_jpeg_reports_its_original_size(tmp_path):
     assert tuple(original) == (2500, 1800)
 
 
-@pytest.mark.parametrize("name, save", [
-    ("x.JPG", {}), ("x.PNG", {}), ("x.JPEG", {}), ("x.tif", {}), ("x.TIFF", {}), ("x.bmp", {}),
-    pytest.param("x.webp", {"lossless": True},
-                 marks=pytest.mark.skipif(not features.check("webp"), reason="no WebP in this Pillow")),
-])
+@pytest.mark.parametrize(
+    "name, save",
+    [
+        ("x.JPG", {}),
+        ("x.PNG", {}),
+        ("x.JPEG", {}),
+        ("x.tif", {}),
+        ("x.TIFF", {}),
+        ("x.bmp", {}),
+        pytest.param(
+            "x.webp",
+            {"lossless": True},
+            marks=pytest.mark.skipif(not features.check("webp"), reason="no WebP in this Pillow"),
+        ),
+    ],
+)
 def test_extensions(tmp_path, name, save):
     path = tmp_path / name
-    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP",
-           "webp": "WEBP"}[name.rsplit(".", 1)[1].lower()]
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}[
+        name.rsplit(".", 1)[1].lower()
+    ]
     Image.new("RGB", (12, 10), GREEN).save(path, format=fmt, **save)
     arr, original = decode_image(str(path), 16)
     assert arr.shape == (16, 16, 3)
@@ -254,9 +272,16 @@ def test_shorter_side_resize_then_centre_crop(tmp_path, wide):
     assert arr[..., 1].min() >= 200 and arr[..., 0].max() <= 40 and arr[..., 2].max() <= 40
 
 
-@pytest.mark.parametrize("kind, words", [("empty", "empty"), ("truncated", "truncated"),
-                                         ("truncated_png", "truncated"),
-                                         ("text", "not an image"), ("random", "not an image")])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("empty", "empty"),
+        ("truncated", "truncated"),
+        ("truncated_png", "truncated"),
+        ("text", "not an image"),
+        ("random", "not an image"),
+    ],
+)
 def test_decode_image_bad_files_raise_decode_error(tmp_path, kind, words):
     bad = _bad_files(tmp_path)
     path = next(p for p in bad if Path(p).stem == kind)
@@ -271,6 +296,7 @@ def test_decode_image_missing_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- folder sources
+
 
 def _species_folder(root: Path) -> dict[str, tuple]:
     """Three species; some images nested deeper; each image a unique colour. Returns {path: colour}."""
@@ -379,6 +405,7 @@ def test_nonexistent_spec_and_non_csv_file_are_data_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- bad input
+
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_files_are_skipped_with_one_warning(tmp_path, workers):
@@ -504,8 +531,13 @@ DF20_ROWS = [  # image_path, species, genus, family
 ]
 
 
-def _df20(folder: Path, rows=DF20_ROWS, columns=("image_path", "species", "genus", "family"),
-          make_images=True, image_folder: Path | None = None) -> Path:
+def _df20(
+    folder: Path,
+    rows=DF20_ROWS,
+    columns=("image_path", "species", "genus", "family"),
+    make_images=True,
+    image_folder: Path | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = [",".join(columns)]
     for k, row in enumerate(rows):
@@ -517,12 +549,18 @@ def _df20(folder: Path, rows=DF20_ROWS, columns=("image_path", "species", "genus
     return csv
 
 
-@pytest.mark.parametrize("column, class_names, labels", [
-    ("species", ["Amanita muscaria", "Amanita phalloides", "Boletus edulis", "Cantharellus cibarius"],
-     [0, 1, 2, 3, 3]),
-    ("genus", ["Amanita", "Boletus", "Cantharellus"], [0, 0, 1, 2, 2]),
-    ("family", ["Amanitaceae", "Boletaceae", "Cantharellaceae"], [0, 0, 1, 2, 2]),
-])
+@pytest.mark.parametrize(
+    "column, class_names, labels",
+    [
+        (
+            "species",
+            ["Amanita muscaria", "Amanita phalloides", "Boletus edulis", "Cantharellus cibarius"],
+            [0, 1, 2, 3, 3],
+        ),
+        ("genus", ["Amanita", "Boletus", "Cantharellus"], [0, 0, 1, 2, 2]),
+        ("family", ["Amanitaceae", "Boletaceae", "Cantharellaceae"], [0, 0, 1, 2, 2]),
+    ],
+)
 def test_csv_label_column_selection(tmp_path, column, class_names, labels):
     csv = _df20(tmp_path / "df20")
     ds = _load_quiet(csv, 16, label_column=column, cache_dir=tmp_path / "cache", workers=1)
@@ -615,7 +653,7 @@ def test_csv_row_with_missing_file_is_skipped_and_listed(tmp_path):
     assert len(ds) == len(DF20_ROWS) and len(ds) + len(ds.skipped) == total
     # a label whose files failed to decode keeps its index; a row whose file is missing adds no label
     assert "Broken" in ds.class_names and "Ghost" not in ds.class_names
-    assert all(ds.class_names[l] not in ("Ghost", "Broken") for l in ds.labels)
+    assert all(ds.class_names[label] not in ("Ghost", "Broken") for label in ds.labels)
 
     with pytest.raises(DataError) as info:
         load_dataset(str(csv), 16, strict=True, cache_dir=tmp_path / "cache", workers=1)
@@ -639,6 +677,7 @@ def test_unusable_csv_is_a_data_error_not_a_pandas_traceback(tmp_path, content):
 
 
 # ----------------------------------------------------------------------------------------- items and batches
+
 
 def test_items_are_normalised_dicts(tmp_path):
     _solid(tmp_path / "data" / "a" / "white.png", WHITE)
@@ -679,6 +718,7 @@ def test_uint8_batch_keeps_the_requested_order(tmp_path):
         assert torch.equal(row, torch.from_numpy(np.array(ds.images[i])).permute(2, 0, 1))
     # normalising the fast path's batch gives the items' tensors
     from laray.data import normalize
+
     assert torch.allclose(normalize(batch[0]), ds[4]["image"])
     assert torch.equal(ds.uint8_batch(np.array([3])), ds.uint8_batch([3]))
 
@@ -705,6 +745,7 @@ def test_augment_off_by_default_and_random_when_on(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- cache
+
 
 def _cache_files(cache_dir: Path) -> list[str]:
     """Entries and temporaries; not the per-key decode locks nor the decode log, which stay by design."""
@@ -851,6 +892,7 @@ def test_nothing_written_outside_cache_dir(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------- digits and arguments
 
+
 def test_digits(tmp_path):
     from sklearn.datasets import load_digits
 
@@ -863,7 +905,9 @@ def test_digits(tmp_path):
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
     assert item["label"] == int(target[5]) and item["idx"] == 5
     raw = np.array(ds.images[5])
-    assert raw.dtype == np.uint8 and np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
+    assert (
+        raw.dtype == np.uint8 and np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])
+    )
     assert raw.max() > 100  # upscaled grey levels, not 0..16
     assert ds.uint8_batch([3, 1]).shape == (2, 3, 16, 16)
 

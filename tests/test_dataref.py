@@ -1,4 +1,5 @@
 """Data by reference: the driver lists, each node decodes once into its own cache and checks its files."""
+
 import multiprocessing
 import os
 import pickle
@@ -6,12 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import write_digit_folder
 
 import laray.cache
 from laray.cache import default_cache_dir
 from laray.data import DataError, DataRef, describe, load_dataset, open_dataset
-
-from conftest import write_digit_folder
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,10 @@ def test_a_node_whose_files_differ_is_refused_naming_them(folder, tmp_path):
         open_dataset(digest, tmp_path / "cache")
     message = str(err.value)
     assert "differ from the driver's listing" in message and "299 file(s) here, 300 at the driver" in message
-    assert (f"2 group(s) differ: 'digit3' ({n3} files each: other names or sizes), "
-            f"'digit7' ({n7 - 1} here, {n7} at the driver)") in message
+    assert (
+        f"2 group(s) differ: 'digit3' ({n3} files each: other names or sizes), "
+        f"'digit7' ({n7 - 1} here, {n7} at the driver)"
+    ) in message
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npy"))  # nothing decoded
 
 
@@ -115,10 +117,18 @@ def test_a_node_without_the_folder_is_refused_naming_itself(folder, tmp_path):
 
 def test_the_digest_does_not_grow_with_the_number_of_files():
     """What travels to every trial: one entry per species, none per file (the object store stays flat in N)."""
+
     def synthetic(n):
         paths = tuple(f"/data/df20/species{i % 100:03d}/{i:09d}-observation.JPG" for i in range(n))
-        return DataRef("/data/df20", 224, paths, np.full(n, 40_000, np.int64), np.arange(n) % 100,
-                       tuple(f"species{c:03d}" for c in range(100)), "k" * 16)
+        return DataRef(
+            "/data/df20",
+            224,
+            paths,
+            np.full(n, 40_000, np.int64),
+            np.arange(n) % 100,
+            tuple(f"species{c:03d}" for c in range(100)),
+            "k" * 16,
+        )
 
     small, large = (len(pickle.dumps(synthetic(n).digest())) for n in (1_000, 100_000))
     assert small < 12_000 and large - small < 200  # ~60 bytes a species (the counts take a byte more each)

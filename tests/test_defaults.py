@@ -1,26 +1,36 @@
 """The bundled settings chosen by the data and the devices, and the first console line that says so."""
+
 import dataclasses
 
 import pytest
-
 from conftest import write_digit_folder
+
 from laray.cli import main
 from laray.defaults import CPU_PHOTOS, DEMO, GPU_PHOTOS, choose, demo_configs, fit_to_size, train_configs
 from laray.errors import LarayError
 from laray.space import SpaceError, load_space, parse_space
 
 
-@pytest.mark.parametrize("spec, cuda, space", [("digits", False, DEMO), ("digits", True, DEMO),
-                                               ("photos/", False, CPU_PHOTOS), ("fungi.csv", False, CPU_PHOTOS),
-                                               ("photos/", True, GPU_PHOTOS)])
+@pytest.mark.parametrize(
+    "spec, cuda, space",
+    [
+        ("digits", False, DEMO),
+        ("digits", True, DEMO),
+        ("photos/", False, CPU_PHOTOS),
+        ("fungi.csv", False, CPU_PHOTOS),
+        ("photos/", True, GPU_PHOTOS),
+    ],
+)
 def test_settings_are_chosen_by_the_data_and_cuda(spec, cuda, space):
     assert choose(spec, cuda).space == space
 
 
 def test_the_announcement_names_the_settings_the_reason_and_how_to_choose_others():
     line = choose("photos/", cuda=False).announcement("--space FILE")
-    assert line == ("settings: photos-cpu (search_spaces/photos-cpu.yaml): photos and no CUDA device here, so sized "
-                    "for a CPU; choose others with --space FILE")
+    assert line == (
+        "settings: photos-cpu (search_spaces/photos-cpu.yaml): photos and no CUDA device here, so sized "
+        "for a CPU; choose others with --space FILE"
+    )
 
 
 def test_every_bundled_space_has_a_recipe_for_each_searched_setting():
@@ -35,8 +45,13 @@ def test_every_bundled_space_has_a_recipe_for_each_searched_setting():
 def test_the_digits_defaults_are_the_demo_recipe():
     ae, la = demo_configs()
     assert (ae.arch, ae.width, ae.image_size, ae.epochs) == ("vgg11_bn", 0.25, 32, 5)
-    assert (la.temperature, la.mixing_rate, la.k_neighbours, la.clustering_repeats, la.n_centroids) == \
-        (0.04, 0.1, 300, 7, 240)
+    assert (la.temperature, la.mixing_rate, la.k_neighbours, la.clustering_repeats, la.n_centroids) == (
+        0.04,
+        0.1,
+        300,
+        7,
+        240,
+    )
     assert (la.epochs, la.flip, la.augment) == (10, False, True)
 
 
@@ -101,12 +116,19 @@ def test_laray_train_on_digits_says_demo_and_names_config_laid_over(tmp_path, ca
     assert first.endswith(f"--config {config} is laid over them")
 
 
-@pytest.mark.parametrize("argv, cuda, space, gpus", [
-    ([], True, DEMO, 1), (["--data", "PHOTOS"], False, CPU_PHOTOS, 0), (["--data", "PHOTOS"], True, GPU_PHOTOS, 1),
-    (["--data", "PHOTOS", "--device", "cpu"], True, CPU_PHOTOS, 0),
-    (["--data", "PHOTOS", "--gpus-per-trial", "0.5"], False, GPU_PHOTOS, 0.5)])
-def test_laray_sweep_chooses_by_data_and_the_trials_gpus_and_says_so_first(photos, tmp_path, capsys, monkeypatch,
-                                                                          argv, cuda, space, gpus):
+@pytest.mark.parametrize(
+    "argv, cuda, space, gpus",
+    [
+        ([], True, DEMO, 1),
+        (["--data", "PHOTOS"], False, CPU_PHOTOS, 0),
+        (["--data", "PHOTOS"], True, GPU_PHOTOS, 1),
+        (["--data", "PHOTOS", "--device", "cpu"], True, CPU_PHOTOS, 0),
+        (["--data", "PHOTOS", "--gpus-per-trial", "0.5"], False, GPU_PHOTOS, 0.5),
+    ],
+)
+def test_laray_sweep_chooses_by_data_and_the_trials_gpus_and_says_so_first(
+    photos, tmp_path, capsys, monkeypatch, argv, cuda, space, gpus
+):
     monkeypatch.setattr("laray.defaults.cuda_available", lambda: cuda)
     chosen = {}
 
@@ -124,14 +146,14 @@ def test_laray_sweep_chooses_by_data_and_the_trials_gpus_and_says_so_first(photo
     assert chosen["space"].source == str(load_space(space).source) and chosen["gpus"] == gpus
 
 
-def test_laray_sweep_with_a_space_prints_no_choice_and_a_space_without_data_asks_for_it(tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_laray_sweep_with_a_space_prints_no_choice_and_a_space_without_data_asks_for_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("laray.sweep.run_sweep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     assert main(["sweep", "--space", CPU_PHOTOS, "--storage", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.strip() == (f"laray: error: the search space {load_space(CPU_PHOTOS).source} names no data set: "
-                           "give --data FOLDER_OR_CSV")
+    assert err.strip() == (
+        f"laray: error: the search space {load_space(CPU_PHOTOS).source} names no data set: give --data FOLDER_OR_CSV"
+    )
 
 
 class FakeNVML:
@@ -151,10 +173,12 @@ class FakeNVML:
         self.shut = True
 
 
-@pytest.mark.parametrize("devices, visible, expected", [(2, None, True), (0, None, False), (2, "", False),
-                                                        (2, "-1", False), (1, "0", True)])
-def test_cuda_available_asks_the_nvidia_driver_and_honours_cuda_visible_devices(monkeypatch, devices, visible,
-                                                                                 expected):
+@pytest.mark.parametrize(
+    "devices, visible, expected", [(2, None, True), (0, None, False), (2, "", False), (2, "-1", False), (1, "0", True)]
+)
+def test_cuda_available_asks_the_nvidia_driver_and_honours_cuda_visible_devices(
+    monkeypatch, devices, visible, expected
+):
     import laray.defaults
 
     nvml = FakeNVML(devices)

@@ -5,6 +5,7 @@ warning naming both files, and stops with one line when neither reads. A full di
 injected by monkeypatching) stops the run with a DiskFullError naming the folder, and every
 earlier file stays byte-identical. Tiny models on a few digits, one torch thread.
 """
+
 import errno
 import io
 import logging
@@ -22,8 +23,16 @@ import pytest
 import torch
 from PIL import Image
 
-from laray.checkpoint import (REQUIRED_KEYS, CheckpointError, checkpoint_exists, checkpoint_problem, load_checkpoint,
-                              load_with_fallback, previous_path, save_atomic)
+from laray.checkpoint import (
+    REQUIRED_KEYS,
+    CheckpointError,
+    checkpoint_exists,
+    checkpoint_problem,
+    load_checkpoint,
+    load_with_fallback,
+    previous_path,
+    save_atomic,
+)
 from laray.cli import main
 from laray.config import AutoEncoderConfig, LAConfig, replace
 from laray.data import ImageDataset, load_dataset
@@ -60,22 +69,29 @@ def truncate(path, size):
 @pytest.fixture(scope="module")
 def tiny():
     d = load_dataset("digits", 32)
-    return ImageDataset(np.ascontiguousarray(d.images[:N]), d.labels[:N], d.class_names, d.paths[:N],
-                        spec="digits-subset", fingerprint="digits-32-subset")
+    return ImageDataset(
+        np.ascontiguousarray(d.images[:N]),
+        d.labels[:N],
+        d.class_names,
+        d.paths[:N],
+        spec="digits-subset",
+        fingerprint="digits-32-subset",
+    )
 
 
 @pytest.fixture(scope="module")
 def encoder_state(tiny):
     model, _ = pretrain_autoencoder(tiny, AE, seed=0, device="cpu", progress=False)
-    return {k[len("encoder."):]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
 
 
 @pytest.fixture(scope="module")
 def straight(tiny, encoder_state, tmp_path_factory):
     """Two LA epochs uninterrupted: (result, its folder holding la.ckpt at epoch 2 and la.ckpt.prev at epoch 1)."""
     folder = tmp_path_factory.mktemp("straight")
-    result = finetune_la(tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=folder / "la.ckpt",
-                         progress=False)
+    result = finetune_la(
+        tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=folder / "la.ckpt", progress=False
+    )
     return result, folder
 
 
@@ -116,8 +132,9 @@ def test_kill_9_while_saving_leaves_a_checkpoint_that_loads_and_resumes(tmp_path
     """A process saving in a loop (resuming from the last checkpoint) is killed -9 three times at various moments."""
     path = tmp_path / "la.ckpt"
     for delay in (0.0, 0.03, 0.07):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         first = proc.stdout.readline()
         second = proc.stdout.readline()  # two saves done: a .prev exists
         assert second, proc.stderr.read()
@@ -203,8 +220,9 @@ def test_checkpoint_problem_says_in_one_line_what_is_wrong(tmp_path, corrupt):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "only .prev left", "garbage"])
-def test_resume_after_damage_continues_from_the_previous_epoch_exactly(tiny, encoder_state, straight, tmp_path,
-                                                                       caplog, damage):
+def test_resume_after_damage_continues_from_the_previous_epoch_exactly(
+    tiny, encoder_state, straight, tmp_path, caplog, damage
+):
     """la.ckpt (epoch 2) torn or gone: resuming loads la.ckpt.prev (epoch 1), trains epoch 2 again, as straight."""
     expected, folder = straight
     for name in ("la.ckpt", "la.ckpt.prev"):
@@ -218,8 +236,18 @@ def test_resume_after_damage_continues_from_the_previous_epoch_exactly(tiny, enc
         ckpt.unlink()
     received = []
     with caplog.at_level(logging.WARNING, logger="laray.checkpoint"):
-        result = finetune_la(tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=ckpt, resume=True,
-                             callback=received.append, progress=False)
+        result = finetune_la(
+            tiny,
+            encoder_state,
+            AE,
+            LA,
+            seed=5,
+            device="cpu",
+            checkpoint=ckpt,
+            resume=True,
+            callback=received.append,
+            progress=False,
+        )
     assert str(ckpt) in caplog.text and str(previous_path(ckpt)) in caplog.text
     assert [r["epoch"] for r in received] == [2]
     for name, value in expected.encoder.state_dict().items():
@@ -238,8 +266,7 @@ def test_nothing_readable_stops_with_one_line_naming_the_file(tiny, encoder_stat
         shutil.copy(folder / "la.ckpt.prev", previous_path(ckpt))
         truncate(previous_path(ckpt), 1000)
     with pytest.raises(CheckpointError) as caught:
-        finetune_la(tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=ckpt, resume=True,
-                    progress=False)
+        finetune_la(tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=ckpt, resume=True, progress=False)
     message = str(caught.value)
     assert isinstance(caught.value, LarayError) and "\n" not in message
     assert str(ckpt) in message and "la.ckpt.prev is " + ("unreadable" if prev == "truncated" else "missing") in message
@@ -252,8 +279,17 @@ def test_another_config_is_still_refused_not_fallen_back(tiny, encoder_state, st
     for name in ("la.ckpt", "la.ckpt.prev"):
         shutil.copy(folder / name, tmp_path / name)
     with pytest.raises(CheckpointError, match="another config"):
-        finetune_la(tiny, encoder_state, AE, replace(LA, temperature=0.5), seed=5, device="cpu",
-                    checkpoint=tmp_path / "la.ckpt", resume=True, progress=False)
+        finetune_la(
+            tiny,
+            encoder_state,
+            AE,
+            replace(LA, temperature=0.5),
+            seed=5,
+            device="cpu",
+            checkpoint=tmp_path / "la.ckpt",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_laray_train_resume_on_a_truncated_checkpoint(tmp_path, caplog):
@@ -265,10 +301,37 @@ def test_laray_train_resume_on_a_truncated_checkpoint(tmp_path, caplog):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(folder / f"img{i:03d}.png")
     out = tmp_path / "out"
-    argv = ["train", "--data", str(data), "--out", str(out), "--store", str(tmp_path / "store"),
-            "--cache-dir", str(tmp_path / "cache"), "--arch", "vgg11_bn", "--width", "0.125", "--image-size", "32",
-            "--ae-epochs", "1", "--la-epochs", "2", "--batch-size", "16", "--k-neighbours", "10",
-            "--n-centroids", "5", "--clustering-repeats", "2", "--device", "cpu"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--store",
+        str(tmp_path / "store"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--arch",
+        "vgg11_bn",
+        "--width",
+        "0.125",
+        "--image-size",
+        "32",
+        "--ae-epochs",
+        "1",
+        "--la-epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--k-neighbours",
+        "10",
+        "--n-centroids",
+        "5",
+        "--clustering-repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     codes = np.load(out / "codes.npy")
     ckpt = out / "checkpoints" / "la.ckpt"
@@ -324,10 +387,12 @@ def torn_to_csv(self, file, *args, **kwargs):
     raise enospc()
 
 
-@pytest.mark.parametrize("name, where", [(name, "fsync") for name in OUTPUTS]
-                         + [("codes.npy", "writer"), ("assignments.csv", "writer")])
-def test_full_disk_while_writing_an_output_names_the_folder_and_keeps_the_files(tiny, tmp_path, monkeypatch, name,
-                                                                                 where):
+@pytest.mark.parametrize(
+    "name, where", [(name, "fsync") for name in OUTPUTS] + [("codes.npy", "writer"), ("assignments.csv", "writer")]
+)
+def test_full_disk_while_writing_an_output_names_the_folder_and_keeps_the_files(
+    tiny, tmp_path, monkeypatch, name, where
+):
     out = tmp_path / "out"
     out.mkdir()
     for write in OUTPUTS.values():
@@ -356,7 +421,7 @@ class AlmostFullDisk(io.FileIO):
     def write(self, data):
         if self.room == 0:
             raise enospc()
-        data = memoryview(data).cast("B")[:self.room]
+        data = memoryview(data).cast("B")[: self.room]
         self.room -= len(data)
         return super().write(data)
 
@@ -365,18 +430,21 @@ class AlmostFullDisk(io.FileIO):
 @pytest.mark.parametrize("name", ["la.ckpt", "codes.npy", "assignments.csv", "metrics.json"])
 def test_enospc_is_recognised_whatever_the_library_makes_of_it(tiny, tmp_path, monkeypatch, name, room):
     """torch's writer turns a short write then ENOSPC into a RuntimeError, numpy's into an OSError without errno."""
-    writes = {**OUTPUTS,
-              "la.ckpt": lambda out, dataset: save_atomic({"weights": torch.ones(100_000)}, out / "la.ckpt"),
-              "codes.npy": lambda out, dataset: write_codes(out / "codes.npy", torch.ones(N, 1000)),
-              "metrics.json": lambda out, dataset: write_json(out / "metrics.json", {"history": list(range(9999))})}
+    writes = {
+        **OUTPUTS,
+        "la.ckpt": lambda out, dataset: save_atomic({"weights": torch.ones(100_000)}, out / "la.ckpt"),
+        "codes.npy": lambda out, dataset: write_codes(out / "codes.npy", torch.ones(N, 1000)),
+        "metrics.json": lambda out, dataset: write_json(out / "metrics.json", {"history": list(range(9999))}),
+    }
     out = tmp_path / "out"
     out.mkdir()
     for write in writes.values():
         write(out, tiny)
     before = files(out)
     left = {"none": 0, "100 bytes": 100, "half the file": len(before[name]) // 2}[room]
-    monkeypatch.setattr("laray.checkpoint.open", lambda file, mode: io.BufferedWriter(AlmostFullDisk(file, left)),
-                        raising=False)
+    monkeypatch.setattr(
+        "laray.checkpoint.open", lambda file, mode: io.BufferedWriter(AlmostFullDisk(file, left)), raising=False
+    )
     with pytest.raises(DiskFullError) as caught:
         writes[name](out, tiny)
     monkeypatch.undo()
@@ -384,8 +452,7 @@ def test_enospc_is_recognised_whatever_the_library_makes_of_it(tiny, tmp_path, m
     assert files(out) == before
 
 
-def test_full_disk_mid_run_stops_naming_the_folder_then_resumes(tiny, encoder_state, straight, tmp_path,
-                                                                monkeypatch):
+def test_full_disk_mid_run_stops_naming_the_folder_then_resumes(tiny, encoder_state, straight, tmp_path, monkeypatch):
     """train_run (the code of `laray train` and of a sweep's trial): the disk fills while saving LA epoch 2."""
     out = tmp_path / "out"
     stage1 = Stage1("key", encoder_state, [], {"mean": {}})
@@ -397,8 +464,9 @@ def test_full_disk_mid_run_stops_naming_the_folder_then_resumes(tiny, encoder_st
             monkeypatch.setattr(torch, "save", torn_torch_save)
 
     with pytest.raises(DiskFullError) as caught:
-        train_run(tiny, out, AE, LA, seed=5, device="cpu", callback=fill_the_disk_after_epoch_1, progress=False,
-                  stage1=stage1)
+        train_run(
+            tiny, out, AE, LA, seed=5, device="cpu", callback=fill_the_disk_after_epoch_1, progress=False, stage1=stage1
+        )
     monkeypatch.undo()
     assert str(out / "checkpoints") in str(caught.value)
     assert sorted(before) == ["assignments.csv", "checkpoints/la.ckpt", "codes.npy", "metrics.json"]

@@ -6,6 +6,7 @@ once naming the file, removed and rebuilt, and the run goes on with the same dat
 decode or training. Images are small PNGs in tmp_path at 32 px; "models" are a few tensors, but for
 the whole store entry damaged under `laray train` (a tiny VGG on 48 digits, one torch thread).
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import write_digit_folder
 
 import laray.cache
 import laray.run
@@ -40,13 +42,12 @@ from laray.data import ImageDataset, load_dataset
 from laray.errors import DiskFullError, LarayError
 from laray.run import baselines_path, stored_stage1, train_run
 
-from conftest import write_digit_folder
-
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[str]:
@@ -86,8 +87,13 @@ def _lock_is_free(path: Path) -> bool:
 def _python(script: str, *args) -> subprocess.Popen:
     """A child interpreter that imports this checkout's laray."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -108,6 +114,7 @@ def _kill9(proc: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------------------- decode cache
+
 
 def _truncate(path: Path, keep: int) -> None:
     with open(path, "r+b") as handle:
@@ -213,7 +220,8 @@ def test_kill_during_decoding_leaves_no_entry(images, clean, tmp_path, caplog):
     assert not fresh.cache_hit and not _warnings(caplog, "laray.cache")
     _same_images(fresh, clean)
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        [f"{key}.npy", f"{key}.json", f"{key}.lock", "decodes.log"])  # the killed decode's temporary is gone
+        [f"{key}.npy", f"{key}.json", f"{key}.lock", "decodes.log"]
+    )  # the killed decode's temporary is gone
     assert len((cache / "decodes.log").read_text().splitlines()) == 1
 
 
@@ -226,8 +234,11 @@ def test_full_disk_while_writing_a_cache_entry(images, tmp_path, monkeypatch, wh
     cache = tmp_path / "cache"
     other = decode_cached(images[:20], SIZE, cache, workers=1)
     before = {p.name: p.stat().st_size for p in cache.iterdir()}
-    target = {"open_memmap": (np.lib.format, "open_memmap"), "posix_fallocate": (os, "posix_fallocate"),
-              "metadata": (laray.cache, "_write_meta")}[where]
+    target = {
+        "open_memmap": (np.lib.format, "open_memmap"),
+        "posix_fallocate": (os, "posix_fallocate"),
+        "metadata": (laray.cache, "_write_meta"),
+    }[where]
     monkeypatch.setattr(*target, _no_space)
 
     with pytest.raises(DiskFullError) as raised:
@@ -247,11 +258,14 @@ def test_full_disk_while_writing_a_cache_entry(images, tmp_path, monkeypatch, wh
 
 # ----------------------------------------------------------------------------------------- stage-1 store
 
+
 def _trainer(calls: list):
     """A stand-in for stage 1: the same weights every time, and a count of the trainings."""
+
     def train(checkpoint):
         calls.append(checkpoint)
         return {"encoder.w": torch.arange(50_000.0), "decoder.b": torch.ones(7)}, [{"epoch": 1, "loss": 0.5}]
+
     return train
 
 
@@ -274,7 +288,9 @@ STORE_DAMAGE = {
     "another pickle, hash updated": lambda folder: (
         torch.save([1, 2, 3], folder / "autoencoder.pt"),
         (folder / "autoencoder.sha256").write_text(
-            hashlib.sha256((folder / "autoencoder.pt").read_bytes()).hexdigest() + "  autoencoder.pt\n")),
+            hashlib.sha256((folder / "autoencoder.pt").read_bytes()).hexdigest() + "  autoencoder.pt\n"
+        ),
+    ),
 }
 
 
@@ -312,8 +328,10 @@ def test_autoencoder_without_recorded_hash_is_kept_and_hashed(tmp_path, caplog):
     again, _, trained = get_or_train(store, "k", _trainer(calls))
     assert not trained and len(calls) == 1 and not _warnings(caplog, "laray.store")
     _same_state(again, state)
-    assert digest.read_text() == hashlib.sha256((store / "k" / "autoencoder.pt").read_bytes()).hexdigest() + \
-        "  autoencoder.pt\n"  # sha256sum's format: `sha256sum -c autoencoder.sha256` checks it
+    assert (
+        digest.read_text()
+        == hashlib.sha256((store / "k" / "autoencoder.pt").read_bytes()).hexdigest() + "  autoencoder.pt\n"
+    )  # sha256sum's format: `sha256sum -c autoencoder.sha256` checks it
 
 
 STORE_WRITER = """
@@ -355,8 +373,9 @@ def test_kill_during_the_store_write(tmp_path, caplog, killed_writing):
     # killed before autoencoder.pt was in place: trained here; after: kept, its hash recorded now
     assert trained == (killed_writing == "autoencoder.pt") and len(calls) == int(trained)
     _same_state(state, _trainer([])(None)[0])
-    assert (folder / "autoencoder.sha256").read_text().split()[0] == \
-        hashlib.sha256((folder / "autoencoder.pt").read_bytes()).hexdigest()
+    assert (folder / "autoencoder.sha256").read_text().split()[0] == hashlib.sha256(
+        (folder / "autoencoder.pt").read_bytes()
+    ).hexdigest()
     assert not list(folder.glob(".*.tmp"))  # the killed writer's temporary removed under the lock
 
 
@@ -474,12 +493,15 @@ def test_read_baselines(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------------------- stage 1's checkpoint
 
+
 def _checkpointing_trainer(calls: list):
     """_trainer that checkpoints as stage 1 does: training.ckpt and its .prev are there when it returns."""
+
     def train(checkpoint):
         for epoch in (1, 2):
             save_atomic({"epoch": epoch}, checkpoint)
         return _trainer(calls)(checkpoint)
+
     return train
 
 
@@ -487,7 +509,11 @@ def test_stage1_checkpoints_go_once_the_autoencoder_is_stored(tmp_path):
     store, calls = tmp_path / "store", []
     assert get_or_train(store, "k", _checkpointing_trainer(calls))[2] and len(calls) == 1
     assert sorted(p.name for p in (store / "k").iterdir()) == [
-        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+        "autoencoder.pt",
+        "autoencoder.sha256",
+        "lock",
+        "trainings.log",
+    ]
 
 
 @pytest.mark.parametrize("hash_recorded", [True, False])
@@ -503,7 +529,11 @@ def test_checkpoints_an_older_laray_left_are_removed_without_a_warning(tmp_path,
     assert not trained and len(calls) == 1 and not _warnings(caplog, "laray.store")
     _same_state(again, state)
     assert sorted(p.name for p in (store / "k").iterdir()) == [
-        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+        "autoencoder.pt",
+        "autoencoder.sha256",
+        "lock",
+        "trainings.log",
+    ]
 
 
 # ----------------------------------------------------------------------------------------- a whole entry damaged
@@ -519,22 +549,32 @@ class _Killed(BaseException):
 @pytest.fixture(scope="module")
 def tiny():
     d = load_dataset("digits", SIZE)
-    return ImageDataset(np.ascontiguousarray(d.images[:48]), d.labels[:48], d.class_names, d.paths[:48],
-                        spec="digits-subset", fingerprint="digits-32-subset-48")
+    return ImageDataset(
+        np.ascontiguousarray(d.images[:48]),
+        d.labels[:48],
+        d.class_names,
+        d.paths[:48],
+        spec="digits-subset",
+        fingerprint="digits-32-subset-48",
+    )
 
 
 def _train(dataset, store: Path, out: Path, epochs: list | None = None) -> dict:
     """`laray train` without --resume (its train_run); `epochs` gets the stage-1 epochs trained."""
+
     def record(r):
         if epochs is not None and r["stage"] == "autoencoder":
             epochs.append(r["epoch"])
+
     return train_run(dataset, out, AE, LA, seed=0, device="cpu", store_dir=store, callback=record, progress=False)
 
 
 def _kill_before_storing(monkeypatch) -> None:
     """Stage 1 killed after its last checkpoint, before autoencoder.pt is written."""
+
     def killed(path, data):
         raise _Killed
+
     monkeypatch.setattr(ae_store, "_write_atomic", killed)
 
 
@@ -560,7 +600,11 @@ def test_a_finished_stage1_leaves_no_training_checkpoint(entries):
     _, entry = entries
     names = sorted(p.name for p in entry["finished"].iterdir())
     assert [n for n in names if not n.startswith("baselines_")] == [
-        "autoencoder.pt", "autoencoder.sha256", "lock", "trainings.log"]
+        "autoencoder.pt",
+        "autoencoder.sha256",
+        "lock",
+        "trainings.log",
+    ]
     assert len(names) == 5  # and one baselines file
 
 
@@ -632,10 +676,37 @@ def test_laray_train_heals_the_reported_entry(tmp_path, caplog, capsys, monkeypa
     Before, `laray train` without --resume stopped advising --resume, and so did every later run."""
     data = write_digit_folder(tmp_path / "data", 48)
     store = tmp_path / "store"
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--store", str(store),
-            "--cache-dir", str(tmp_path / "cache"), "--arch", "vgg11_bn", "--width", "0.125", "--image-size", "32",
-            "--ae-epochs", "2", "--la-epochs", "1", "--batch-size", "16", "--k-neighbours", "10",
-            "--n-centroids", "5", "--clustering-repeats", "2", "--device", "cpu"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--store",
+        str(store),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--arch",
+        "vgg11_bn",
+        "--width",
+        "0.125",
+        "--image-size",
+        "32",
+        "--ae-epochs",
+        "2",
+        "--la-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--k-neighbours",
+        "10",
+        "--n-centroids",
+        "5",
+        "--clustering-repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     with monkeypatch.context() as patch:  # a checkpoint as an older laray left it: stage 1 killed before storing
         _kill_before_storing(patch)
         with pytest.raises(_Killed):

@@ -1,4 +1,5 @@
 """Held-out scoring: a seeded split stratified by species, and scores computed on each part."""
+
 import numpy as np
 import pytest
 import torch

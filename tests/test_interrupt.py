@@ -2,6 +2,7 @@
 
 The sweeps that a signal stops and that resume are in tests/test_stop_signals.py.
 """
+
 import logging
 import os
 import signal
@@ -98,16 +99,30 @@ def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys
     assert err == "laray: stopped by SIGTERM; continue with: laray train --resume\n"
 
 
-@pytest.mark.parametrize("argv, drop, add, expected", [
-    (["sweep", "--data", "my photos", "--name", "a", "--num-samples", "8"],
-     {"--name": 1, "--num-samples": 1, "--resume": 0}, ["--resume", "--name", "a"],
-     "laray sweep --data 'my photos' --resume --name a"),
-    (["sweep", "--name=a", "--resume", "--seed", "3"], {"--name": 1, "--num-samples": 1, "--resume": 0},
-     ["--resume", "--name", "a"], "laray sweep --seed 3 --resume --name a"),
-    (["train", "--out", "o", "--resume"], None, ["--resume"], "laray train --out o --resume"),
-    (["sweep", "--warm-start", "a", "b", "--seed", "3"], {"--warm-start": -1, "--resume": 0}, ["--resume"],
-     "laray sweep --seed 3 --resume"),
-])
+@pytest.mark.parametrize(
+    "argv, drop, add, expected",
+    [
+        (
+            ["sweep", "--data", "my photos", "--name", "a", "--num-samples", "8"],
+            {"--name": 1, "--num-samples": 1, "--resume": 0},
+            ["--resume", "--name", "a"],
+            "laray sweep --data 'my photos' --resume --name a",
+        ),
+        (
+            ["sweep", "--name=a", "--resume", "--seed", "3"],
+            {"--name": 1, "--num-samples": 1, "--resume": 0},
+            ["--resume", "--name", "a"],
+            "laray sweep --seed 3 --resume --name a",
+        ),
+        (["train", "--out", "o", "--resume"], None, ["--resume"], "laray train --out o --resume"),
+        (
+            ["sweep", "--warm-start", "a", "b", "--seed", "3"],
+            {"--warm-start": -1, "--resume": 0},
+            ["--resume"],
+            "laray sweep --seed 3 --resume",
+        ),
+    ],
+)
 def test_command_again(argv, drop, add, expected):
     from laray.cli import _command_again
 

@@ -1,4 +1,5 @@
 """Local Aggregation loss and memory bank against a slow float64 reference written from the definition."""
+
 import math
 
 import pytest
@@ -34,7 +35,9 @@ def make_loss(n=60, d=8, m=0.5, tau=0.1, k=10, R=3, C=6, seed=0, dtype=torch.flo
     return LocalAggregationLoss(bank, tau, k, R, C, seed=seed)
 
 
-@pytest.mark.parametrize("k,R,C,tau", [(1, 1, 2, 0.07), (5, 2, 4, 0.5), (12, 3, 6, 0.1), (59, 4, 20, 1.0), (30, 6, 60, 0.05)])
+@pytest.mark.parametrize(
+    "k,R,C,tau", [(1, 1, 2, 0.07), (5, 2, 4, 0.5), (12, 3, 6, 0.1), (59, 4, 20, 1.0), (30, 6, 60, 0.05)]
+)
 def test_loss_matches_reference(k, R, C, tau):
     torch.manual_seed(k + R)
     loss = make_loss(k=k, R=R, C=C, tau=tau, seed=R)
@@ -97,7 +100,7 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor):
                 self.largest = max(self.largest, tensor.numel())
         return out
@@ -196,11 +199,19 @@ def test_state_dict_round_trip():
     assert fresh(codes, indices).item() == loss(codes, indices).item()
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"k": 60}, "k_neighbours"), ({"k": 0}, "k_neighbours"), ({"C": 61}, "n_centroids"),
-    ({"tau": 0.0}, "temperature"), ({"tau": -1.0}, "temperature"), ({"R": 0}, "clustering_repeats"),
-    ({"m": 0.0}, "mixing_rate"), ({"m": 1.5}, "mixing_rate"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"k": 60}, "k_neighbours"),
+        ({"k": 0}, "k_neighbours"),
+        ({"C": 61}, "n_centroids"),
+        ({"tau": 0.0}, "temperature"),
+        ({"tau": -1.0}, "temperature"),
+        ({"R": 0}, "clustering_repeats"),
+        ({"m": 0.0}, "mixing_rate"),
+        ({"m": 1.5}, "mixing_rate"),
+    ],
+)
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         make_loss(**kwargs)

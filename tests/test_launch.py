@@ -1,4 +1,5 @@
 """The cluster launchers: cluster.yaml (Ray on AWS) and slurm/laray.sbatch (Ray on SLURM)."""
+
 import argparse
 import json
 import os
@@ -29,8 +30,14 @@ def nodes(config):
 
 
 def commands(config):
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     return [c for k in keys for c in config.get(k) or []]
 
 
@@ -79,7 +86,7 @@ def test_workers_decode_into_their_local_nvme_disk():
     mount = "/mnt/local"
     assert match.group(1).startswith(mount + "/")
     setup = " ".join(config["worker_setup_commands"])
-    assert f"mount \"$dev\" {mount}" in setup and "Instance Storage" in setup  # the instance store, not EBS
+    assert f'mount "$dev" {mount}' in setup and "Instance Storage" in setup  # the instance store, not EBS
     assert "mountpoint -q " + mount in setup and "blkid" in setup  # formats only a disk without a file system
     assert "LARAY_CACHE_DIR" not in " ".join(config["head_start_ray_commands"])  # the head decodes nothing
 
@@ -115,16 +122,27 @@ def test_slurm_script_runs_a_sweep_with_fake_slurm_commands(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\ntr ',' '\\n' <<< \"$3\"\n")
     (bin_dir / "srun").write_text(
-        "#!/bin/bash\nwhile [[ $# -gt 0 && \"$1\" == -* ]]; do case \"$1\" in -w|-N|-n|-c) shift 2;; *) shift;; esac; done\n"
-        f"echo $$ >> {pids}\nexec \"$@\"\n")
+        '#!/bin/bash\nwhile [[ $# -gt 0 && "$1" == -* ]]; do\n'
+        '  case "$1" in -w|-N|-n|-c) shift 2;; *) shift;; esac\ndone\n'
+        f'echo $$ >> {pids}\nexec "$@"\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     script = short / "cpu.sbatch"
     script.write_text(SBATCH.read_text().replace("--gpus-per-trial 1", "--gpus-per-trial 0"))
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_JOB_NODELIST": "nodeA,nodeB", "SLURM_CPUS_PER_TASK": "1", "LARAY_DIR": str(ROOT), "DATA": "digits",
-           "SPACE": "demo", "STORAGE": str(tmp_path / "results"), "NAME": "slurm", "TMPDIR": str(short),
-           "RAY_PORT": "6479"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "nodeA,nodeB",
+        "SLURM_CPUS_PER_TASK": "1",
+        "LARAY_DIR": str(ROOT),
+        "DATA": "digits",
+        "SPACE": "demo",
+        "STORAGE": str(tmp_path / "results"),
+        "NAME": "slurm",
+        "TMPDIR": str(short),
+        "RAY_PORT": "6479",
+    }
     env.pop("LARAY_CACHE_DIR", None)
     log = short / "job.log"
     try:
@@ -184,7 +202,7 @@ echo "srun $*" >> "$FAKE_LOG/calls"
 if [[ "$1" == hostname ]]; then echo 127.0.0.1; exit 0; fi
 exec "$@"
 """,
-    "ray": "#!/bin/bash\necho \"ray $*\" >> \"$FAKE_LOG/calls\"\n",
+    "ray": '#!/bin/bash\necho "ray $*" >> "$FAKE_LOG/calls"\n',
     "scontrol": r"""#!/bin/bash
 echo "scontrol $*" >> "$FAKE_LOG/calls"
 case "$1 $2" in
@@ -201,7 +219,7 @@ case "$*" in
     *) echo "unexpected python $*" >&2; exit 2 ;;
 esac
 """,
-    "sleep": "#!/bin/bash\nexec REAL_SLEEP \"$(awk -v s=\"$1\" 'BEGIN { print s / 100 }')\"\n",  # time 100 times faster
+    "sleep": '#!/bin/bash\nexec REAL_SLEEP "$(awk -v s="$1" \'BEGIN { print s / 100 }\')"\n',  # time 100 times faster
     "laray": FAKE_LARAY,
 }
 
@@ -219,20 +237,38 @@ class FakeJob:
             (self.bin_dir / name).write_text(text.replace("REAL_SLEEP", real_sleep))
             (self.bin_dir / name).chmod(0o755)
         self.experiment = tmp_path / "results" / "sweep"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FAKE_")) and k not in
-                    ("MAX_REQUEUES", "STOP_TIMEOUT", "RESUME", "LARAY_CACHE_DIR", "RAY_ADDRESS")}
-        self.env.update(PATH=f"{self.bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(self.log_dir), LARAY_DIR=str(project),
-                        SLURM_JOB_ID=JOB_ID, SLURM_JOB_NODELIST="nodeA,nodeB,nodeC", SLURM_CPUS_PER_TASK="2",
-                        DATA="photos.csv", SPACE="demo", STORAGE=str(tmp_path / "results"), NAME="sweep",
-                        TMPDIR=str(tmp_path))
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "FAKE_"))
+            and k not in ("MAX_REQUEUES", "STOP_TIMEOUT", "RESUME", "LARAY_CACHE_DIR", "RAY_ADDRESS")
+        }
+        self.env.update(
+            PATH=f"{self.bin_dir}:{os.environ['PATH']}",
+            FAKE_LOG=str(self.log_dir),
+            LARAY_DIR=str(project),
+            SLURM_JOB_ID=JOB_ID,
+            SLURM_JOB_NODELIST="nodeA,nodeB,nodeC",
+            SLURM_CPUS_PER_TASK="2",
+            DATA="photos.csv",
+            SPACE="demo",
+            STORAGE=str(tmp_path / "results"),
+            NAME="sweep",
+            TMPDIR=str(tmp_path),
+        )
         self.output = tmp_path / "job.log"
 
     def start(self, **env) -> subprocess.Popen:
         (self.log_dir / "laray.running").unlink(missing_ok=True)
         self.calls_before = len(self.calls())
         with open(self.output, "a") as out:
-            return subprocess.Popen(["bash", str(SBATCH)], env={**self.env, **env}, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                ["bash", str(SBATCH)],
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def run(self, **env) -> int:
         return self.start(**env).wait(timeout=30)
@@ -255,7 +291,7 @@ class FakeJob:
         return path.read_text().splitlines() if path.exists() else []
 
     def new_calls(self) -> list[str]:
-        return self.calls()[self.calls_before:]
+        return self.calls()[self.calls_before :]
 
     def text(self) -> str:
         return self.output.read_text()

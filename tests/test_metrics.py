@@ -3,6 +3,7 @@
 Contingency tables are written rows = predicted cluster (sorted ids),
 columns = true species (sorted names), as laray.metrics.contingency returns them.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +50,7 @@ NMI_1 = math.log(2) / (2 / 3 * math.log(2) + 1 / 2 * math.log(3))
 def test_contingency_hand_example():
     table = contingency(TRUE_1, PRED_1)
     assert table.dtype.kind == "i"
-    np.testing.assert_array_equal(table, [[2, 0, 0],
-                                          [1, 2, 0],
-                                          [0, 0, 1]])
+    np.testing.assert_array_equal(table, [[2, 0, 0], [1, 2, 0], [0, 0, 1]])
 
 
 def test_contingency_rows_are_clusters_columns_species():
@@ -98,12 +97,15 @@ def test_purity_differs_from_accuracy():
     assert hungarian_accuracy(true, pred) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("pred", [
-    [0, 0, 1, 1, 2],          # same ids
-    [2, 2, 0, 0, 1],          # permuted ids
-    [7, 7, -3, -3, 100],      # arbitrary ids
-    ["q", "q", "p", "p", "r"],  # string cluster ids
-])
+@pytest.mark.parametrize(
+    "pred",
+    [
+        [0, 0, 1, 1, 2],  # same ids
+        [2, 2, 0, 0, 1],  # permuted ids
+        [7, 7, -3, -3, 100],  # arbitrary ids
+        ["q", "q", "p", "p", "r"],  # string cluster ids
+    ],
+)
 def test_perfect_clustering_scores_one(pred):
     true = ["a", "a", "b", "b", "c"]
     scores = cluster_scores(true, pred)

@@ -1,4 +1,5 @@
 """Stage 1 models: VGG encoder, SegNet-style mirrored decoder, merged encoder."""
+
 from __future__ import annotations
 
 import pytest
@@ -109,10 +110,14 @@ def test_decoder_mirrors_encoder(arch):
         assert tconv.padding == conv.padding
 
     # The kinds of layers mirror too: the encoder's pool/conv sequence reversed.
-    enc_kinds = ["P" if isinstance(m, nn.MaxPool2d) else "C" for m in enc_layers
-                 if isinstance(m, (nn.MaxPool2d, nn.Conv2d))]
-    dec_kinds = ["P" if isinstance(m, nn.MaxUnpool2d) else "C" for m in dec_layers
-                 if isinstance(m, (nn.MaxUnpool2d, nn.ConvTranspose2d))]
+    enc_kinds = [
+        "P" if isinstance(m, nn.MaxPool2d) else "C" for m in enc_layers if isinstance(m, (nn.MaxPool2d, nn.Conv2d))
+    ]
+    dec_kinds = [
+        "P" if isinstance(m, nn.MaxUnpool2d) else "C"
+        for m in dec_layers
+        if isinstance(m, (nn.MaxUnpool2d, nn.ConvTranspose2d))
+    ]
     assert dec_kinds == enc_kinds[::-1]
 
     # Every transposed conv but the last is followed by BN(out_channels) + ReLU.
@@ -301,7 +306,7 @@ def vgg16_state_file(tmp_path_factory):
 
 def _assert_features_equal(features: nn.Module, tv_model: nn.Module):
     ours = features.state_dict()
-    theirs = {k[len("features."):]: v for k, v in tv_model.state_dict().items() if k.startswith("features.")}
+    theirs = {k[len("features.") :]: v for k, v in tv_model.state_dict().items() if k.startswith("features.")}
     assert set(ours) == set(theirs)
     assert any(k.endswith("running_mean") for k in ours)
     assert any(k.endswith("num_batches_tracked") for k in ours)

@@ -3,6 +3,7 @@ worker nodes, each with its own node-local cache folder (LARAY_CACHE_DIR in its 
 stage-1 store. `laray sweep --address` drives 4 trials from a separate process, is killed mid-sweep (SIGKILL)
 and resumed. What real nodes would not share, these do not use: trials read no folder but their node's cache.
 """
+
 import json
 import os
 import signal
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_digit_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +23,21 @@ from object_store import object_store_bytes  # noqa: E402
 
 N_IMAGES, SIZE, TRIALS = 1000, 64, 4
 SPACE = {
-    "num_samples": TRIALS, "max_concurrent": 2, "grace_period": 2, "confirm_top": 0,
-    "fixed": {"autoencoder": {"arch": "vgg11_bn", "width": 0.125, "image_size": SIZE, "epochs": 1, "batch_size": 50},
-              "la": {"epochs": 2, "batch_size": 50}},
-    "search": {"temperature": {"loguniform": [0.05, 0.5]}, "mixing_rate": {"uniform": [0.3, 0.9]},
-               "k_neighbours": {"int": [5, 50]}, "clustering_repeats": {"int": [1, 2]},
-               "n_centroids": {"int": [10, 40]}},
+    "num_samples": TRIALS,
+    "max_concurrent": 2,
+    "grace_period": 2,
+    "confirm_top": 0,
+    "fixed": {
+        "autoencoder": {"arch": "vgg11_bn", "width": 0.125, "image_size": SIZE, "epochs": 1, "batch_size": 50},
+        "la": {"epochs": 2, "batch_size": 50},
+    },
+    "search": {
+        "temperature": {"loguniform": [0.05, 0.5]},
+        "mixing_rate": {"uniform": [0.3, 0.9]},
+        "k_neighbours": {"int": [5, 50]},
+        "clustering_repeats": {"int": [1, 2]},
+        "n_centroids": {"int": [10, 40]},
+    },
 }
 NAME = "rehearsal"
 
@@ -69,8 +78,23 @@ def _finished(folder: Path) -> bool:
 
 
 def _sweep_command(address: str, tmp: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "laray.cli", "sweep", "--address", address, "--space", str(tmp / "space.yaml"),
-            "--data", str(data), "--storage", str(tmp / "results"), "--name", NAME, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "laray.cli",
+        "sweep",
+        "--address",
+        address,
+        "--space",
+        str(tmp / "space.yaml"),
+        "--data",
+        str(data),
+        "--storage",
+        str(tmp / "results"),
+        "--name",
+        NAME,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +106,11 @@ def rehearsal(tmp_path_factory):
     (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE))
     store_memory = 100 * 1024**2
     saved = os.environ.get("LARAY_CACHE_DIR")
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": store_memory})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": store_memory},
+    )
     workers = {}
     try:
         for name in ("worker_a", "worker_b"):
@@ -103,8 +130,9 @@ def rehearsal(tmp_path_factory):
     experiment = tmp / "results" / NAME
     try:
         with open(tmp / "first.log", "w") as log:
-            first = subprocess.Popen(_sweep_command(cluster.address, tmp, data), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=tmp)
+            first = subprocess.Popen(
+                _sweep_command(cluster.address, tmp, data), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp
+            )
         deadline = time.monotonic() + 300
         while not any(_finished(f) for f in _trial_folders(experiment)):
             assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
@@ -113,13 +141,26 @@ def rehearsal(tmp_path_factory):
         first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep: nothing saved on the way out
         first.wait()
         finished_before = sum(_finished(f) for f in _trial_folders(experiment))
-        resumed = subprocess.run(_sweep_command(cluster.address, tmp, data, "--resume"), capture_output=True,
-                                 text=True, env=env, cwd=tmp, timeout=600)
+        resumed = subprocess.run(
+            _sweep_command(cluster.address, tmp, data, "--resume"),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+            timeout=600,
+        )
         sampler.done.set()
         sampler.join()
-        yield {"tmp": tmp, "experiment": experiment, "data": data, "resumed": resumed, "peak": sampler.peak,
-               "finished_before": finished_before,
-               "worker_ids": {n: w.node_id for n, w in workers.items()}, "head_id": cluster.head_node.node_id}
+        yield {
+            "tmp": tmp,
+            "experiment": experiment,
+            "data": data,
+            "resumed": resumed,
+            "peak": sampler.peak,
+            "finished_before": finished_before,
+            "worker_ids": {n: w.node_id for n, w in workers.items()},
+            "head_id": cluster.head_node.node_id,
+        }
     finally:
         sampler.done.set()
         cluster.shutdown()

@@ -1,4 +1,5 @@
 """laray.plots: every picture is a valid PNG, edge cases included; montage tiles sit where they say."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laray.plots import (Montage, _order_clusters, cluster_montage, plot_contingency, plot_history, plot_importances,
-                         plot_objective_vs_params, running_best)
+from laray.plots import (
+    Montage,
+    _order_clusters,
+    cluster_montage,
+    plot_contingency,
+    plot_history,
+    plot_importances,
+    plot_objective_vs_params,
+    running_best,
+)
 
 
 def assert_png(path, min_w=200, min_h=100):
@@ -22,24 +31,28 @@ def assert_png(path, min_w=200, min_h=100):
 
 # ---------------------------------------------------------------- sweep charts
 
+
 @pytest.fixture
 def trials():
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({
-        "temperature": 10 ** rng.uniform(-2, 0, 20),  # spans 100x: log axis
-        "k_neighbours": rng.integers(5, 500, 20),
-        "lr": rng.uniform(0.01, 0.05, 20),
-        "optimizer": rng.choice(["sgd", "adam"], 20),  # a categorical choice
-        "purity": rng.uniform(0.3, 0.8, 20),
-    })
+    df = pd.DataFrame(
+        {
+            "temperature": 10 ** rng.uniform(-2, 0, 20),  # spans 100x: log axis
+            "k_neighbours": rng.integers(5, 500, 20),
+            "lr": rng.uniform(0.01, 0.05, 20),
+            "optimizer": rng.choice(["sgd", "adam"], 20),  # a categorical choice
+            "purity": rng.uniform(0.3, 0.8, 20),
+        }
+    )
     df.loc[[2, 7], "purity"] = np.nan  # failed or pruned trials
     df.loc[4, "lr"] = np.nan
     return df
 
 
 def test_objective_vs_params(tmp_path, trials):
-    path = plot_objective_vs_params(trials, ["temperature", "k_neighbours", "lr", "optimizer"], "purity",
-                                    tmp_path / "p.png")
+    path = plot_objective_vs_params(
+        trials, ["temperature", "k_neighbours", "lr", "optimizer"], "purity", tmp_path / "p.png"
+    )
     assert path == tmp_path / "p.png"
     assert_png(path, 800, 200)
 
@@ -83,13 +96,13 @@ def test_history(tmp_path, values, mode):
     assert_png(plot_history(values, tmp_path / "h.png", objective="nmi", mode=mode))
 
 
-@pytest.mark.parametrize("importances", [{"temperature": 0.6, "lr": 0.1, "k_neighbours": 0.3},
-                                         {"lr": 1.0}, {}])
+@pytest.mark.parametrize("importances", [{"temperature": 0.6, "lr": 0.1, "k_neighbours": 0.3}, {"lr": 1.0}, {}])
 def test_importances(tmp_path, importances):
     assert_png(plot_importances(importances, tmp_path / "i.png"))
 
 
 # ---------------------------------------------------------------- contingency
+
 
 def test_contingency_string_labels_any_cluster_ids(tmp_path):
     species = np.array(["Boletus edulis"] * 6 + ["Amanita muscaria"] * 5 + ["Morchella"] * 3)
@@ -107,9 +120,13 @@ def test_contingency_keeps_the_most_frequent_species(tmp_path):
 
 def test_cluster_order_by_hand():
     #              cluster 0  1  2  3
-    table = np.array([[0, 5, 0, 2],   # species a
-                      [4, 1, 0, 3],   # species b
-                      [0, 0, 6, 0]])  # species c
+    table = np.array(
+        [
+            [0, 5, 0, 2],  # species a
+            [4, 1, 0, 3],  # species b
+            [0, 0, 6, 0],
+        ]
+    )  # species c
     # majority rows: 0 -> b, 1 -> a, 2 -> c, 3 -> b; sizes 4, 6, 6, 5
     # so a: [1], then b with the larger cluster first: [3, 0], then c: [2]
     np.testing.assert_array_equal(_order_clusters(table), [1, 3, 0, 2])
@@ -154,8 +171,14 @@ def tile_colours(path, montage: Montage):
 def test_montage_tiles_show_their_images(tmp_path, solid, with_species):
     images, clusters, species, colour_of = solid
     per_cluster = 8
-    m = cluster_montage(images, clusters, tmp_path / "m.png", species=species if with_species else None,
-                        per_cluster=per_cluster, tile=32)
+    m = cluster_montage(
+        images,
+        clusters,
+        tmp_path / "m.png",
+        species=species if with_species else None,
+        per_cluster=per_cluster,
+        tile=32,
+    )
     assert m.path == tmp_path / "m.png"
     # rows by size descending
     assert list(m.indices) == [7, 11, -3, 250, 0]
@@ -186,7 +209,7 @@ def test_montage_tiles_show_their_images(tmp_path, solid, with_species):
     margin = min(b[0] for b in all_boxes)
     assert dark[:, :margin].any()  # row labels
     x0, y0, x1, y1 = m.boxes[7][0]
-    strip = dark[y1:y1 + 20, x0:x1]
+    strip = dark[y1 : y1 + 20, x0:x1]
     assert strip.any() == with_species  # the species caption lies in the strip under the tile
 
 
@@ -208,8 +231,7 @@ def test_montage_limits_rows_and_is_seeded(tmp_path, solid):
     images, clusters, species, _ = solid
     a = cluster_montage(images, clusters, tmp_path / "a.png", species=species, per_cluster=4, max_clusters=2)
     b = cluster_montage(images, clusters, tmp_path / "b.png", species=species, per_cluster=4, max_clusters=2)
-    c = cluster_montage(images, clusters, tmp_path / "c.png", species=species, per_cluster=4, max_clusters=2,
-                        seed=1)
+    c = cluster_montage(images, clusters, tmp_path / "c.png", species=species, per_cluster=4, max_clusters=2, seed=1)
     assert list(a.indices) == [7, 11]
     assert a.indices == b.indices and a.boxes == b.boxes
     assert a.indices != c.indices
@@ -222,8 +244,13 @@ def test_montage_limits_rows_and_is_seeded(tmp_path, solid):
 def test_montage_wide_images_and_empty_input(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (6, 30, 50, 3), dtype=np.uint8)  # not square: centre-cropped
-    m = cluster_montage(images, np.array([5, 5, 5, 9, 9, 5]), tmp_path / "m.png",
-                        species=np.array(["a very long species name indeed"] * 6), tile=24)
+    m = cluster_montage(
+        images,
+        np.array([5, 5, 5, 9, 9, 5]),
+        tmp_path / "m.png",
+        species=np.array(["a very long species name indeed"] * 6),
+        tile=24,
+    )
     assert [len(v) for v in m.indices.values()] == [4, 2]
     assert_png(m.path, 100, 50)
     e = cluster_montage(np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, int), tmp_path / "e.png")

@@ -2,6 +2,7 @@
 
 Plus the training loops with it against the synchronous path, and benchmarks/data_feed.py --quick.
 """
+
 import contextlib
 import re
 import subprocess
@@ -147,15 +148,16 @@ def test_cuda_batches_are_pinned_and_equal(memmapped):
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_with_the_reader_equals_synchronous_reads(monkeypatch):
     digits = load_dataset("digits", 32)
-    tiny = ImageDataset(np.ascontiguousarray(digits.images[:40]), digits.labels[:40], digits.class_names,
-                        digits.paths[:40])
+    tiny = ImageDataset(
+        np.ascontiguousarray(digits.images[:40]), digits.labels[:40], digits.class_names, digits.paths[:40]
+    )
     ae = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=1, batch_size=16)
     la = LAConfig(epochs=1, batch_size=16, k_neighbours=5, n_centroids=4, clustering_repeats=1, augment=True)
     runs = []
     for depth in (0, 3):
         monkeypatch.setattr(train_mod, "PREFETCH_DEPTH", depth)
         model, history = train_mod.pretrain_autoencoder(tiny, ae, seed=2, device="cpu", progress=False)
-        encoder = {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        encoder = {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
         result = train_mod.finetune_la(tiny, encoder, ae, la, seed=2, device="cpu", progress=False)
         runs.append((model.state_dict(), result.encoder.state_dict(), result.codes, history + result.history))
     (ae0, la0, codes0, history0), (ae1, la1, codes1, history1) = runs
@@ -169,8 +171,13 @@ def test_training_with_the_reader_equals_synchronous_reads(monkeypatch):
 
 
 def test_data_feed_benchmark_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_feed.py"), "--quick"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "data_feed.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "POSIX_FADV_DONTNEED" in out and "not a measurement" in out
@@ -183,5 +190,9 @@ def test_data_feed_benchmark_quick():
     for cache in ("warm", "cold"):
         assert re.search(rf"^{cache}(\s+-?[\d.]+){{7}}%$", out, re.M), out
     assert re.search(r"GFLOP per image .*counted at 32 px and scaled by pixels", out)
-    assert re.search(r"^verdict: one reader thread from a warm cache delivers \d+ images/s, [\d.]+x the \d+ "
-                     r"images/s .*: it (exceeds|does NOT reach) the consumption$", out, re.M)
+    assert re.search(
+        r"^verdict: one reader thread from a warm cache delivers \d+ images/s, [\d.]+x the \d+ "
+        r"images/s .*: it (exceeds|does NOT reach) the consumption$",
+        out,
+        re.M,
+    )

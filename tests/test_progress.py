@@ -1,4 +1,5 @@
 """The sweep's console (laray.progress): what a line says, from Tune's own trial list."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +21,12 @@ def test_lines_count_the_trials_and_bound_the_time_left(capsys):
     progress = SweepProgress("search", epochs=8, objective="purity", concurrency=2)
     progress.setup(num_samples=6, total_num_samples=6)
     a, b = trial("a", "RUNNING", 1), trial("b", "RUNNING", 1)
-    progress.on_trial_result(0, [a, b], a, {"epoch": 1, "purity": 0.8123, "heldout_purity": 0.8, "images_per_s": 612.4,
-                                            "time_this_iter_s": 4.0})
+    progress.on_trial_result(
+        0,
+        [a, b],
+        a,
+        {"epoch": 1, "purity": 0.8123, "heldout_purity": 0.8, "images_per_s": 612.4, "time_this_iter_s": 4.0},
+    )
     line = capsys.readouterr().out.strip()
     assert line.startswith("[search ") and "trial a epoch 1/8  purity 0.812 (held-out 0.800)  612 img/s" in line
     # 7 + 7 epochs of the two running trials, 4 x 8 of those not started: 46 epochs x 4 s / 2 at once

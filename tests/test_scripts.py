@@ -1,4 +1,5 @@
 """The README's commands, the docs' examples and links, the CI script, the CLI and the benchmarks' small modes."""
+
 import json
 import os
 import re
@@ -30,6 +31,17 @@ def test_cli_help_and_version():
     assert "usage: laray" in out.stdout
     out = subprocess.run([sys.executable, "-m", "laray.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("laray ")
+
+
+def test_python_dash_m_laray_and_the_public_api():
+    out = subprocess.run([sys.executable, "-m", "laray", "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: laray")
+    probe = (
+        "import sys, laray; light = not {'torch', 'ray'} & set(sys.modules); "
+        "[getattr(laray, name) for name in laray.__all__]; print(light, sorted(dir(laray)) == sorted(laray.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]  # import laray costs no torch or Ray; every public name resolves
 
 
 def _commands(parser, path=("laray",)):
@@ -67,21 +79,47 @@ def test_wheel_holds_the_bundled_spaces_and_a_plain_install_finds_them(tmp_path)
     import zipfile
 
     source = tmp_path / "source"  # built from a copy: a build leaves build/ and *.egg-info beside the sources
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.egg-info", "build", "runs", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "runs", ".pytest_cache"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("laray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"laray/search_spaces/demo.yaml", "laray/search_spaces/default.yaml"} <= set(names)
     site = tmp_path / "site"  # a plain (non-editable) install of the wheel alone, ahead of the editable one
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True, timeout=300)
-    code = ("import laray, sys; from laray.space import load_space; from laray.cli import main; "
-            "print(laray.__file__); print(load_space('demo').source); main(['sweep', '--help'])")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    code = (
+        "import laray, sys; from laray.space import load_space; from laray.cli import main; "
+        "print(laray.__file__); print(load_space('demo').source); main(['sweep', '--help'])"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     module, space = done.stdout.splitlines()[:2]
     assert module.startswith(str(site)) and space == str(site / "laray" / "search_spaces" / "demo.yaml")
@@ -89,8 +127,13 @@ def test_wheel_holds_the_bundled_spaces_and_a_plain_install_finds_them(tmp_path)
 
 
 def test_la_step_benchmark_quick_mode_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "la_step.py"), "--quick", "--steps", "3",
-                          "--direct-steps", "1"], capture_output=True, text=True, check=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "la_step.py"), "--quick", "--steps", "3", "--direct-steps", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     speedup = float(re.search(r"speed-up, amortised: (\d+)x", out).group(1))
     assert speedup > 1  # laray's step must at least beat the per-batch refit at any size
     rows = re.findall(r"^\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?\d+)", out, flags=re.M)
@@ -170,8 +213,13 @@ def test_every_relative_link_in_the_readme_changelog_and_docs_resolves_and_the_r
 
 
 def test_step_memory_benchmark_quick_mode_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), "--quick"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["2,000", "8,000"], out
     for row in rows:
@@ -181,8 +229,22 @@ def test_step_memory_benchmark_quick_mode_prints_measured_figures():
 
 
 def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_restarts.py"), "--quick", "--restarts", "1",
-                          "20", "--seeds", "3"], capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "eval_restarts.py"),
+            "--quick",
+            "--restarts",
+            "1",
+            "20",
+            "--seeds",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     (row,) = [line.split() for line in out.splitlines() if line.startswith("synthetic")]
     for cell, spread in ((row[1], row[2]), (row[4], row[5])):  # "lo-hi", "(hi - lo)", then seconds
         lo, hi = (float(v) for v in cell.split("-"))
@@ -190,8 +252,13 @@ def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
 
 
 def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_model.py")], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paper_model.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.startswith("PROJECTION")
     (total,) = [line.split()[1:] for line in out.splitlines() if line.startswith("total")]
     page = (DOCS / "benchmarks.md").read_text()  # "A DF20 sweep on paper"
@@ -200,28 +267,44 @@ def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
 
 
 def test_data_cache_benchmark_quick_mode_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--quick"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     assert re.search(r"first pass, decode .* ([\d.]+) s\s+(\d+) images/s", out)
     epochs = re.findall(r"epoch from cache, .*?([\d.]+)x faster than decoding", out)
     assert len(epochs) == 3 and all(float(x) > 0 for x in epochs)
 
 
 def test_train_throughput_benchmark_quick_mode_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--quick"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
-    rows = re.findall(r"^demo \(digits\)\s+(autoencoder|local aggregation)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
-                      out, flags=re.M)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    rows = re.findall(
+        r"^demo \(digits\)\s+(autoencoder|local aggregation)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, flags=re.M
+    )
     assert [r[0] for r in rows] == ["autoencoder", "local aggregation"]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # images/s and FLOPs per image measured
-
 
 
 def test_sweep_overhead_benchmark_quick_mode_prints_measured_figures(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["LARAY_CACHE_DIR"] = str(tmp_path / "cache")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_overhead.py"), "--quick"], env=env,
-                         capture_output=True, text=True, check=True, timeout=600).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep_overhead.py"), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
     assert re.search(r"stage 1 .* and its baselines: ([\d.]+) s", out)
     row = re.search(r"^\s+1\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)%", out, flags=re.M)
     assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0
@@ -229,11 +312,27 @@ def test_sweep_overhead_benchmark_quick_mode_prints_measured_figures(tmp_path):
 
 
 def test_heap_growth_benchmark_small_size_prints_measured_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap_growth.py"), "--n", "3000", "--iters", "2",
-                          "--steps", "2", "--repeats", "1"], capture_output=True, text=True, check=True,
-                         timeout=120).stdout
-    rows = re.findall(r"^(k-means|LA steps), .*?\s+1\s+(\d+)\s+(\d+)\s+([+-]\d+)\s+(\d+)\s+(\d+)\s+([+-]\d+)$",
-                      out, flags=re.M)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "heap_growth.py"),
+            "--n",
+            "3000",
+            "--iters",
+            "2",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = re.findall(
+        r"^(k-means|LA steps), .*?\s+1\s+(\d+)\s+(\d+)\s+([+-]\d+)\s+(\d+)\s+(\d+)\s+([+-]\d+)$", out, flags=re.M
+    )
     assert [r[0] for r in rows] == ["k-means", "k-means", "LA steps"], out
     for row in rows:  # growth = after - before, to the rounding of each
         rss_before, rss_after, rss_growth, anon_before, anon_after, anon_growth = (int(v) for v in row[1:])
@@ -247,18 +346,41 @@ def test_photo_recipe_benchmark_prints_a_table_row_over_seeds(tmp_path):
 
     photos = write_digit_folder(tmp_path / "photos", 30, size=40)
     config = tmp_path / "tiny.yaml"
-    config.write_text("autoencoder: {width: 0.125, image_size: 32, epochs: 1, batch_size: 16}\n"
-                      "la: {epochs: 1, batch_size: 16, k_neighbours: 8, n_centroids: 5, clustering_repeats: 1}\n")
+    config.write_text(
+        "autoencoder: {width: 0.125, image_size: 32, epochs: 1, batch_size: 16}\n"
+        "la: {epochs: 1, batch_size: 16, k_neighbours: 8, n_centroids: 5, clustering_repeats: 1}\n"
+    )
     env = {**os.environ, "LARAY_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_recipe.py"), "--data", str(photos),
-                          "--config", str(config), "--seeds", "0", "1", "--jobs", "2", "--set", "la.grey=0.5",
-                          "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, check=True,
-                         timeout=300).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "photo_recipe.py"),
+            "--data",
+            str(photos),
+            "--config",
+            str(config),
+            "--seeds",
+            "0",
+            "1",
+            "--jobs",
+            "2",
+            "--set",
+            "la.grey=0.5",
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     seeds = re.findall(r"^  seed (\d): purity (0\.\d{3}) held-out (0\.\d{3})  raw pixels (0\.\d{3})", out, flags=re.M)
     assert sorted(s[0] for s in seeds) == ["0", "1"]
     number = r"(0\.\d{3}) ± (0\.\d{3})"
-    row = re.search(rf"^\| la grey 0\.5 \| {number} \| {number} \| {number} \| {number} \| (-?\d\.\d{{3}}) ± ", out,
-                    flags=re.M)
+    row = re.search(
+        rf"^\| la grey 0\.5 \| {number} \| {number} \| {number} \| {number} \| (-?\d\.\d{{3}}) ± ", out, flags=re.M
+    )
     assert row, out
     purities = [float(s[1]) for s in seeds]
     assert float(row.group(1)) == pytest.approx(sum(purities) / 2, abs=1e-3)  # the mean of the seeds' lines

@@ -6,6 +6,7 @@ the middle of a trial; `pytest -m slow` stops one at each moment (stage 1, mid-t
 a checkpoint is written, during the confirmation) and checks that each ends with the same answer as
 the same sweep left alone.
 """
+
 import json
 import os
 import shlex
@@ -19,24 +20,39 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import write_digit_folder
 
-NOISE = ("Traceback", "SIGTERM received", "\x1b[", "Stop signal received", "performance bottleneck",
-         "Trials did not complete")
+NOISE = (
+    "Traceback",
+    "SIGTERM received",
+    "\x1b[",
+    "Stop signal received",
+    "performance bottleneck",
+    "Trials did not complete",
+)
 N = 120
 
 
 def sweep_space(la_epochs: int, confirm: bool, grace_period: int = 1) -> dict:
-    search = {"temperature": {"loguniform": [0.05, 0.5]}, "mixing_rate": {"uniform": [0.3, 0.9]},
-              "k_neighbours": {"int": [5, 50]}, "clustering_repeats": {"int": [1, 3]},
-              "n_centroids": {"fraction": [0.05, 0.2]}}
-    return {"num_samples": 3, "max_concurrent": 1, "grace_period": grace_period,
-            "confirm_top": 1 if confirm else 0, "confirm_seeds": 1 if confirm else 0,
-            "fixed": {"autoencoder": {"arch": "vgg11_bn", "width": 0.125, "image_size": 32, "epochs": 2,
-                                      "batch_size": 32},
-                      "la": {"epochs": la_epochs, "batch_size": 32}},
-            "search": search}
+    search = {
+        "temperature": {"loguniform": [0.05, 0.5]},
+        "mixing_rate": {"uniform": [0.3, 0.9]},
+        "k_neighbours": {"int": [5, 50]},
+        "clustering_repeats": {"int": [1, 3]},
+        "n_centroids": {"fraction": [0.05, 0.2]},
+    }
+    return {
+        "num_samples": 3,
+        "max_concurrent": 1,
+        "grace_period": grace_period,
+        "confirm_top": 1 if confirm else 0,
+        "confirm_seeds": 1 if confirm else 0,
+        "fixed": {
+            "autoencoder": {"arch": "vgg11_bn", "width": 0.125, "image_size": 32, "epochs": 2, "batch_size": 32},
+            "la": {"epochs": la_epochs, "batch_size": 32},
+        },
+        "search": search,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +67,9 @@ class Driver:
         self.log = tmp_path / f"{label}.log"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "laray.cli", *argv], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "laray.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+            )
 
     def console(self) -> str:
         return self.log.read_text()
@@ -87,8 +104,21 @@ class Driver:
 
 
 def sweep_argv(ray_session, space: Path, digits: Path, storage: Path, name: str) -> list[str]:
-    return ["sweep", "--address", ray_session.get_runtime_context().gcs_address, "--space", str(space),
-            "--data", str(digits), "--storage", str(storage), "--name", name, "--seed", "0"]
+    return [
+        "sweep",
+        "--address",
+        ray_session.get_runtime_context().gcs_address,
+        "--space",
+        str(space),
+        "--data",
+        str(digits),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--seed",
+        "0",
+    ]
 
 
 def reported_epochs(trial: Path) -> int:
@@ -115,8 +145,10 @@ def resume_command(console: str) -> list[str]:
 def assert_clean_stop(console: str, signum: int) -> None:
     name = signal.Signals(signum).name
     lines = [line for line in console.splitlines() if line.startswith("laray: ")]
-    assert lines == [f"laray: stopped by {name}; the sweep's state is saved; continue it with: "
-                     + lines[-1].split("continue it with: ", 1)[1]], console[-3000:]  # one line, the last
+    assert lines == [
+        f"laray: stopped by {name}; the sweep's state is saved; continue it with: "
+        + lines[-1].split("continue it with: ", 1)[1]
+    ], console[-3000:]  # one line, the last
     for noise in NOISE:
         assert noise not in console, (noise, console[-3000:])
 
@@ -131,12 +163,19 @@ def study_states(experiment: Path, name: str) -> list[str]:
 def answer(experiment: Path) -> dict:
     """What a sweep concluded: the search's trials (settings and final score) and the confirmed winner."""
     best = json.loads((experiment / "best.json").read_text())
-    trials = sorted((json.dumps(json.loads((t / "params.json").read_text()), sort_keys=True),
-                     round(float(pd.read_csv(t / "progress.csv")["purity"].iloc[-1]), 6))
-                    for t in trial_folders(experiment))
+    trials = sorted(
+        (
+            json.dumps(json.loads((t / "params.json").read_text()), sort_keys=True),
+            round(float(pd.read_csv(t / "progress.csv")["purity"].iloc[-1]), 6),
+        )
+        for t in trial_folders(experiment)
+    )
     winner = best["confirmed"][0] if best["confirmed"] else None
-    return {"trials": trials, "best_config": best["best_config"],
-            "winner": winner and (winner["config"], round(winner["purity_mean"], 6))}
+    return {
+        "trials": trials,
+        "best_config": best["best_config"],
+        "winner": winner and (winner["config"], round(winner["purity_mean"], 6)),
+    }
 
 
 def stop_and_resume(ray_session, tmp_path, digits, raw: dict, moment, signum: int):
@@ -172,14 +211,15 @@ def resume(ray_session, tmp_path, argv: list[str], experiment: Path, name: str, 
 
 def mid_trial(epochs: int):
     """The second trial has reported `epochs` epochs (the first has finished)."""
+
     def moment(experiment: Path) -> bool:
         trials = trial_folders(experiment)
         return len(trials) >= 2 and reported_epochs(trials[1]) >= epochs
+
     return moment
 
 
-def test_sigterm_mid_trial_stops_in_one_line_and_the_printed_command_finishes_the_sweep(ray_session, digits,
-                                                                                        tmp_path):
+def test_sigterm_mid_trial_stops_in_one_line_and_the_printed_command_finishes_the_sweep(ray_session, digits, tmp_path):
     """The reported fault: stack dumps on SIGTERM, and a resume printing Tune's checkpoint-manager traceback.
 
     That traceback came from a checkpoint folder that the killed driver's bookkeeping still listed:
@@ -231,13 +271,21 @@ def in_confirmation(experiment: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment, signum", [(in_stage1, signal.SIGTERM), (mid_trial(1), signal.SIGINT),
-                                            (writing_checkpoint, signal.SIGTERM),
-                                            (in_confirmation, signal.SIGTERM)],
-                         ids=["stage 1", "mid-trial, Ctrl-C", "writing a checkpoint", "confirmation"])
-def test_a_sweep_stopped_at_any_moment_resumes_to_the_same_answer(ray_session, digits, tmp_path, undisturbed,
-                                                                   moment, signum):
-    experiment, name, argv = stop_and_resume(ray_session, tmp_path, digits, sweep_space(4, confirm=True),
-                                             moment, signum)
+@pytest.mark.parametrize(
+    "moment, signum",
+    [
+        (in_stage1, signal.SIGTERM),
+        (mid_trial(1), signal.SIGINT),
+        (writing_checkpoint, signal.SIGTERM),
+        (in_confirmation, signal.SIGTERM),
+    ],
+    ids=["stage 1", "mid-trial, Ctrl-C", "writing a checkpoint", "confirmation"],
+)
+def test_a_sweep_stopped_at_any_moment_resumes_to_the_same_answer(
+    ray_session, digits, tmp_path, undisturbed, moment, signum
+):
+    experiment, name, argv = stop_and_resume(
+        ray_session, tmp_path, digits, sweep_space(4, confirm=True), moment, signum
+    )
     resume(ray_session, tmp_path, argv, experiment, name, confirm=True)
     assert answer(experiment) == undisturbed  # seeded, one trial at a time: the same trials, scores and winner

@@ -5,10 +5,10 @@ decode them through the real data path), with a tiny VGG (vgg11_bn at width 0.12
 one stage-1 epoch and two or three LA epochs, on a local Ray instance with 2 CPUs (the
 session fixture `ray_session` in conftest.py). Each sweep takes 10-30 s on 2 cores.
 """
+
 import json
 import os
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -21,18 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import write_digit_folder
 
 from laray import ae_store
 from laray.ae_store import store_key
 from laray.config import LAConfig, replace
-from laray.errors import SweepError
 from laray.confirm import pick_top
 from laray.data import describe
+from laray.errors import SweepError
 from laray.metrics import purity
 from laray.space import SEARCHABLE, SpaceError, load_space, parse_space
 from laray.sweep import NONFINITE_MARKER, OPTUNA_DB, ignore_exit_in_callbacks, run_sweep
-
-from conftest import write_digit_folder
 
 N = 120
 SEED = 0
@@ -50,13 +49,19 @@ RANGES = {"k_neighbours": (5, 50), "clustering_repeats": (1, 3), "n_centroids": 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def raw_space(num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, search=None, confirm_top=0,
-              confirm_seeds=0) -> dict:
+def raw_space(
+    num_samples=3, max_concurrent=2, grace_period=1, la_epochs=2, search=None, confirm_top=0, confirm_seeds=0
+) -> dict:
     """No confirmation unless asked: the tests of the search would pay for it without looking at it."""
-    return {"num_samples": num_samples, "max_concurrent": max_concurrent, "grace_period": grace_period,
-            "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
-            "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
-            "search": {**SEARCH, **(search or {})}}
+    return {
+        "num_samples": num_samples,
+        "max_concurrent": max_concurrent,
+        "grace_period": grace_period,
+        "confirm_top": confirm_top,
+        "confirm_seeds": confirm_seeds,
+        "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
+        "search": {**SEARCH, **(search or {})},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +201,15 @@ def test_stage1_is_trained_once_for_the_whole_sweep(sweep, sub):
     assert ae_store.trainings(store, key) == 1
     assert len((store / key / "trainings.log").read_text().splitlines()) == 1
     assert (store / key / "autoencoder.pt").exists()
-    metrics = [json.loads((folder / "metrics.json").read_text())
-               for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
+    metrics = [
+        json.loads((folder / "metrics.json").read_text())
+        for folder in sweep.experiment.glob("train_trial_*")
+        if folder.is_dir()
+    ]
     assert len(metrics) == 3
-    assert all(m["autoencoder"] == {"key": key, "source": "object store", "trained_in_this_run": False}
-               for m in metrics)
+    assert all(
+        m["autoencoder"] == {"key": key, "source": "object store", "trained_in_this_run": False} for m in metrics
+    )
     assert all(len([h for h in m["history"] if h["stage"] == "autoencoder"]) == AE["epochs"] for m in metrics)
     stored = json.loads(next((store / key).glob("baselines_mean_*.json")).read_text())
     assert all(m["baselines"] == stored for m in metrics)  # scored once, by the stage-1 task
@@ -210,8 +219,11 @@ def test_stage1_is_trained_once_for_the_whole_sweep(sweep, sub):
 
 def test_trials_open_the_data_by_reference(sweep, sub):
     """Every trial mapped the decode cache that the stage-1 task wrote; nobody decoded twice."""
-    records = [json.loads((folder / "worker.json").read_text())
-               for folder in sweep.experiment.glob("train_trial_*") if folder.is_dir()]
+    records = [
+        json.loads((folder / "worker.json").read_text())
+        for folder in sweep.experiment.glob("train_trial_*")
+        if folder.is_dir()
+    ]
     assert len(records) == 3
     assert not any(r["decoded_here"] for r in records)  # the stage-1 task decoded on this one node
     cache = Path(records[0]["cache_dir"])
@@ -249,14 +261,23 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
 
     storage = tmp_path / "results"
     other_stage1 = parse_space({**raw_space(num_samples=1), "fixed": {"autoencoder": {**AE, "epochs": 2}, "la": LA}})
-    with pytest.raises(WarmStartError, match=rf"warm start from {sweep.experiment}: autoencoder\.epochs is 1 there, "
-                                             r"2 here; its objective values are not comparable"):
-        run_sweep(sub, other_stage1, str(storage), "refused", seed=SEED, warm_start=[str(sweep.experiment)],
-                  verbose=0)
+    with pytest.raises(
+        WarmStartError,
+        match=rf"warm start from {sweep.experiment}: autoencoder\.epochs is 1 there, "
+        r"2 here; its objective values are not comparable",
+    ):
+        run_sweep(sub, other_stage1, str(storage), "refused", seed=SEED, warm_start=[str(sweep.experiment)], verbose=0)
     assert not list((storage / "refused").glob("autoencoders/*/autoencoder.pt"))  # refused before stage 1
 
-    result = run_sweep(sub, parse_space(raw_space(num_samples=1)), str(storage), "warm", seed=SEED,
-                       warm_start=[str(sweep.experiment)], verbose=0)
+    result = run_sweep(
+        sub,
+        parse_space(raw_space(num_samples=1)),
+        str(storage),
+        "warm",
+        seed=SEED,
+        warm_start=[str(sweep.experiment)],
+        verbose=0,
+    )
     assert result.n_trials == 1  # num_samples new trials on top
     study = only_study(storage / "warm", "warm")
     earlier = only_study(sweep.experiment, sweep.name)
@@ -264,11 +285,21 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
     assert sorted(t.value for t in taken) == sorted(t.value for t in earlier.trials if t.value is not None)
     assert len(study.trials) == len(taken) + 1
     best = json.loads((storage / "warm" / "best.json").read_text())
-    assert best["warm_start"] == {"trials": len(taken), "from": [{"dir": str(sweep.experiment), "taken": len(taken),
-                                                                  "outside": 0}]}
+    assert best["warm_start"] == {
+        "trials": len(taken),
+        "from": [{"dir": str(sweep.experiment), "taken": len(taken), "outside": 0}],
+    }
     with pytest.raises(LarayError, match="--warm-start: .* not on --resume"):
-        run_sweep(sub, parse_space(raw_space(num_samples=1)), str(storage), "warm", seed=SEED, resume=True,
-                  warm_start=[str(sweep.experiment)], verbose=0)
+        run_sweep(
+            sub,
+            parse_space(raw_space(num_samples=1)),
+            str(storage),
+            "warm",
+            seed=SEED,
+            resume=True,
+            warm_start=[str(sweep.experiment)],
+            verbose=0,
+        )
 
 
 def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, sub, tmp_path):
@@ -314,8 +345,13 @@ def _start_driver(ray_session, tmp_path: Path, storage: Path, name: str, raw: di
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     address = ray_session.get_runtime_context().gcs_address
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script), address, str(storage), name, json.dumps(raw), sub_folder],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), address, str(storage), name, json.dumps(raw), sub_folder],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
     return proc, log
 
 
@@ -382,8 +418,9 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
     assert all(set(t.params) == set(FIVE) for t in complete)
-    assert sorted(json.dumps(t.params, sort_keys=True) for t in complete) == \
-        sorted(json.dumps(t.config, sort_keys=True) for t in after.trials)  # Optuna's trials are Tune's
+    assert sorted(json.dumps(t.params, sort_keys=True) for t in complete) == sorted(
+        json.dumps(t.config, sort_keys=True) for t in after.trials
+    )  # Optuna's trials are Tune's
     key = only_store_key(experiment, parse_space(RESUMED_RAW), sub)
     assert ae_store.trainings(experiment / "autoencoders", key) == 1  # stage 1 not retrained on resume either
     assert json.loads((experiment / "best.json").read_text())["n_trials"] == 3
@@ -392,8 +429,9 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
 
 def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, sub, tmp_path):
     """Two drivers on one sweep once ran side by side into one Optuna study: now the second is refused."""
-    from laray.sweep_lock import LOCK_NAME, SweepRunningError
     from ray import tune
+
+    from laray.sweep_lock import LOCK_NAME, SweepRunningError
 
     name, storage = "busy", tmp_path / "results"
     experiment = storage / name
@@ -414,8 +452,7 @@ def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, su
     assert (experiment / LOCK_NAME).read_text() == ""  # released at the end
 
 
-def test_trials_that_no_node_can_hold_are_refused_before_anything_is_created(ray_session, sub, tmp_path,
-                                                                            monkeypatch):
+def test_trials_that_no_node_can_hold_are_refused_before_anything_is_created(ray_session, sub, tmp_path, monkeypatch):
     from laray.errors import LarayError
     from laray.sweep import check_resources
 
@@ -442,8 +479,12 @@ def killed_sweep(ray_session, sub, tmp_path_factory):
     try:
         # The first trial's results reach STORAGE with Tune's next snapshot, which on a loaded machine can
         # come after the second trial was sampled: wait for both.
-        _wait_until(lambda: _optuna_trial_count(experiment) >= 2 and _finished_trial(experiment, LA["epochs"]),
-                    proc, log, "a second trial was sampled and the first one's results saved")
+        _wait_until(
+            lambda: _optuna_trial_count(experiment) >= 2 and _finished_trial(experiment, LA["epochs"]),
+            proc,
+            log,
+            "a second trial was sampled and the first one's results saved",
+        )
         proc.kill()  # no chance to save anything: Tune's experiment state is whatever it last wrote
     finally:
         _stop(proc)
@@ -491,11 +532,15 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert len(result.confirmed) == 2 and best["confirmed"] == json.loads(json.dumps(result.confirmed))
 
     # the search's two best (complete trials first), each re-run with seeds 1 and 2, both stages seeded
-    searched = [(json.loads((f / "params.json").read_text()), rows(f).iloc[-1].to_dict())
-                for f in exp.glob("train_trial_*") if f.is_dir()]
+    searched = [
+        (json.loads((f / "params.json").read_text()), rows(f).iloc[-1].to_dict())
+        for f in exp.glob("train_trial_*")
+        if f.is_dir()
+    ]
     top = pick_top(searched, "purity", "max", LA["epochs"], 2)
-    assert sorted(json.dumps(e["config"], sort_keys=True) for e in result.confirmed) == \
-        sorted(json.dumps(c, sort_keys=True) for c in top)
+    assert sorted(json.dumps(e["config"], sort_keys=True) for e in result.confirmed) == sorted(
+        json.dumps(c, sort_keys=True) for c in top
+    )
     runs = [json.loads(f.read_text()) for f in (exp / "confirm").glob("*/metrics.json")]
     assert len(runs) == 4 and sorted(m["seed"] for m in runs) == [1, 1, 2, 2]
     # every run that reported ran every epoch: no ASHA here (a run the kill cut off before its first
@@ -509,8 +554,10 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
 
     # each entry's values are its runs', in seed order; summaries computed from them; best mean first
     for entry in result.confirmed:
-        mine = sorted((m for m in runs if all(m["config"]["la"][k] == v for k, v in entry["config"].items())),
-                      key=lambda m: m["seed"])
+        mine = sorted(
+            (m for m in runs if all(m["config"]["la"][k] == v for k, v in entry["config"].items())),
+            key=lambda m: m["seed"],
+        )
         assert entry["seeds"] == [1, 2] == [m["seed"] for m in mine]
         assert entry["purity"] == [m["purity"] for m in mine]
         assert entry["purity_mean"] == pytest.approx(np.mean(entry["purity"]))
@@ -529,8 +576,10 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert "heldout_purity_mean" in baselines["raw_pixels"]
 
     # the winner's margin over raw pixels, by hand: each seed's run minus that seed's raw-pixel k-means
-    winner_runs = sorted((m for m in runs if all(m["config"]["la"][k] == v for k, v in
-                                                  result.confirmed[0]["config"].items())), key=lambda m: m["seed"])
+    winner_runs = sorted(
+        (m for m in runs if all(m["config"]["la"][k] == v for k, v in result.confirmed[0]["config"].items())),
+        key=lambda m: m["seed"],
+    )
     differences = [m["purity"] - m["baselines"]["raw_pixels"]["purity"] for m in winner_runs]
     held_differences = [m["heldout_purity"] - m["baselines"]["raw_pixels"]["heldout_purity"] for m in winner_runs]
     half = 12.706 * np.std(differences, ddof=1) / np.sqrt(2)  # t(0.975, 1 degree of freedom)
@@ -538,8 +587,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert margin == json.loads(json.dumps(result.margin)) and margin["seeds"] == [1, 2]
     assert margin["purity"] == pytest.approx(differences)
     assert margin["purity_mean"] == pytest.approx(np.mean(differences))
-    assert margin["purity_ci95"] == pytest.approx([np.mean(differences) - half, np.mean(differences) + half],
-                                                  rel=1e-3)
+    assert margin["purity_ci95"] == pytest.approx([np.mean(differences) - half, np.mean(differences) + half], rel=1e-3)
     assert margin["heldout_purity_mean"] == pytest.approx(np.mean(held_differences))
 
     # laray analyze: confirmed.csv (one row per configuration and seed), its picture, the report's lead
@@ -647,8 +695,11 @@ def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub,
 
 def test_trial_with_non_finite_loss_ends_errored_and_the_sweep_goes_on(ray_session, sub, tmp_path):
     max_failures = 1
-    space = parse_space(raw_space(num_samples=3, max_concurrent=2, grace_period=2, la_epochs=2,
-                                  search={"lr": {"categorical": [0.01, 1.0e30]}}))
+    space = parse_space(
+        raw_space(
+            num_samples=3, max_concurrent=2, grace_period=2, la_epochs=2, search={"lr": {"categorical": [0.01, 1.0e30]}}
+        )
+    )
     result = run_sweep(sub, space, str(tmp_path), "nonfinite", seed=SEED, max_failures=max_failures, verbose=0)
 
     experiment = tmp_path / "nonfinite"
@@ -721,15 +772,17 @@ BAD_SPACES = {
     "unknown mode": (("mode",), "maximise", "mode"),
     "num_samples < 1": (("num_samples",), 0, "num_samples"),
     "search key that is not an LA setting": (("search", "dropout"), {"uniform": [0.1, 0.5]}, "dropout"),
-    "two kinds": (("search", "temperature"), {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]},
-                  "search.temperature"),
+    "two kinds": (("search", "temperature"), {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}, "search.temperature"),
     "unknown kind": (("search", "temperature"), {"normal": [0.1, 0.2]}, "search.temperature"),
     "low > high": (("search", "mixing_rate"), {"uniform": [0.9, 0.3]}, "search.mixing_rate"),
     "loguniform with low 0": (("search", "temperature"), {"loguniform": [0, 0.3]}, "search.temperature"),
     "loguniform with low < 0": (("search", "temperature"), {"loguniform": [-0.1, 0.3]}, "search.temperature"),
     "int with fractions": (("search", "clustering_repeats"), {"int": [1.5, 3]}, "search.clustering_repeats"),
-    "fraction of a size-independent parameter": (("search", "mixing_rate"), {"fraction": [0.1, 0.2]},
-                                                 "search.mixing_rate"),
+    "fraction of a size-independent parameter": (
+        ("search", "mixing_rate"),
+        {"fraction": [0.1, 0.2]},
+        "search.mixing_rate",
+    ),
     "fraction above 1": (("search", "n_centroids"), {"fraction": [0.1, 1.5]}, "search.n_centroids"),
     "categorical value invalid for LAConfig": (("search", "merger"), {"categorical": ["max"]}, "merger"),
     "range outside LAConfig's limits": (("search", "mixing_rate"), {"uniform": [0.5, 1.5]}, "mixing_rate"),
@@ -756,8 +809,11 @@ def test_malformed_space_file_names_the_key(case, tmp_path):
 
 
 def test_space_file_that_cannot_be_read(tmp_path):
-    with pytest.raises(SpaceError, match=r"no search space file .*missing\.yaml'; the bundled spaces are "
-                                         r"default, demo, photos-cpu \(--space NAME\)"):
+    with pytest.raises(
+        SpaceError,
+        match=r"no search space file .*missing\.yaml'; the bundled spaces are "
+        r"default, demo, photos-cpu \(--space NAME\)",
+    ):
         load_space(tmp_path / "missing.yaml")
     (tmp_path / "broken.yaml").write_text("search: {temperature: [\n")
     with pytest.raises(SpaceError, match="cannot read search space"):
@@ -775,12 +831,16 @@ def _draws(domain, n=300):
 
 
 def test_tune_space_resolves_size_dependent_ranges():
-    space = parse_space({"search": {
-        "k_neighbours": {"int": [5, 500], "log": True},
-        "n_centroids": {"fraction": [0.02, 0.5]},
-        "clustering_repeats": {"int": [1, 3]},
-        "temperature": {"loguniform": [0.05, 0.5]},
-    }})
+    space = parse_space(
+        {
+            "search": {
+                "k_neighbours": {"int": [5, 500], "log": True},
+                "n_centroids": {"fraction": [0.02, 0.5]},
+                "clustering_repeats": {"int": [1, 3]},
+                "temperature": {"loguniform": [0.05, 0.5]},
+            }
+        }
+    )
     for n in (40, 120):
         tune_space = space.tune_space(n)
         k = _draws(tune_space["k_neighbours"])
@@ -794,12 +854,15 @@ def test_tune_space_resolves_size_dependent_ranges():
         t = _draws(tune_space["temperature"])
         assert all(0.05 <= v <= 0.5 for v in t)
         for kk, cc, rr, tt in zip(k, c, r, t):
-            cfg = replace(LAConfig(), k_neighbours=int(kk), n_centroids=int(cc), clustering_repeats=int(rr),
-                          temperature=float(tt))
+            cfg = replace(
+                LAConfig(), k_neighbours=int(kk), n_centroids=int(cc), clustering_repeats=int(rr), temperature=float(tt)
+            )
             cfg.check_data_size(n)  # every draw makes a valid LAConfig for this N
 
     # ranges entirely above the limits collapse to the limit; fractions never go below 1
-    clipped = parse_space({"search": {"k_neighbours": {"int": [200, 500]}, "n_centroids": {"fraction": [0.001, 0.002]}}})
+    clipped = parse_space(
+        {"search": {"k_neighbours": {"int": [200, 500]}, "n_centroids": {"fraction": [0.001, 0.002]}}}
+    )
     tune_space = clipped.tune_space(120)
     assert set(_draws(tune_space["k_neighbours"])) == {119}
     assert set(_draws(tune_space["n_centroids"])) == {1}
@@ -810,13 +873,21 @@ def test_tune_space_resolves_size_dependent_ranges():
 
 
 def test_check_data_size_checks_fixed_values_only():
-    fixed_k = parse_space({"fixed": {"la": {"k_neighbours": 120, "n_centroids": 10}},
-                           "search": {"temperature": {"loguniform": [0.05, 0.5]}}})
+    fixed_k = parse_space(
+        {
+            "fixed": {"la": {"k_neighbours": 120, "n_centroids": 10}},
+            "search": {"temperature": {"loguniform": [0.05, 0.5]}},
+        }
+    )
     with pytest.raises(SpaceError, match="k_neighbours"):
         fixed_k.check_data_size(120)
     fixed_k.check_data_size(121)  # k = N-1 is allowed
-    fixed_c = parse_space({"fixed": {"la": {"k_neighbours": 10, "n_centroids": 121}},
-                           "search": {"temperature": {"loguniform": [0.05, 0.5]}}})
+    fixed_c = parse_space(
+        {
+            "fixed": {"la": {"k_neighbours": 10, "n_centroids": 121}},
+            "search": {"temperature": {"loguniform": [0.05, 0.5]}},
+        }
+    )
     with pytest.raises(SpaceError, match="n_centroids"):
         fixed_c.check_data_size(120)
     # searched size-dependent parameters are clipped instead, so LAConfig's default k (500) does not matter
@@ -880,8 +951,9 @@ def test_cli_sweep_with_a_missing_space_fails_before_ray(tmp_path):
     assert lines[0].startswith("laray: error:") and "/nonexistent.yaml" in lines[0]
     assert not (tmp_path / "results").exists()
 
-    probe = _run(["sweep", "--space", "/nonexistent.yaml", "--storage", str(tmp_path / "results")], tmp_path,
-                 code=PROBE)
+    probe = _run(
+        ["sweep", "--space", "/nonexistent.yaml", "--storage", str(tmp_path / "results")], tmp_path, code=PROBE
+    )
     assert probe.returncode == 1
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"ray_initialized": False}
 
@@ -897,18 +969,21 @@ IMPORTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("argv", [
-    ["sweep", "--data", "/nonexistent/photos"],
-    ["sweep", "--space", "nosuchspace"],
-    ["sweep", "--device", "gpu"],
-    ["sweep", "--holdout", "1.5"],
-    ["train", "--data", "/nonexistent/photos", "--out", "run"],
-    ["train", "--device", "cuda:x", "--out", "run"],
-    ["train", "--temperature", "0", "--out", "run"],
-], ids=lambda argv: " ".join(argv))
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sweep", "--data", "/nonexistent/photos"],
+        ["sweep", "--space", "nosuchspace"],
+        ["sweep", "--device", "gpu"],
+        ["sweep", "--holdout", "1.5"],
+        ["train", "--data", "/nonexistent/photos", "--out", "run"],
+        ["train", "--device", "cuda:x", "--out", "run"],
+        ["train", "--temperature", "0", "--out", "run"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
 def test_usage_errors_come_before_torch_and_ray_are_imported(argv, tmp_path):
-    done = _run([*argv, "--storage", str(tmp_path / "results")] if argv[0] == "sweep" else argv, tmp_path,
-                code=IMPORTS)
+    done = _run([*argv, "--storage", str(tmp_path / "results")] if argv[0] == "sweep" else argv, tmp_path, code=IMPORTS)
     assert done.returncode in (1, 2), done.stderr  # 2: argparse's own usage errors
     (line,) = done.stderr.strip().splitlines()[-1:]
     assert "error:" in line
@@ -936,34 +1011,77 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     space.write_text(yaml.safe_dump(raw_space(num_samples=2, max_concurrent=2, confirm_top=1, confirm_seeds=1)))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0", LARAY_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-m", "laray.cli", "sweep", "--space", str(space), "--data", sub.spec,
-                           "--storage", str(tmp_path / "results"), "--name", "console", "--cpus-per-trial", "1"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "laray.cli",
+            "sweep",
+            "--space",
+            str(space),
+            "--data",
+            sub.spec,
+            "--storage",
+            str(tmp_path / "results"),
+            "--name",
+            "console",
+            "--cpus-per-trial",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-3000:]
     lines = console.splitlines()
-    assert sum(re.match(r"\[search [^]]+\] trial \w+ epoch \d/2  purity \d\.\d{3}", line) is not None
-               for line in lines) >= 2
+    assert (
+        sum(re.match(r"\[search [^]]+\] trial \w+ epoch \d/2  purity \d\.\d{3}", line) is not None for line in lines)
+        >= 2
+    )
     assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 1/1 trials ended \(1 done\)", line) for line in lines)
     assert any("up to ~" in line and "left" in line for line in lines)
-    for noise in ("Checkpoint successfully created", "snapshotting has been triggered", "driver_artifacts",
-                  "Configuration for experiment", "A new study created", "Traceback", "\x1b[",
-                  "across cluster", "performance bottleneck"):
+    for noise in (
+        "Checkpoint successfully created",
+        "snapshotting has been triggered",
+        "driver_artifacts",
+        "Configuration for experiment",
+        "A new study created",
+        "Traceback",
+        "\x1b[",
+        "across cluster",
+        "performance bottleneck",
+    ):
         assert noise not in console, noise
     experiment = tmp_path / "results" / "console"
     assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout
     best = json.loads((experiment / "best.json").read_text())
     margin = best["margin_over_raw_pixels"]["purity_mean"]
-    assert (f"winner minus k-means on raw pixels, paired by seed: purity {margin:+.3f}, held-out "
-            in done.stdout) and "one seed: no interval" in done.stdout
+    assert (
+        f"winner minus k-means on raw pixels, paired by seed: purity {margin:+.3f}, held-out " in done.stdout
+    ) and "one seed: no interval" in done.stdout
 
 
 def test_cli_sweep_help():
-    done = subprocess.run([sys.executable, "-m", "laray.cli", "sweep", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "laray.cli", "sweep", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0
-    for option in ("--space", "--num-samples", "--storage", "--name", "--resume", "--max-failures",
-                   "--cpus-per-trial", "--gpus-per-trial", "--holdout", "--confirm-top", "--confirm-seeds"):
+    for option in (
+        "--space",
+        "--num-samples",
+        "--storage",
+        "--name",
+        "--resume",
+        "--max-failures",
+        "--cpus-per-trial",
+        "--gpus-per-trial",
+        "--holdout",
+        "--confirm-top",
+        "--confirm-seeds",
+    ):
         assert option in done.stdout
 
 

@@ -1,4 +1,5 @@
 """One driver per sweep (laray.sweep_lock): refused while held, taken over from the dead, heartbeats."""
+
 import json
 import logging
 import os

@@ -4,6 +4,7 @@ Everything runs on the CPU with tiny models (vgg11_bn at width 0.125, 32 px) on 
 real digits, one torch thread (on a shared 2-core machine, two threads fighting another
 process for the cores run ~100x slower than one).
 """
+
 import functools
 import json
 import math
@@ -22,12 +23,12 @@ from PIL import Image
 import laray.train as train_mod
 from laray import ae_store, metrics
 from laray.checkpoint import REQUIRED_KEYS, load_checkpoint, save_atomic
-from laray.errors import CheckpointError
 from laray.cli import main
 from laray.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict, load_config, replace
 from laray.data import ImageDataset, load_dataset
-from laray.la import LocalAggregationLoss, MemoryBank
+from laray.errors import CheckpointError
 from laray.evaluate import encode_all
+from laray.la import LocalAggregationLoss, MemoryBank
 from laray.models import AutoEncoderVGG, EncoderVGGMerged
 from laray.run import Stage1, train_run
 from laray.train import NonFiniteLossError, finetune_la, pretrain_autoencoder
@@ -35,8 +36,9 @@ from laray.train import NonFiniteLossError, finetune_la, pretrain_autoencoder
 N = 48  # tiny subset: 3 batches of 16 per epoch
 STEPS = 3
 AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=1, batch_size=16, lr=0.05)
-LA = LAConfig(epochs=1, batch_size=16, lr=0.01, k_neighbours=10, n_centroids=5, clustering_repeats=2,
-              augment=True)  # augmentation on: resumption must replay its randomness too
+LA = LAConfig(
+    epochs=1, batch_size=16, lr=0.01, k_neighbours=10, n_centroids=5, clustering_repeats=2, augment=True
+)  # augmentation on: resumption must replay its randomness too
 SCORES = ("purity", "nmi", "ari", "acc")
 
 
@@ -50,8 +52,14 @@ def digits():
 
 def subset(digits, n=N, fingerprint="digits-32-subset", labelled=True):
     labels = digits.labels[:n] if labelled else np.full(n, -1)
-    return ImageDataset(np.ascontiguousarray(digits.images[:n]), labels, digits.class_names if labelled else [],
-                        digits.paths[:n], spec="digits-subset", fingerprint=fingerprint)
+    return ImageDataset(
+        np.ascontiguousarray(digits.images[:n]),
+        labels,
+        digits.class_names if labelled else [],
+        digits.paths[:n],
+        spec="digits-subset",
+        fingerprint=fingerprint,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def tiny(digits):
 def encoder_state(tiny):
     """The encoder of an auto-encoder pretrained one epoch on `tiny`."""
     model, _ = pretrain_autoencoder(tiny, AE, seed=0, device="cpu", progress=False)
-    return {k[len("encoder."):]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
 
 
 def without_timing(history):
@@ -160,8 +168,7 @@ def test_finetune_la_order_of_recluster_step_and_bank_update(tiny, encoder_state
 
     cfg = replace(LA, epochs=2, schedule="step")
     received = []
-    result = finetune_la(tiny, encoder_state, AE, cfg, seed=0, device="cpu", callback=received.append,
-                         progress=False)
+    result = finetune_la(tiny, encoder_state, AE, cfg, seed=0, device="cpu", callback=received.append, progress=False)
     epoch = ["recluster"] + ["step", "update"] * STEPS + ["epoch_end"]
     assert events == ["fill"] + epoch * 2
     assert int(result.loss_fn.n_reclusters) == 2
@@ -188,8 +195,9 @@ def test_bank_is_initialised_from_the_encoder_codes(tiny, encoder_state):
     assert bank.shape == result.codes.shape
     torch.testing.assert_close(bank, result.codes)
 
-    random = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=0, bank_init="random"), seed=0, device="cpu",
-                         progress=False)
+    random = finetune_la(
+        tiny, encoder_state, AE, replace(LA, epochs=0, bank_init="random"), seed=0, device="cpu", progress=False
+    )
     torch.testing.assert_close(random.codes, result.codes)  # same encoder, same codes
     random_bank = random.loss_fn.bank.vectors
     assert torch.equal(random_bank, MemoryBank(N, bank.shape[1], LA.mixing_rate, seed=0).vectors)
@@ -210,16 +218,19 @@ def stop_after_first_epoch(record):
 
 def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
     cfg = replace(AE, epochs=2)
-    model_a, history_a = pretrain_autoencoder(tiny, cfg, seed=3, device="cpu", checkpoint=tmp_path / "a.ckpt",
-                                              progress=False)
+    model_a, history_a = pretrain_autoencoder(
+        tiny, cfg, seed=3, device="cpu", checkpoint=tmp_path / "a.ckpt", progress=False
+    )
     ckpt = tmp_path / "b.ckpt"
     with pytest.raises(Stop):
-        pretrain_autoencoder(tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, callback=stop_after_first_epoch,
-                             progress=False)
+        pretrain_autoencoder(
+            tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, callback=stop_after_first_epoch, progress=False
+        )
     assert load_checkpoint(ckpt)["epoch"] == 1
     received = []
-    model_b, history_b = pretrain_autoencoder(tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True,
-                                              callback=received.append, progress=False)
+    model_b, history_b = pretrain_autoencoder(
+        tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True, callback=received.append, progress=False
+    )
     assert [r["epoch"] for r in received] == [2]  # only the epoch left was trained
     assert_same_state(model_a.state_dict(), model_b.state_dict())
     assert without_timing(history_b) == without_timing(history_a)
@@ -233,28 +244,48 @@ def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.prev", "b.ckpt", "b.ckpt.prev"]
 
     # A finished checkpoint resumes to the same model without training; another config is refused.
-    again, history_c = pretrain_autoencoder(tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True,
-                                            callback=received.append, progress=False)
+    again, history_c = pretrain_autoencoder(
+        tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True, callback=received.append, progress=False
+    )
     assert len(received) == 1 and history_c == history_b
     assert_same_state(again.state_dict(), model_b.state_dict())
     with pytest.raises(CheckpointError, match="another config"):
-        pretrain_autoencoder(tiny, replace(cfg, lr=0.02), seed=3, device="cpu", checkpoint=ckpt, resume=True,
-                             progress=False)
+        pretrain_autoencoder(
+            tiny, replace(cfg, lr=0.02), seed=3, device="cpu", checkpoint=ckpt, resume=True, progress=False
+        )
 
 
 def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     cfg = replace(LA, epochs=2)
-    a = finetune_la(tiny, encoder_state, AE, cfg, seed=5, device="cpu", checkpoint=tmp_path / "a.ckpt",
-                    progress=False)
+    a = finetune_la(tiny, encoder_state, AE, cfg, seed=5, device="cpu", checkpoint=tmp_path / "a.ckpt", progress=False)
     ckpt = tmp_path / "b.ckpt"
     with pytest.raises(Stop):
-        finetune_la(tiny, encoder_state, AE, cfg, seed=5, device="cpu", checkpoint=ckpt,
-                    callback=stop_after_first_epoch, progress=False)
+        finetune_la(
+            tiny,
+            encoder_state,
+            AE,
+            cfg,
+            seed=5,
+            device="cpu",
+            checkpoint=ckpt,
+            callback=stop_after_first_epoch,
+            progress=False,
+        )
     first = load_checkpoint(ckpt, required=(*REQUIRED_KEYS, "la"))
     assert first["epoch"] == 1 and int(first["la"]["n_reclusters"]) == 1
     received = []
-    b = finetune_la(tiny, encoder_state, AE, cfg, seed=5, device="cpu", checkpoint=ckpt, resume=True,
-                    callback=received.append, progress=False)
+    b = finetune_la(
+        tiny,
+        encoder_state,
+        AE,
+        cfg,
+        seed=5,
+        device="cpu",
+        checkpoint=ckpt,
+        resume=True,
+        callback=received.append,
+        progress=False,
+    )
     assert [r["epoch"] for r in received] == [2]
     assert_same_state(a.encoder.state_dict(), b.encoder.state_dict())
     assert_same_state(a.loss_fn.state_dict(), b.loss_fn.state_dict())  # bank, cluster labels, recluster count
@@ -265,8 +296,17 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.prev", "b.ckpt", "b.ckpt.prev"]
 
     with pytest.raises(CheckpointError, match="another config"):
-        finetune_la(tiny, encoder_state, AE, replace(cfg, temperature=0.1), seed=5, device="cpu", checkpoint=ckpt,
-                    resume=True, progress=False)
+        finetune_la(
+            tiny,
+            encoder_state,
+            AE,
+            replace(cfg, temperature=0.1),
+            seed=5,
+            device="cpu",
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_crop_and_flip_settings_reach_the_augmentation(tiny, encoder_state, monkeypatch):
@@ -355,9 +395,17 @@ def test_jitter_zero_keeps_colours_and_jitter_changes_them():
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):
     evaluated, received = [], []
-    result = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=5, eval_every=2), seed=5, device="cpu",
-                         callback=received.append, progress=False,
-                         on_evaluated=lambda history, codes, assignments: evaluated.append(history[-1]["epoch"]))
+    result = finetune_la(
+        tiny,
+        encoder_state,
+        AE,
+        replace(LA, epochs=5, eval_every=2),
+        seed=5,
+        device="cpu",
+        callback=received.append,
+        progress=False,
+        on_evaluated=lambda history, codes, assignments: evaluated.append(history[-1]["epoch"]),
+    )
     assert [r["epoch"] for r in received] == [1, 2, 3, 4, 5]  # every epoch trains and is checkpointed
     assert evaluated == [2, 4, 5]
     assert [r["epoch"] for r in result.history if "purity" in r] == [2, 4, 5]
@@ -399,17 +447,25 @@ def poison(monkeypatch, cls, bad_call):
 
 
 @pytest.mark.parametrize("bad_call, epoch, step", [(1, 1, 1), (STEPS + 2, 2, 2)])
-def test_nonfinite_loss_in_la_names_epoch_step_and_settings(tiny, encoder_state, tmp_path, monkeypatch,
-                                                            bad_call, epoch, step):
+def test_nonfinite_loss_in_la_names_epoch_step_and_settings(
+    tiny, encoder_state, tmp_path, monkeypatch, bad_call, epoch, step
+):
     poison(monkeypatch, LocalAggregationLoss, bad_call)
     ckpt = tmp_path / "la.ckpt"
     with pytest.raises(NonFiniteLossError) as info:
-        finetune_la(tiny, encoder_state, AE, replace(LA, epochs=2), seed=0, device="cpu", checkpoint=ckpt,
-                    progress=False)
+        finetune_la(
+            tiny, encoder_state, AE, replace(LA, epochs=2), seed=0, device="cpu", checkpoint=ckpt, progress=False
+        )
     message = str(info.value)
     assert f"local aggregation, epoch {epoch}, step {step};" in message
-    for setting in ("temperature=0.07", "k_neighbours=10", "n_centroids=5", "mixing_rate=0.5", "lr=0.01",
-                    "batch_size=16"):
+    for setting in (
+        "temperature=0.07",
+        "k_neighbours=10",
+        "n_centroids=5",
+        "mixing_rate=0.5",
+        "lr=0.01",
+        "batch_size=16",
+    ):
         assert setting in message
     # The run stopped: the last checkpoint is that of the last finished epoch.
     assert (load_checkpoint(ckpt)["epoch"] if ckpt.exists() else 0) == epoch - 1
@@ -454,8 +510,12 @@ def test_get_or_train_trains_once_per_key(tmp_path):
 def test_store_key_depends_on_data_config_and_seed():
     key = ae_store.store_key("fp", AE, 0)
     assert key == ae_store.store_key("fp", replace(AE), 0)
-    others = {ae_store.store_key("fp", AE, 1), ae_store.store_key("other-fp", AE, 0),
-              ae_store.store_key("fp", replace(AE, lr=0.02), 0), ae_store.store_key("fp", replace(AE, epochs=2), 0)}
+    others = {
+        ae_store.store_key("fp", AE, 1),
+        ae_store.store_key("other-fp", AE, 0),
+        ae_store.store_key("fp", replace(AE, lr=0.02), 0),
+        ae_store.store_key("fp", replace(AE, epochs=2), 0),
+    }
     assert key not in others and len(others) == 4
 
 
@@ -484,8 +544,19 @@ CONCURRENT = textwrap.dedent("""
 
 def test_two_processes_asking_at_once_train_once(tmp_path):
     store = tmp_path / "store"
-    args = [[sys.executable, "-c", CONCURRENT, str(store), "k", str(tmp_path / f"ready{i}"),
-             str(tmp_path / f"ready{1 - i}"), str(tmp_path / f"out{i}.pt")] for i in range(2)]
+    args = [
+        [
+            sys.executable,
+            "-c",
+            CONCURRENT,
+            str(store),
+            "k",
+            str(tmp_path / f"ready{i}"),
+            str(tmp_path / f"ready{1 - i}"),
+            str(tmp_path / f"out{i}.pt"),
+        ]
+        for i in range(2)
+    ]
     procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in args]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
@@ -516,8 +587,9 @@ def test_train_run_reuses_the_autoencoder(tiny, tmp_path):
     assert first["baselines"] == second["baselines"]
 
     # Another seed is another key: stage 1 trains again.
-    third = train_run(tiny, tmp_path / "run3", AE, replace(LA, epochs=0), seed=1, device="cpu", store_dir=store,
-                      progress=False)
+    third = train_run(
+        tiny, tmp_path / "run3", AE, replace(LA, epochs=0), seed=1, device="cpu", store_dir=store, progress=False
+    )
     assert third["autoencoder"]["trained_in_this_run"] is True and third["autoencoder"]["key"] != key
 
 
@@ -534,8 +606,9 @@ def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encod
         return real_score_codes(codes, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "score_codes", spy)
-    metrics = train_run(tiny, tmp_path / "out", AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False,
-                        stage1=stage1)
+    metrics = train_run(
+        tiny, tmp_path / "out", AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False, stage1=stage1
+    )
     assert [r["epoch"] for r in metrics["history"]] == [1, 2] and len(seen) == 2
     assert all(".codes.npy.partial" in names for _, names in seen)  # clustered while they were being written
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -557,8 +630,16 @@ def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encod
     monkeypatch.setattr(train_mod, "score_codes", fail_in_the_second_evaluation)
     before = (tmp_path / "out" / "codes.npy").read_bytes()
     with pytest.raises(Stop):
-        train_run(tiny, tmp_path / "out", AE, replace(LA, epochs=2, temperature=0.2), seed=0, device="cpu",
-                  progress=False, stage1=stage1)
+        train_run(
+            tiny,
+            tmp_path / "out",
+            AE,
+            replace(LA, epochs=2, temperature=0.2),
+            seed=0,
+            device="cpu",
+            progress=False,
+            stage1=stage1,
+        )
     assert not (tmp_path / "out" / ".codes.npy.partial").exists()
     assert (tmp_path / "out" / "codes.npy").read_bytes() != before  # epoch 1's codes of this run, published
     np.load(tmp_path / "out" / "codes.npy")  # whole
@@ -577,46 +658,48 @@ def test_train_run_checks_data_size_before_training(tiny, tmp_path):
     store = tmp_path / "store"
     for change, field in (({"k_neighbours": N}, "k_neighbours"), ({"n_centroids": N + 1}, "n_centroids")):
         with pytest.raises(ConfigError, match=field):
-            train_run(tiny, tmp_path / "run", AE, replace(LA, **change), device="cpu", store_dir=store,
-                      progress=False)
+            train_run(tiny, tmp_path / "run", AE, replace(LA, **change), device="cpu", store_dir=store, progress=False)
     assert not store.exists() or not any(store.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- 5. configs
 
 
-@pytest.mark.parametrize("cls, values, field", [
-    (LAConfig, {"temperature": 0}, "temperature"),
-    (LAConfig, {"temperature": -1.0}, "temperature"),
-    (LAConfig, {"temperature": float("nan")}, "temperature"),
-    (LAConfig, {"temperature": "warm"}, "temperature"),  # numeric strings are numbers (YAML reads 1e-3 so)
-    (LAConfig, {"temperature": float("inf")}, "temperature"),
-    (LAConfig, {"mixing_rate": 0}, "mixing_rate"),
-    (LAConfig, {"mixing_rate": 1.5}, "mixing_rate"),
-    (LAConfig, {"k_neighbours": 0}, "k_neighbours"),
-    (LAConfig, {"k_neighbours": 2.5}, "k_neighbours"),
-    (LAConfig, {"n_centroids": 0}, "n_centroids"),
-    (LAConfig, {"clustering_repeats": 0}, "clustering_repeats"),
-    (LAConfig, {"recluster_every": -1}, "recluster_every"),
-    (LAConfig, {"epochs": -1}, "epochs"),
-    (LAConfig, {"epochs": True}, "epochs"),
-    (LAConfig, {"batch_size": 1}, "batch_size"),
-    (LAConfig, {"lr": 0}, "lr"),
-    (LAConfig, {"momentum": 1.0}, "momentum"),
-    (LAConfig, {"weight_decay": -0.1}, "weight_decay"),
-    (LAConfig, {"schedule": "linear"}, "schedule"),
-    (LAConfig, {"merger": "max"}, "merger"),
-    (LAConfig, {"bank_init": "zeros"}, "bank_init"),
-    (LAConfig, {"augment": "yes"}, "augment"),
-    (AutoEncoderConfig, {"arch": "resnet50"}, "arch"),
-    (AutoEncoderConfig, {"width": 0}, "width"),
-    (AutoEncoderConfig, {"width": 0.5, "pretrained": "imagenet"}, "width"),
-    (AutoEncoderConfig, {"image_size": 16}, "image_size"),
-    (AutoEncoderConfig, {"pretrained": "/no/such/weights.pth"}, "pretrained"),
-    (AutoEncoderConfig, {"pretrained": 5}, "pretrained"),
-    (AutoEncoderConfig, {"epochs": -2}, "epochs"),
-    (AutoEncoderConfig, {"schedule": "warmup"}, "schedule"),
-])
+@pytest.mark.parametrize(
+    "cls, values, field",
+    [
+        (LAConfig, {"temperature": 0}, "temperature"),
+        (LAConfig, {"temperature": -1.0}, "temperature"),
+        (LAConfig, {"temperature": float("nan")}, "temperature"),
+        (LAConfig, {"temperature": "warm"}, "temperature"),  # numeric strings are numbers (YAML reads 1e-3 so)
+        (LAConfig, {"temperature": float("inf")}, "temperature"),
+        (LAConfig, {"mixing_rate": 0}, "mixing_rate"),
+        (LAConfig, {"mixing_rate": 1.5}, "mixing_rate"),
+        (LAConfig, {"k_neighbours": 0}, "k_neighbours"),
+        (LAConfig, {"k_neighbours": 2.5}, "k_neighbours"),
+        (LAConfig, {"n_centroids": 0}, "n_centroids"),
+        (LAConfig, {"clustering_repeats": 0}, "clustering_repeats"),
+        (LAConfig, {"recluster_every": -1}, "recluster_every"),
+        (LAConfig, {"epochs": -1}, "epochs"),
+        (LAConfig, {"epochs": True}, "epochs"),
+        (LAConfig, {"batch_size": 1}, "batch_size"),
+        (LAConfig, {"lr": 0}, "lr"),
+        (LAConfig, {"momentum": 1.0}, "momentum"),
+        (LAConfig, {"weight_decay": -0.1}, "weight_decay"),
+        (LAConfig, {"schedule": "linear"}, "schedule"),
+        (LAConfig, {"merger": "max"}, "merger"),
+        (LAConfig, {"bank_init": "zeros"}, "bank_init"),
+        (LAConfig, {"augment": "yes"}, "augment"),
+        (AutoEncoderConfig, {"arch": "resnet50"}, "arch"),
+        (AutoEncoderConfig, {"width": 0}, "width"),
+        (AutoEncoderConfig, {"width": 0.5, "pretrained": "imagenet"}, "width"),
+        (AutoEncoderConfig, {"image_size": 16}, "image_size"),
+        (AutoEncoderConfig, {"pretrained": "/no/such/weights.pth"}, "pretrained"),
+        (AutoEncoderConfig, {"pretrained": 5}, "pretrained"),
+        (AutoEncoderConfig, {"epochs": -2}, "epochs"),
+        (AutoEncoderConfig, {"schedule": "warmup"}, "schedule"),
+    ],
+)
 def test_invalid_values_raise_naming_the_field(cls, values, field):
     with pytest.raises(ConfigError, match=rf"^{field}\b"):
         from_dict(cls, values)
@@ -764,15 +847,41 @@ def test_laray_train_end_to_end_and_resume(digits, tmp_path, capsys):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(folder / f"img{i:03d}.png")
     out, store = tmp_path / "out", tmp_path / "store"
-    argv = ["train", "--data", str(data), "--out", str(out), "--store", str(store),
-            "--cache-dir", str(tmp_path / "cache"), "--arch", "vgg11_bn", "--width", "0.125", "--image-size", "32",
-            "--ae-epochs", "1", "--la-epochs", "1", "--batch-size", "16", "--k-neighbours", "10",
-            "--n-centroids", "5", "--clustering-repeats", "2", "--device", "cpu"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--arch",
+        "vgg11_bn",
+        "--width",
+        "0.125",
+        "--image-size",
+        "32",
+        "--ae-epochs",
+        "1",
+        "--la-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--k-neighbours",
+        "10",
+        "--n-centroids",
+        "5",
+        "--clustering-repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     stdout, _ = capsys.readouterr()
     epoch_lines = [line.split() for line in stdout.splitlines() if re.search(r"\bepoch\s+\d+\s+loss\b", line)]
-    assert [words[:3] for words in epoch_lines] == [["autoencoder", "epoch", "1"],
-                                                     ["local_aggregation", "epoch", "1"]]
+    assert [words[:3] for words in epoch_lines] == [["autoencoder", "epoch", "1"], ["local_aggregation", "epoch", "1"]]
     assert "final: purity" in stdout
 
     for name in ("metrics.json", "assignments.csv", "codes.npy", "checkpoints/la.ckpt"):

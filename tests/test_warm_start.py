@@ -4,23 +4,30 @@ Earlier "sweeps" are folders with a sweep.json and an optuna.db written directly
 so no Ray cluster runs: the checks of what OptunaSearch then samples call it as Tune does
 (set_search_properties, then suggest). A few seconds.
 """
+
 import dataclasses
 import json
 from pathlib import Path
 
+import optuna
 import pytest
+from conftest import write_digit_folder
+from optuna.trial import TrialState, create_trial
 
-optuna = pytest.importorskip("optuna")
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
-from optuna.trial import TrialState, create_trial  # noqa: E402
-
-from laray.config import replace  # noqa: E402
-from laray.data import describe  # noqa: E402
-from laray.space import parse_space  # noqa: E402
-from laray.warm_start import (FROM, IDENTITY_FILE, NUMBER, OPTUNA_DB, WarmStartError, recorded,  # noqa: E402
-                              seed_study, sweep_identity, take_over, write_identity)
-
-from conftest import write_digit_folder  # noqa: E402
+from laray.data import describe
+from laray.space import parse_space
+from laray.warm_start import (
+    FROM,
+    IDENTITY_FILE,
+    NUMBER,
+    OPTUNA_DB,
+    WarmStartError,
+    recorded,
+    seed_study,
+    sweep_identity,
+    take_over,
+    write_identity,
+)
 
 N = 40
 SEED = 0
@@ -38,10 +45,15 @@ IN = {"temperature": 0.1, "mixing_rate": 0.5, "k_neighbours": 10, "clustering_re
 
 
 def space_of(search=None, la=None, holdout=0.5, objective="purity", ae=None):
-    return parse_space({"objective": objective, "holdout": holdout, "confirm_top": 0,
-                        "fixed": {"autoencoder": {**AE, **(ae or {})},
-                                  "la": {"epochs": 2, "batch_size": 32, **(la or {})}},
-                        "search": search or SEARCH})
+    return parse_space(
+        {
+            "objective": objective,
+            "holdout": holdout,
+            "confirm_top": 0,
+            "fixed": {"autoencoder": {**AE, **(ae or {})}, "la": {"epochs": 2, "batch_size": 32, **(la or {})}},
+            "search": search or SEARCH,
+        }
+    )
 
 
 def distributions_of(space):
@@ -63,8 +75,7 @@ def earlier_sweep(folder: Path, identity: dict, space, trials: list[tuple[dict, 
     folder.mkdir(parents=True)
     write_identity(folder, identity)
     dists = distributions_of(space)
-    study = optuna.create_study(storage=f"sqlite:///{folder / OPTUNA_DB}", study_name=folder.name,
-                                direction="maximize")
+    study = optuna.create_study(storage=f"sqlite:///{folder / OPTUNA_DB}", study_name=folder.name, direction="maximize")
     study.add_trials([create_trial(params=p, distributions=dists, value=v) for p, v in trials])
     if extra:
         study.add_trial(create_trial(params=IN, distributions=dists, state=TrialState.FAIL))
@@ -87,15 +98,18 @@ def test_identity_is_what_sweep_json_holds(data, tmp_path):
 def test_takes_over_the_complete_trials_in_this_space(data, tmp_path):
     identity = sweep_identity(data, space_of(), SEED)
     inside = [({**IN, "temperature": 0.06 + 0.01 * i}, 0.5 + 0.01 * i) for i in range(4)]
-    first = earlier_sweep(tmp_path / "demo-1", identity, space_of(EARLIER),
-                          inside + [({**IN, "temperature": 0.9}, 0.9)])  # beyond this space's 0.5
+    first = earlier_sweep(
+        tmp_path / "demo-1", identity, space_of(EARLIER), inside + [({**IN, "temperature": 0.9}, 0.9)]
+    )  # beyond this space's 0.5
     second = earlier_sweep(tmp_path / "demo-2", identity, space_of(EARLIER), inside[:1], extra=False)
     ours = distributions_of(space_of())
     warm = take_over([first, str(second), first], identity, ours)  # a folder named twice counts once
     assert warm.sources == [(str(first), 4, 1), (str(second), 1, 0)]
     assert warm.describe() == f"warm start: 4 trials taken over from {first} (1 outside this space), 1 from {second}"
-    assert warm.record() == {"trials": 5, "from": [{"dir": str(first), "taken": 4, "outside": 1},
-                                                   {"dir": str(second), "taken": 1, "outside": 0}]}
+    assert warm.record() == {
+        "trials": 5,
+        "from": [{"dir": str(first), "taken": 4, "outside": 1}, {"dir": str(second), "taken": 1, "outside": 0}],
+    }
     assert [t.user_attrs for t in warm.trials[:2]] == [{FROM: str(first), NUMBER: 0}, {FROM: str(first), NUMBER: 1}]
     for trial in warm.trials:
         assert trial.state == TrialState.COMPLETE and trial.distributions == ours  # ours, not the earlier sweep's
@@ -105,11 +119,23 @@ def test_takes_over_the_complete_trials_in_this_space(data, tmp_path):
 
 def test_a_setting_searched_in_one_sweep_and_fixed_in_the_other_is_checked_per_trial(data, tmp_path):
     # Earlier: merger searched, clustering_repeats fixed at 2. Now: merger fixed (mean), clustering_repeats searched.
-    earlier = space_of({**{k: v for k, v in SEARCH.items() if k != "clustering_repeats"},
-                        "merger": {"categorical": ["mean", "flatten"]}}, la={"clustering_repeats": 2})
-    folder = earlier_sweep(tmp_path / "earlier", sweep_identity(data, earlier, SEED), earlier,
-                           [({**{k: v for k, v in IN.items() if k != "clustering_repeats"}, "merger": m}, 0.5)
-                            for m in ("mean", "flatten", "mean")], extra=False)
+    earlier = space_of(
+        {
+            **{k: v for k, v in SEARCH.items() if k != "clustering_repeats"},
+            "merger": {"categorical": ["mean", "flatten"]},
+        },
+        la={"clustering_repeats": 2},
+    )
+    folder = earlier_sweep(
+        tmp_path / "earlier",
+        sweep_identity(data, earlier, SEED),
+        earlier,
+        [
+            ({**{k: v for k, v in IN.items() if k != "clustering_repeats"}, "merger": m}, 0.5)
+            for m in ("mean", "flatten", "mean")
+        ],
+        extra=False,
+    )
     ours = space_of()
     warm = take_over([folder], sweep_identity(data, ours, SEED), distributions_of(ours))
     assert warm.sources == [(str(folder), 2, 1)]  # flatten is not this sweep's fixed merger
@@ -117,14 +143,17 @@ def test_a_setting_searched_in_one_sweep_and_fixed_in_the_other_is_checked_per_t
     assert all("merger" not in t.params for t in warm.trials)
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda d, s: (dataclasses.replace(d, key="another listing"), s, SEED), "data is"),
-    (lambda d, s: (d, space_of(ae={"epochs": 3}), SEED), "autoencoder.epochs is 3 there, 1 here"),
-    (lambda d, s: (d, space_of(holdout=0.3), SEED), "holdout is 0.3 there, 0.5 here"),
-    (lambda d, s: (d, s, SEED + 1), "holdout_seed is 1 there, 0 here"),
-    (lambda d, s: (d, space_of(la={"epochs": 5}), SEED), "la.epochs is 5 there, 2 here"),
-    (lambda d, s: (d, space_of(objective="nmi"), SEED), "objective is 'nmi' there, 'purity' here"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d, s: (dataclasses.replace(d, key="another listing"), s, SEED), "data is"),
+        (lambda d, s: (d, space_of(ae={"epochs": 3}), SEED), "autoencoder.epochs is 3 there, 1 here"),
+        (lambda d, s: (d, space_of(holdout=0.3), SEED), "holdout is 0.3 there, 0.5 here"),
+        (lambda d, s: (d, s, SEED + 1), "holdout_seed is 1 there, 0 here"),
+        (lambda d, s: (d, space_of(la={"epochs": 5}), SEED), "la.epochs is 5 there, 2 here"),
+        (lambda d, s: (d, space_of(objective="nmi"), SEED), "objective is 'nmi' there, 'purity' here"),
+    ],
+)
 def test_an_earlier_sweep_that_differs_is_refused_naming_the_folder_and_field(data, tmp_path, change, field):
     space = space_of()
     folder = earlier_sweep(tmp_path / "other", sweep_identity(*change(data, space)), space, [(IN, 0.5)])
@@ -165,8 +194,9 @@ def test_seeding_twice_adds_nothing_the_second_time(data, tmp_path):
     for _ in range(2):
         seed_study(storage, "new", "max", warm)
         study = optuna.load_study(study_name="new", storage=storage)
-        assert [(t.params, t.value, t.state) for t in study.trials] == \
-            [(t.params, t.value, t.state) for t in warm.trials]
+        assert [(t.params, t.value, t.state) for t in study.trials] == [
+            (t.params, t.value, t.state) for t in warm.trials
+        ]
     assert recorded(storage, "new") == warm.record()
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
 
@@ -175,8 +205,13 @@ def _optuna_search(storage: str, name: str, space, seed: int = 0):
     """As laray.sweep._optuna_search makes it, set up as Tune sets it up (which creates or loads the study)."""
     from ray.tune.search.optuna import OptunaSearch
 
-    search = OptunaSearch(metric=space.objective, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
-                          study_name=name, storage=optuna.storages.RDBStorage(storage))
+    search = OptunaSearch(
+        metric=space.objective,
+        mode=space.mode,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=name,
+        storage=optuna.storages.RDBStorage(storage),
+    )
     assert search.set_search_properties(None, None, space.tune_space(N))
     return search
 
@@ -203,8 +238,9 @@ def test_optuna_search_samples_from_what_was_taken_over(data, tmp_path):
         trials = optuna.load_study(study_name="new", storage=storage).trials
         assert len(trials) == 12 * warm_start + 5
         # Tune's trial config and the new Optuna trials: the same kinds of values
-        assert all(type(s["k_neighbours"]) is int and type(s["clustering_repeats"]) is int
-                   for s in suggested[warm_start])
+        assert all(
+            type(s["k_neighbours"]) is int and type(s["clustering_repeats"]) is int for s in suggested[warm_start]
+        )
         for i in range(5):  # completing a new trial works with the taken-over ones in the study
             search.on_trial_complete(f"trial_{i}", {space.objective: 0.5, "training_iteration": 1})
         trials = optuna.load_study(study_name="new", storage=storage).trials

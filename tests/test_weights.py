@@ -1,4 +1,5 @@
 """`laray weights fetch` and `pretrained: imagenet` on a node without internet (both without the network)."""
+
 import socket
 import time
 
@@ -14,6 +15,7 @@ from laray.models import EncoderVGG
 
 class FakeWeights:
     """Stands in for torchvision's weights enum: the real one would download 500 MB."""
+
     url = "https://download.pytorch.org/models/vgg11_bn-6002323d.pth"
 
     def __init__(self, state):
@@ -54,7 +56,7 @@ def test_fetch_writes_a_file_that_pretrained_loads(monkeypatch, tmp_path, capsys
     assert f"wrote {out}" in printed and "sha256" in printed and f"pretrained: {out}" in printed
     encoder = EncoderVGG("vgg11_bn", pretrained=str(out))
     first = next(k for k in state if k.startswith("features.") and k.endswith("weight"))
-    assert torch.equal(encoder.features.state_dict()[first[len("features."):]], state[first])
+    assert torch.equal(encoder.features.state_dict()[first[len("features.") :]], state[first])
 
 
 def test_fetch_offline_is_one_line(offline, tmp_path, capsys):

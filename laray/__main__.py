@@ -1,0 +1,7 @@
+"""`python -m laray`: the same as the `laray` command."""
+
+import sys
+
+from laray.cli import main
+
+sys.exit(main())

@@ -107,6 +107,9 @@ def tune_fit_stops_on_signal():
     """Around Tuner.fit(): a stop signal asks Tune to stop instead of raising; raised after fit returns."""
     global _tune_fit_running
     raise_if_requested()
+    if threading.current_thread() is not threading.main_thread():  # a library caller's thread: no signals here
+        yield
+        return
     # Until this fit installs its handler, a signal raises: the handler an earlier fit left would stop nothing.
     before = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     _tune_fit_running = True

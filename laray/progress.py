@@ -23,11 +23,15 @@ class _VanishedFile(logging.Filter):
 
     On one machine Tune copies the trials' folders while they write; laray writes every file
     through a temporary one renamed into place, and a temporary file can vanish between the
-    listing and the copy. The next snapshot copies everything again.
+    listing and the copy. The next snapshot copies everything again. Tune's syncer logs the same
+    race as text ("Last sync command failed with the following error:" and the traceback).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], FileNotFoundError))
+        if record.exc_info and isinstance(record.exc_info[1], FileNotFoundError):
+            return False
+        text = str(record.msg)
+        return not (text.startswith("Last sync command failed") and "FileNotFoundError" in text)
 
 
 class _GoneCheckpoint(logging.Filter):
@@ -88,9 +92,10 @@ def quiet_ray() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
     # On --resume, trials killed before their first report have no results yet; Tune re-runs them.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
-    if not any(isinstance(f, _VanishedFile) for f in state_logger.filters):
-        state_logger.addFilter(_VanishedFile())
+    for name in ("ray.tune.execution.experiment_state", "ray.train._internal.syncer"):
+        copier = logging.getLogger(name)
+        if not any(isinstance(f, _VanishedFile) for f in copier.filters):
+            copier.addFilter(_VanishedFile())
     for name, parts in DROPPED.items():
         target = logging.getLogger(name)
         if not any(isinstance(f, _Dropped) for f in target.filters):

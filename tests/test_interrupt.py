@@ -147,11 +147,13 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
     from laray.progress import quiet_ray
 
     monkeypatch.setattr(util, "START_OF_TIME", time.time() - 120)  # Tune warns only after its first minute
-    loggers = [logging.getLogger(name) for name in ("ray.tune.utils.util", "ray.tune.tune")]
+    loggers = [
+        logging.getLogger(name) for name in ("ray.tune.utils.util", "ray.tune.tune", "ray.train._internal.syncer")
+    ]
     kept_filters = [list(logger.filters) for logger in loggers]
     records = Records()
     for logger in loggers:  # as in a driver that never called quiet_ray (another test here may have)
-        logger.filters[:] = [f for f in logger.filters if type(f).__name__ != "_Dropped"]
+        logger.filters[:] = [f for f in logger.filters if type(f).__name__ not in ("_Dropped", "_VanishedFile")]
         logger.addHandler(records)
 
     def slow_step():
@@ -166,6 +168,10 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
         quiet_ray()
         slow_step()
         loggers[1].warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.")
+        loggers[2].warning(
+            "Last sync command failed with the following error:\nTraceback (most recent call last):\n"
+            "FileNotFoundError: [Errno 2] Failed to open local file '/tmp/ray/.../driver_artifacts/x'"
+        )
         loggers[0].warning("something else")  # other warnings still show
         assert records.messages == ["something else"]
         assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray's prefix of forwarded task lines without ANSI codes

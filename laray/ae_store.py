@@ -27,16 +27,15 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from laray.checkpoint import checkpoint_problem, previous_path
+from laray.checkpoint import checkpoint_problem, previous_path, write_atomic
 from laray.config import AutoEncoderConfig
-from laray.errors import naming_full_disk
+from laray.errors import BadEntry, naming_full_disk
 from laray.filelock import exclusive
 
 WEIGHTS, DIGEST, CHECKPOINT = "autoencoder.pt", "autoencoder.sha256", "training.ckpt"
@@ -49,27 +48,15 @@ def store_key(data_fingerprint: str, cfg: AutoEncoderConfig, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-class _BadEntry(Exception):
-    """A stored auto-encoder that fails verification; the message names the file and what is wrong."""
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside `path`, flush to the disk, rename: a writer killed at any point leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """`data` into `path` through laray.checkpoint.write_atomic: a writer killed at any point leaves no partial file."""
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 def _verified(folder: Path) -> tuple[dict, str, bool] | None:
     """(what autoencoder.pt holds, its sha256, whether that hash was recorded); None when there is no file.
 
-    Raises _BadEntry when the file's hash differs from the recorded one or the file does not load.
+    Raises BadEntry when the file's hash differs from the recorded one or the file does not load.
     """
     final, digest = folder / WEIGHTS, folder / DIGEST
     try:
@@ -84,13 +71,13 @@ def _verified(folder: Path) -> tuple[dict, str, bool] | None:
     except (OSError, ValueError, IndexError):  # unreadable or empty: no hash to trust
         recorded = ""
     if recorded is not None and recorded != actual:
-        raise _BadEntry(f"{final}: its sha256 {actual[:16]}... differs from the one in {digest}")
+        raise BadEntry(final, f"its sha256 {actual[:16]}... differs from the one in {digest}")
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch reports a torn file many ways (RuntimeError, EOFError, pickle's errors...)
-        raise _BadEntry(f"{final}: does not load ({(str(exc) or type(exc).__name__).splitlines()[0]})") from None
+        raise BadEntry(final, f"does not load ({(str(exc) or type(exc).__name__).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not {"model", "history"} <= saved.keys():
-        raise _BadEntry(f"{final}: holds no auto-encoder (model and history)")
+        raise BadEntry(final, "holds no auto-encoder (model and history)")
     return saved, actual, recorded is not None
 
 
@@ -137,14 +124,14 @@ def get_or_train(
         if stored is not None and stored[2]:
             _drop_checkpoints(folder)  # left by an older laray; a trainer writes none while this file is valid
             return stored[0]["model"], stored[0]["history"], False
-    except _BadEntry:
+    except BadEntry:
         pass  # judged again under the lock, where removing it is safe
     with naming_full_disk(folder, "the auto-encoder"), exclusive(folder / "lock"):
         for leftover in folder.glob(".*.tmp"):  # of a writer killed while it held the lock: only its holder writes
             leftover.unlink(missing_ok=True)
         try:
             stored = _verified(folder)
-        except _BadEntry as bad:
+        except BadEntry as bad:
             log.warning("stored auto-encoder %s; removed it, training again", bad)
             stored = None
         if stored is not None:  # somebody finished it while we waited, or it only lacked its recorded hash

@@ -23,6 +23,7 @@ from laray.confirm import CONFIRM_DIR
 from laray.evaluate import score_codes
 from laray.holdout import PREFIX
 from laray.metrics import LABEL_SCORES, cluster_scores, contingency
+from laray.train import STAGE_LA
 
 PARAMS = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")
 SCORES = LABEL_SCORES
@@ -182,7 +183,7 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
             row.update({PREFIX + s: scores.get(PREFIX + s, math.nan) for s in SCORES})
         if t.metrics and "silhouette" in t.metrics:
             row["silhouette"] = t.metrics["silhouette"]
-        la_epochs = [r for r in (t.metrics or {}).get("history", []) if r.get("stage") == "local_aggregation"]
+        la_epochs = [r for r in (t.metrics or {}).get("history", []) if r.get("stage") == STAGE_LA]
         row["epochs"] = len(la_epochs)
         planned = (t.metrics or {}).get("config", {}).get("la", {}).get("epochs")
         # ASHA's stop ends a trial TERMINATED like a full run: fewer epochs than planned tells them apart.

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from laray.decode import DecodeError, decode_image
-from laray.errors import naming_full_disk
+from laray.errors import BadEntry, naming_full_disk
 from laray.filelock import exclusive
 
 DECODER_VERSION = 2  # bump when decode_image's output changes
@@ -136,13 +136,6 @@ def preallocate(path: Path) -> None:
             # a file system that cannot preallocate: the entry is written all the same
 
 
-class _BadEntry(Exception):
-    """A cache entry that fails verification: which file, and what is wrong with it."""
-
-    def __init__(self, path: Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-
-
 def _checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
@@ -157,13 +150,13 @@ def _verified_meta(meta_path: Path, size: int, n_paths: int) -> dict:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
-        raise _BadEntry(meta_path, f"unreadable metadata ({exc})") from None
+        raise BadEntry(meta_path, f"unreadable metadata ({exc})") from None
     if not isinstance(meta, dict) or "checksum" not in meta:
-        raise _BadEntry(meta_path, "metadata without its checksum (written by an older laray?)")
+        raise BadEntry(meta_path, "metadata without its checksum (written by an older laray?)")
     if meta.pop("checksum") != _checksum(meta):
-        raise _BadEntry(meta_path, "metadata does not match its checksum")
+        raise BadEntry(meta_path, "metadata does not match its checksum")
     if meta.get("size") != size or meta.get("n_paths") != n_paths:
-        raise _BadEntry(
+        raise BadEntry(
             meta_path,
             f"metadata of {meta.get('n_paths')} images at {meta.get('size')} px, expected {n_paths} at {size} px",
         )
@@ -183,20 +176,20 @@ def _verify_array(array_path: Path, meta: dict) -> None:
             else:
                 raise ValueError(f"npy format version {version}")
         except (ValueError, EOFError) as exc:
-            raise _BadEntry(array_path, f"unreadable array header ({exc})") from None
+            raise BadEntry(array_path, f"unreadable array header ({exc})") from None
         if shape != expected or dtype != np.uint8 or fortran_order:
-            raise _BadEntry(
+            raise BadEntry(
                 array_path,
                 f"array of shape {shape}, dtype {dtype}"
                 f"{', Fortran order' if fortran_order else ''}; expected {expected} uint8",
             )
         length, wanted = os.fstat(handle.fileno()).st_size, handle.tell() + int(np.prod(expected))
         if length != wanted:
-            raise _BadEntry(array_path, f"{length} bytes where its header says {wanted} (truncated?)")
+            raise BadEntry(array_path, f"{length} bytes where its header says {wanted} (truncated?)")
 
 
 def _read_entry(array_path: Path, meta_path: Path, key: str, size: int, n_paths: int) -> DecodedImages:
-    """The entry, verified then mapped; _BadEntry when it fails, FileNotFoundError when a file is absent."""
+    """The entry, verified then mapped; BadEntry when it fails, FileNotFoundError when a file is absent."""
     meta = _verified_meta(meta_path, size, n_paths)
     _verify_array(array_path, meta)
     images = np.load(array_path, mmap_mode="r")
@@ -230,7 +223,7 @@ def decode_cached(
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     try:
         return _read_entry(array_path, meta_path, key, size, len(paths))
-    except (FileNotFoundError, _BadEntry):
+    except (FileNotFoundError, BadEntry):
         pass  # absent, being written, or bad: judged again under the lock, where removing it is safe
     with naming_full_disk(cache_dir, f"the decoded images {key}.npy"), exclusive(cache_dir / f"{key}.lock"):
         # the node's other processes wait here, then map the entry
@@ -240,7 +233,7 @@ def decode_cached(
             present, absent = (array_path, meta_path) if array_path.exists() else (meta_path, array_path)
             if present.exists():  # e.g. killed between the two renames of _decode_entry
                 log.warning("decode cache entry %s: no %s beside it; removed it, decoding again", present, absent.name)
-        except _BadEntry as bad:
+        except BadEntry as bad:
             log.warning("decode cache entry %s; removed it, decoding again", bad)
         _remove_entry(cache_dir, key)
         return _decode_entry(paths, size, cache_dir, workers, desc, key)

@@ -46,6 +46,16 @@ class SweepError(LarayError):
     """A sweep that cannot start or resume as asked (none to resume, one already there, a changed count)."""
 
 
+class BadEntry(LarayError):
+    """A stored entry (decode cache, auto-encoder store) that fails verification: which file, what is wrong.
+
+    Caught where it is found: the entry is removed, with one warning naming the file, and built again.
+    """
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
 class DataWarning(UserWarning):
     """Files were skipped while loading a data set (the CLI shows it as one log line, not Python's two)."""
 

@@ -33,7 +33,7 @@ from laray.evaluate import encode_all, score_codes
 from laray.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
 from laray.metrics import SCORE_NAMES
 from laray.models import EncoderVGGMerged
-from laray.train import Callback, finetune_la, pretrain_autoencoder, resolve_device
+from laray.train import STAGE_LA, Callback, finetune_la, pretrain_autoencoder, resolve_device
 
 RAW_BASELINE_SIDE = 32  # raw-pixel baseline on images downsampled to at most this side: N x 3,072 floats
 
@@ -302,9 +302,7 @@ def train_run(
             codes_buffer=codes_file.new,
         )
         if not result.history:  # zero LA epochs: score the encoder as it is
-            return write_outputs(
-                [{"stage": "local_aggregation", "epoch": 0, **result.scores}], result.codes, result.assignments
-            )
+            return write_outputs([{"stage": STAGE_LA, "epoch": 0, **result.scores}], result.codes, result.assignments)
         return write_outputs(result.history, result.codes, result.assignments)
     finally:
         codes_file.discard()

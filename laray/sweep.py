@@ -53,7 +53,7 @@ from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
 from laray.sweep_lock import SweepLock
 from laray.sweep_stage1 import cancel_stage1_tasks, sweep_stage1
-from laray.train import NonFiniteLossError
+from laray.train import STAGE_LA, NonFiniteLossError
 from laray.warm_start import recorded as warm_start_record
 
 log = logging.getLogger("laray.sweep")
@@ -172,7 +172,7 @@ def train_trial(
             write_atomic(la_ckpt, lambda f: f.write(copy))
 
     def report(record: dict) -> None:
-        if record["stage"] != "local_aggregation":
+        if record["stage"] != STAGE_LA:
             return  # stage 1 is shared by the trials; ASHA compares LA epochs only
         if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
             worker["startup_s"] = time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0)

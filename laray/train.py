@@ -39,6 +39,9 @@ from laray.prefetch import BatchPrefetcher
 Callback = Callable[[dict], None]
 PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
 
+# The `stage` of a training record (the history in metrics.json, the callbacks' records).
+STAGE_AUTOENCODER, STAGE_LA = "autoencoder", "local_aggregation"
+
 
 def _load_libc():
     try:
@@ -216,7 +219,7 @@ def pretrain_autoencoder(
             EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed
         )
         record = {
-            "stage": "autoencoder",
+            "stage": STAGE_AUTOENCODER,
             "epoch": epoch + 1,
             "loss": total / max(seen, 1),
             "images_per_s": seen / epoch_s,
@@ -333,7 +336,7 @@ def finetune_la(
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
         record = {
-            "stage": "local_aggregation",
+            "stage": STAGE_LA,
             "epoch": epoch + 1,
             "loss": total / max(seen, 1),
             "images_per_s": seen / epoch_s,

@@ -320,9 +320,13 @@ def bundled_spaces() -> list[str]:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """A YAML search space; a bare name like 'demo' means the bundled laray/search_spaces/demo.yaml."""
+    """A YAML search space; a bare name like 'demo' means the bundled laray/search_spaces/demo.yaml.
+
+    A file of that name in the working folder wins; a folder of that name does not (a `demo` folder
+    beside the user once broke every command, whose --help reads the bundled spaces).
+    """
     path = Path(path)
-    if not path.exists() and not path.suffix:
+    if not path.is_file() and not path.suffix:
         if str(path) not in bundled_spaces():
             raise SpaceError(
                 f"no search space {str(path)!r}: not a file, nor one of the bundled spaces "

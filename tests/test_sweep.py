@@ -808,6 +808,16 @@ def test_malformed_space_file_names_the_key(case, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_named_like_a_bundled_space_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # e.g. the results of a run called demo, where the user works
+    monkeypatch.chdir(tmp_path)
+    assert load_space("demo").source.endswith("search_spaces/demo.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "laray", "sweep", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_space_file_that_cannot_be_read(tmp_path):
     with pytest.raises(
         SpaceError,

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from laray.augment import augment_batch
-from laray.cache import decode_cached
+from laray.cache import decode_cached, default_cache_dir
+from laray.checkpoint import write_atomic
 from laray.dataref import DIGITS, DataRef, ListingDigest, describe, digits_key, relist
 from laray.dataref import labels_key as labels_key_of
 from laray.errors import DataWarning
@@ -163,9 +164,6 @@ SKIPPED_SHOWN = 3  # bad files named in the warning; all of them go to a file be
 
 def _skipped_summary(ref: DataRef, skipped: list[tuple[str, str]], total: int, cache_dir) -> str:
     """One warning for any number of bad files: the count, the first few, and the file that lists them all."""
-    from laray.cache import default_cache_dir
-    from laray.checkpoint import write_atomic
-
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     listing = folder / f"skipped-{ref.key[:16]}.txt"
     text = "".join(f"{path}\t{reason}\n" for path, reason in skipped)

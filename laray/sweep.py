@@ -51,14 +51,14 @@ from laray.errors import LarayError, SweepError, naming_full_disk
 from laray.interrupt import take_signals_back, tune_fit_stops_on_signal
 from laray.run import Stage1, write_json
 from laray.space import SIZE_LIMITS, SearchSpace
-from laray.sweep_lock import SweepLock
+from laray.sweep_lock import LOCK_NAME, SweepLock
 from laray.sweep_stage1 import cancel_stage1_tasks, sweep_stage1
 from laray.train import STAGE_LA, NonFiniteLossError
+from laray.warm_start import OPTUNA_DB
 from laray.warm_start import recorded as warm_start_record
 
 log = logging.getLogger("laray.sweep")
 
-OPTUNA_DB = "optuna.db"
 NONFINITE_MARKER = "nonfinite_loss.txt"
 REPORTED = (
     "purity",
@@ -562,8 +562,6 @@ def _confirm(
 
 def _started_here(experiment: Path | None) -> bool:
     """A local sweep folder that a driver began (its lock file) before Tune saved any state of it."""
-    from laray.sweep_lock import LOCK_NAME
-
     return experiment is not None and (experiment / LOCK_NAME).exists()
 
 

@@ -31,7 +31,7 @@ from laray.run import write_json
 from laray.space import SWEEP_SET
 
 IDENTITY_FILE = "sweep.json"
-OPTUNA_DB = "optuna.db"  # as laray.sweep.OPTUNA_DB (not imported: that module imports ray)
+OPTUNA_DB = "optuna.db"  # the sweep's Optuna study, STORAGE/NAME/optuna.db (laray.sweep uses this name)
 FORMAT = 1
 FROM, NUMBER, RECORD = "warm_start_from", "warm_start_number", "laray_warm_start"
 

@@ -6,8 +6,8 @@ python analysis/cluster_montage.py ~/laray_results/demo-20261123-0450 [--out DIR
 import argparse
 import sys
 
-from laray.cli import add_experiment_options
-from laray.report import best_trial_pictures, score
+from laray.cli.main import add_experiment_options
+from laray.results.report import best_trial_pictures, score
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,8 @@ python analysis/score_runs.py ~/laray_results/demo-20261123-0450 [--out DIR] [--
 import argparse
 import sys
 
-from laray.cli import add_experiment_options
-from laray.report import score
+from laray.cli.main import add_experiment_options
+from laray.results.report import score
 
 
 def main(argv=None) -> int:

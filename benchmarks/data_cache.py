@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from laray.data import load_dataset, normalize
+from laray.data.dataset import load_dataset, normalize
 
 
 def make_jpegs(root: str, n: int, width: int, height: int, n_species: int = 10) -> None:

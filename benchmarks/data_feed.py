@@ -2,9 +2,9 @@
 
 Writes a synthetic decoded cache (an N x S x S x 3 uint8 .npy, memory-mapped as laray's cache is;
 default 9,000 images at 224 px, 1.35 GB) and reads it in batches in a seeded random order (the
-order training uses, laray.train.epoch_batches):
+order training uses, laray.training.stages.epoch_batches):
 
-  feed     one reader thread (laray.prefetch.BatchPrefetcher) and synchronous reads, the consumer
+  feed     one reader thread (laray.data.prefetch.BatchPrefetcher) and synchronous reads, the consumer
            only taking batches, from a warm cache (the file read once before: in the page cache)
            and a cold one (its pages evicted before the pass);
   overlap  a consumer that sleeps a fixed time per batch (a simulated GPU step), with and without
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from laray.config import AutoEncoderConfig, LAConfig
-from laray.data import ImageDataset
-from laray.models import AutoEncoderVGG
-from laray.prefetch import BatchPrefetcher
-from laray.train import epoch_batches
+from laray.data.dataset import ImageDataset
+from laray.data.prefetch import BatchPrefetcher
+from laray.method.models import AutoEncoderVGG
+from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.training.stages import epoch_batches
 
 H100_BF16_PEAK = 989e12  # H100 SXM, dense (no sparsity), FLOP/s, from NVIDIA's data sheet
 
@@ -110,7 +110,7 @@ def flops_per_image(count_size: int) -> tuple[float, str]:
     """(FLOPs of one vgg16_bn auto-encoder training step per image at count_size px, how they were counted).
 
     Counted on the CPU at batch 2 (batch norm trains on two) by benchmarks/train_throughput.py's stage_steps
-    and measure (the step `laray.train` runs); if that module does not import, the same way here.
+    and measure (the step `laray.training.stages` runs); if that module does not import, the same way here.
     """
     cpu = torch.device("cpu")
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from laray.evaluate import score_codes
+from laray.scoring.evaluate import score_codes
 
 
 def load_run(folder: Path) -> tuple[torch.Tensor, np.ndarray]:

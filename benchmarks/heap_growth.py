@@ -1,6 +1,6 @@
 """How much a chunked pass grows glibc's heap: one scratch buffer against a fresh block per chunk.
 
-k-means' assignments (laray.clustering._assign) and the LA step (laray.la._BackgroundScores) work
+k-means' assignments (laray.method.clustering._assign) and the LA step (laray.method.la._BackgroundScores) work
 in chunks of 16 MiB. Once glibc has freed one such block it raises its mmap threshold above it
 (up to 32 MiB), so the next blocks come from the heap; freed between small allocations that last
 (the per-chunk labels), they leave holes the next block does not fit, and the heap grows. laray
@@ -8,7 +8,7 @@ now reuses one buffer per pass. Each run is a process of its own, so that heaps 
 resident memory (VmRSS, and RssAnon, the anonymous part; Linux) after the data is made, and after
 the k-means or the LA steps. Where the small allocations land differs from process to process, and
 with it the per-chunk growth, hence several runs per row and their median. The per-chunk k-means
-is `_assign` as it was before the buffer, patched in here; laray.la has no switch for per-chunk
+is `_assign` as it was before the buffer, patched in here; laray.method.la has no switch for per-chunk
 blocks, so its steps run only as shipped.
 
     python benchmarks/heap_growth.py              # N = 276,000, 3 runs per row (under 3 minutes on 2 cores)
@@ -25,18 +25,18 @@ import sys
 
 import torch
 
-import laray.clustering
-from laray.clustering import kmeans
-from laray.la import LocalAggregationLoss, MemoryBank
+import laray.method.clustering
+from laray.method.clustering import kmeans
+from laray.method.la import LocalAggregationLoss, MemoryBank
 
 DIM, BATCH, K, THREADS = 128, 256, 300, 2
 
 
 def per_chunk_assign(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor):
-    """laray.clustering._assign before its buffer (74ee188^): a new score matrix every chunk."""
+    """laray.method.clustering._assign before its buffer (74ee188^): a new score matrix every chunk."""
     c_sq = (centroids * centroids).sum(1)
     labels, dists = [], []
-    step = laray.clustering._rows_per_chunk(len(centroids))
+    step = laray.method.clustering._rows_per_chunk(len(centroids))
     for start in range(0, len(x), step):
         part = torch.addmm(c_sq, x[start : start + step], centroids.T, alpha=-2.0)  # (chunk, C)
         d, lab = part.min(1)
@@ -54,7 +54,7 @@ def _memory_mb() -> dict:
 
 def kmeans_point(way: str, n: int, iters: int) -> dict:
     if way == "per-chunk":
-        laray.clustering._assign = per_chunk_assign  # kmeans looks it up in the module at each call
+        laray.method.clustering._assign = per_chunk_assign  # kmeans looks it up in the module at each call
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, DIM, generator=gen)
     x.div_(x.norm(dim=1, keepdim=True))  # unit rows, in place: no second copy on the heap before we start
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             )
         rss, anon = (statistics.median(g) for g in zip(*growth))
         print(f"{'  median':<31} {'':>3} {'':>10} {'':>6} {rss:>+6.0f} {'':>11} {'':>6} {anon:>+6.0f}")
-    print("LA steps, a block per chunk: not measured (laray.la has no switch or constant for it)")
+    print("LA steps, a block per chunk: not measured (laray.method.la has no switch or constant for it)")
     print("MB = 10^6 bytes; before: after the data (and the LA reclustering); each run in its own process")
     return 0
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from laray.la import LocalAggregationLoss, MemoryBank
+from laray.method.la import LocalAggregationLoss, MemoryBank
 
 HEADLINE = dict(n=5_400, d=512, k=500, R=6, C=100, batch=64, tau=0.07, m=0.5)
 QUICK = dict(n=1_000, d=64, k=50, R=2, C=10, batch=64, tau=0.07, m=0.5)

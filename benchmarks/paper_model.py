@@ -3,8 +3,8 @@
 A projection.
 
 The FLOPs per image come from benchmarks/train_throughput.py (FlopCounterMode); k-means costs
-2·N·K·d a Lloyd pass (laray.clustering), at most 100 passes after k-means++ (counted as 2 passes),
-laray.evaluate.N_INIT restarts per evaluation. Nothing here is measured: it prints the tables of
+2·N·K·d a Lloyd pass (laray.method.clustering), at most 100 passes after k-means++ (counted as 2 passes),
+laray.scoring.evaluate.N_INIT restarts per evaluation. Nothing here is measured: it prints the tables of
 docs/benchmarks.md's "A DF20 sweep on paper" from these inputs.
 
     python benchmarks/paper_model.py                # with laray's evaluation restarts
@@ -17,7 +17,7 @@ import argparse
 import math
 import sys
 
-from laray.evaluate import N_INIT
+from laray.scoring.evaluate import N_INIT
 
 N, K, D = 276_000, 1_604, 512  # DF20 images, species, code length (vgg16_bn, mean merger)
 GFLOP = 1e9

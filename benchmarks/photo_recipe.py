@@ -5,7 +5,7 @@ as a sweep's trials do. The row it prints is what docs/photos.md's recipe table 
 
     python benchmarks/photo_recipe.py --data PHOTOS --seeds 0 1 2 --set la.jitter=0.2 --label "jitter 0.2"
 
-Settings: the data's defaults for this machine (laray.defaults), then --config, then each --set
+Settings: the data's defaults for this machine (laray.settings.defaults), then --config, then each --set
 SECTION.FIELD=VALUE. Scores are on the selection half of a 0.5 held-out split; "held-out" the other half.
 """
 
@@ -31,9 +31,9 @@ def _parse_set(text: str) -> tuple[str, str, object]:
 
 
 def settings(data: str, config: str | None, sets: list) -> tuple:
-    from laray.config import load_config, replace
-    from laray.defaults import choose, train_configs
-    from laray.space import load_space
+    from laray.settings.config import load_config, replace
+    from laray.settings.defaults import choose, train_configs
+    from laray.settings.space import load_space
 
     ae, la = train_configs(load_space(choose(data, cuda=False).space))
     if config:
@@ -51,8 +51,8 @@ def one_run(job: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)  # one core per run, as one sweep trial gets
-    from laray.data import describe, open_dataset
-    from laray.run import train_run
+    from laray.data.dataset import describe, open_dataset
+    from laray.training.run import train_run
 
     dataset = open_dataset(describe(data, ae.image_size), cache_dir)
     began = time.perf_counter()
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     ae, la = settings(args.data, args.config, args.sets)
     workdir = args.workdir or tempfile.mkdtemp(prefix="photo_recipe_")
-    from laray.data import describe, open_dataset
+    from laray.data.dataset import describe, open_dataset
 
     open_dataset(describe(args.data, ae.image_size), args.cache_dir)  # decode once, before the runs share it
     store = args.store or Path(workdir) / "store"

@@ -1,6 +1,6 @@
 """What one LA step costs in memory and time as N grows: laray's chunked step against plain autograd.
 
-laray's loss (laray.la) scores the batch against the bank a few rows at a time and keeps only the
+laray's loss (laray.method.la) scores the batch against the bank a few rows at a time and keeps only the
 chosen (batch x (1+k)) scores, forward and backward. The plain way, written here as laray first
 had it, runs autograd through `v @ M.T`: a (batch x N) product, a copy for the top-k, and a
 (batch x N) gradient. Each (way, N) runs in its own process: the peak resident memory a step
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from laray.la import LocalAggregationLoss, MemoryBank
+from laray.method.la import LocalAggregationLoss, MemoryBank
 
 BATCH, DIM, K = 256, 128, 300
 

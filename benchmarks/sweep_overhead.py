@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from laray.config import replace
-from laray.data import describe, open_dataset
-from laray.defaults import demo_configs
-from laray.run import stored_stage1, train_run
-from laray.space import SWEEP_SET, parse_space
+from laray.data.dataset import describe, open_dataset
+from laray.settings.config import replace
+from laray.settings.defaults import demo_configs
+from laray.settings.space import SWEEP_SET, parse_space
+from laray.training.run import stored_stage1, train_run
 
 TRIALS = 8
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
         import ray
 
-        from laray.sweep import run_sweep
+        from laray.sweep.driver import run_sweep
 
         _, ray_s = timed(
             lambda: ray.init(

@@ -82,9 +82,9 @@ def preset_stage1(experiment: Path, ref, space) -> None:
     """An untrained encoder and empty baselines in the sweep's store: the sweep loads it, trains nothing."""
     import torch
 
-    from laray.ae_store import store_key
-    from laray.models import AutoEncoderVGG
-    from laray.run import baselines_path, write_json
+    from laray.method.models import AutoEncoderVGG
+    from laray.training.run import baselines_path, write_json
+    from laray.training.store import store_key
 
     key = store_key(ref.key, space.ae, 0)
     (experiment / "autoencoders" / key).mkdir(parents=True)
@@ -100,10 +100,10 @@ def run_point(args) -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
-    from laray.data import describe, open_dataset
-    from laray.models import EncoderVGGMerged
-    from laray.space import parse_space
-    from laray.sweep import run_sweep
+    from laray.data.dataset import describe, open_dataset
+    from laray.method.models import EncoderVGGMerged
+    from laray.settings.space import parse_space
+    from laray.sweep.driver import run_sweep
 
     n, size = (int(v) for v in args.point.split(":"))
     out, cache, storage = Path(args.out), Path(args.workdir) / "cache", Path(args.workdir) / "sweeps"

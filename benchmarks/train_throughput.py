@@ -1,6 +1,6 @@
 """Training throughput (images/s) of both stages, on the CPU or a CUDA GPU.
 
-A step is what `laray.train` does per batch: stage 1, auto-encoder forward, MSE,
+A step is what `laray.training.stages` does per batch: stage 1, auto-encoder forward, MSE,
 backward, SGD step; stage 2, encoder forward, LA loss against a memory bank,
 backward, SGD step, bank update (reclustering, once per epoch, is left out: see
 benchmarks/la_step.py). On CUDA the step runs as in training: bf16 autocast and
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from laray.config import AutoEncoderConfig, LAConfig
-from laray.defaults import demo_configs
-from laray.la import LocalAggregationLoss, MemoryBank
-from laray.models import AutoEncoderVGG, EncoderVGGMerged
-from laray.train import make_optimizer
+from laray.method.la import LocalAggregationLoss, MemoryBank
+from laray.method.models import AutoEncoderVGG, EncoderVGGMerged
+from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.settings.defaults import demo_configs
+from laray.training.stages import make_optimizer
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, in FLOP/s.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}

@@ -2,6 +2,6 @@
 
 import sys
 
-from laray.cli import main
+from laray.cli.main import main
 
 sys.exit(main())

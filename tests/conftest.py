@@ -10,7 +10,7 @@ def write_digit_folder(root: Path, n: int, size: int = 32) -> Path:
     """The first n embedded digits as PNG files (size px), one folder per digit: a species-folder data set."""
     from PIL import Image
 
-    from laray.data import load_dataset
+    from laray.data.dataset import load_dataset
 
     d = load_dataset("digits", size)
     for i in range(n):
@@ -27,7 +27,7 @@ def ray_session(tmp_path_factory):
     Its workers inherit LARAY_CACHE_DIR: trials decode into a temporary folder, never the user's cache.
     """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"  # as laray.sweep.ray_init: no stack dumps on SIGTERM
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"  # as laray.sweep.driver.ray_init: no stack dumps on SIGTERM
     os.environ["LARAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("node_cache"))
     import ray
 

@@ -1,6 +1,6 @@
-"""Stop signals (laray.interrupt) and the quiet console's filters (laray.progress.quiet_ray), in this process.
+"""Stop signals (laray.interrupt) and the quiet console's filters (laray.sweep.console.quiet_ray), in this process.
 
-The sweeps that a signal stops and that resume are in tests/test_stop_signals.py.
+The sweeps that a signal stops and that resume are in tests/faults/test_stop_signals.py.
 """
 
 import logging
@@ -87,7 +87,7 @@ def test_handlers_are_taken_back_after_ray_init_set_its_own():
 
 
 def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys):
-    from laray import cli
+    from laray.cli import main as cli
 
     def stopped_train(args):
         args.on_stop = "continue with: laray train --resume"
@@ -124,7 +124,7 @@ def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys
     ],
 )
 def test_command_again(argv, drop, add, expected):
-    from laray.cli import _command_again
+    from laray.cli.main import _command_again
 
     assert _command_again(argv, drop, add) == expected
 
@@ -144,7 +144,7 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
     """A loaded machine made Tune warn three times per report; --verbose (no quiet_ray) keeps the warnings."""
     from ray.tune.utils import util
 
-    from laray.progress import quiet_ray
+    from laray.sweep.console import quiet_ray
 
     monkeypatch.setattr(util, "START_OF_TIME", time.time() - 120)  # Tune warns only after its first minute
     loggers = [
@@ -183,7 +183,7 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
 
 def test_cli_names_the_signal_when_a_library_turned_it_into_a_plain_keyboard_interrupt(monkeypatch, capsys):
     """Ray's get, interrupted by SIGTERM during stage 1, raised KeyboardInterrupt: still 143, for SLURM's requeue."""
-    from laray import cli
+    from laray.cli import main as cli
 
     def stage1_in_ray_get(args):
         try:

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
         import ray
 
-        from laray.sweep.driver import run_sweep
+        from laray.sweep.driver import SweepRun, TrialResources, run_sweep
 
         _, ray_s = timed(
             lambda: ray.init(
@@ -108,11 +108,8 @@ def main(argv=None) -> int:
                 lambda: run_sweep(
                     data,
                     parse_space(one_trial_space(ae, la_run)),
-                    str(work / "results"),
-                    name,
-                    cpus_per_trial=args.threads,
-                    device="cpu",
-                    verbose=0,
+                    run=SweepRun(str(work / "results"), name, verbose=0),
+                    trial=TrialResources(cpus=args.threads, device="cpu"),
                 )
             )
             assert result.n_trials == 1 and result.n_errored == 0, "the one-trial sweep failed"

@@ -103,7 +103,7 @@ def run_point(args) -> None:
     from laray.data.dataset import describe, open_dataset
     from laray.method.models import EncoderVGGMerged
     from laray.settings.space import parse_space
-    from laray.sweep.driver import run_sweep
+    from laray.sweep.driver import SweepRun, TrialResources, run_sweep
 
     n, size = (int(v) for v in args.point.split(":"))
     out, cache, storage = Path(args.out), Path(args.workdir) / "cache", Path(args.workdir) / "sweeps"
@@ -166,7 +166,10 @@ def run_point(args) -> None:
     sampler.start()
     began = time.time()
     result = run_sweep(
-        ref, space, str(storage), name, seed=0, cpus_per_trial=2, device="cpu", verbose=0, cache_dir=str(cache)
+        ref,
+        space,
+        run=SweepRun(str(storage), name, seed=0, verbose=0),
+        trial=TrialResources(cpus=2, device="cpu", cache_dir=str(cache)),
     )
     row["sweep_s"] = time.time() - began
     done.set()

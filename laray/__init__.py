@@ -34,7 +34,9 @@ _PUBLIC = {
     # running it
     "train_run": "laray.training.run",
     "run_sweep": "laray.sweep.driver",
-    "ray_init": "laray.sweep.driver",
+    "SweepRun": "laray.sweep.driver",
+    "TrialResources": "laray.sweep.driver",
+    "ray_init": "laray.sweep.ray_setup",
     # reading the results
     "analyze": "laray.results.report",
     "score": "laray.results.report",

@@ -27,7 +27,7 @@ def ray_session(tmp_path_factory):
     Its workers inherit LARAY_CACHE_DIR: trials decode into a temporary folder, never the user's cache.
     """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"  # as laray.sweep.driver.ray_init: no stack dumps on SIGTERM
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"  # as ray_setup.ray_init: no stack dumps on SIGTERM
     os.environ["LARAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("node_cache"))
     import ray
 

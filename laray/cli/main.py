@@ -659,24 +659,31 @@ def _sweep(args) -> int:
         add=["--resume", "--name", name],
     )
     args.on_stop = f"the sweep's state is saved; continue it with: {again}"
-    from laray.sweep.driver import OPTUNA_DB, ray_init, run_sweep  # torch and Ray: only once the arguments hold
+    from laray.sweep.driver import (  # torch and Ray: only once the arguments hold
+        OPTUNA_DB,
+        SweepRun,
+        TrialResources,
+        run_sweep,
+    )
+    from laray.sweep.ray_setup import ray_init
 
     ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
     result = run_sweep(
         data,
         space,
-        args.storage,
-        name,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        max_failures=args.max_failures,
-        resume=args.resume,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        verbose=2 if args.verbose else 1,
-        warm_start=args.warm_start,
+        run=SweepRun(
+            args.storage,
+            name,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            resume=args.resume,
+            max_failures=args.max_failures,
+            verbose=2 if args.verbose else 1,
+            warm_start=args.warm_start,
+        ),
+        trial=TrialResources(
+            cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, device=args.device, cache_dir=args.cache_dir
+        ),
     )
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
     if result.best_config is None:
@@ -858,8 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ray's get turns the StopRequested it was interrupted by into a plain KeyboardInterrupt
         signum = exc.signum if isinstance(exc, StopRequested) else requested() or signal.SIGINT
         on_stop = getattr(args, "on_stop", None)
-        if "laray.sweep.driver" in sys.modules:  # now, not at exit: the lines Ray still forwards come before ours
-            sys.modules["laray.sweep.driver"].shutdown_ray()
+        if "laray.sweep.ray_setup" in sys.modules:  # now, not at exit: the lines Ray still forwards come before ours
+            sys.modules["laray.sweep.ray_setup"].shutdown_ray()
         print(
             f"laray: stopped by {signal.Signals(signum).name}" + (f"; {on_stop}" if on_stop else ""),
             file=sys.stderr,

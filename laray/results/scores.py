@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from laray.score_names import LABEL_SCORES
 from laray.scoring.confirm import CONFIRM_DIR
 from laray.scoring.evaluate import score_codes
 from laray.scoring.holdout import PREFIX
-from laray.scoring.metrics import LABEL_SCORES, cluster_scores, contingency
+from laray.scoring.metrics import cluster_scores, contingency
 from laray.training.stages import STAGE_LA
 
 PARAMS = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")

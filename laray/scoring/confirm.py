@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 
+from laray.score_names import LABEL_SCORES
 from laray.scoring.holdout import PREFIX
-from laray.scoring.metrics import LABEL_SCORES
 
-SCORES = LABEL_SCORES
+SCORES = LABEL_SCORES  # what the confirmation summarises over seeds
 CONFIRM_DIR = "confirm"  # STORAGE/NAME/confirm/: the confirmation's Tune experiment
 
 

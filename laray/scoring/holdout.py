@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from laray.score_names import HELDOUT_PREFIX as PREFIX  # noqa: F401 (the prefix of held-out scores)
+
 NO_HOLDOUT = (0.0, 0)  # (fraction, seed): score every labelled image together
-PREFIX = "heldout_"  # held-out scores carry this prefix beside the selection scores: purity, heldout_purity
 
 
 def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:

@@ -10,8 +10,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-LABEL_SCORES = ("purity", "nmi", "ari", "acc")  # against species labels
-SCORE_NAMES = (*LABEL_SCORES, "silhouette")  # silhouette: unlabelled data only
+from laray.score_names import LABEL_SCORES, SCORE_NAMES  # noqa: F401 (imported from here by name)
 
 
 def contingency(labels_true, labels_pred) -> np.ndarray:

@@ -38,10 +38,11 @@ from pathlib import Path
 import yaml
 
 from laray.errors import SpaceError
+from laray.score_names import LABEL_SCORES
 from laray.settings.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
 from laray.settings.duration import BudgetError, parse_duration
 
-OBJECTIVES = ("purity", "nmi", "ari", "acc")
+OBJECTIVES = LABEL_SCORES
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
 SIZE_LIMITS = {"k_neighbours": lambda n: (1, n - 1), "n_centroids": lambda n: (1, n)}
 TOP_KEYS = (

@@ -1,7 +1,7 @@
-"""The sweep: a Ray Tune function trainable over both stages, Optuna's TPE, ASHA.
+"""`run_sweep`: the search (Optuna's TPE over the trainable, ASHA stopping the weakest), then the confirmation.
 
-Ray is imported here and by the sweep's helpers only (sweep_stage1, progress, asha, budget, and space's
-Tune distributions); the rest of laray runs without it.
+Ray is imported only in this layer (laray.sweep), and only once a sweep starts: ray_setup.ray_init
+sets the environment Ray reads at import first. What a sweep leaves:
 
     STORAGE/NAME/               Ray Tune's experiment folder (Tuner.restore and ExperimentAnalysis read it)
     STORAGE/NAME/optuna.db      the Optuna study (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db)
@@ -17,200 +17,35 @@ Tune distributions); the rest of laray runs without it.
     STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines,
                                 the winner's margin over k-means on raw pixels
 
-Trials receive the data set by reference (a `ListingDigest`: how to list it, digests of the
-driver's listing, the cache key; no per-file entry and never image bytes) and open it on their
-own node, from that node's cache folder; they receive stage 1's weights and baselines
-through Ray's object store.
-A trial reports every LA epoch with `ray.tune.report(metrics, checkpoint=...)` and
-resumes from `tune.get_checkpoint()` after its worker dies. A trial whose loss goes
-non-finite ends as errored with that reason, and the sweep goes on.
+How a trial runs: laray.sweep.trainable; the confirmation: laray.sweep.confirmation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import resource
-import shutil
-import socket
-import sys
 import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from laray.checkpoint import write_atomic
-from laray.data.cache import default_cache_dir
-from laray.data.dataset import DataRef, ListingDigest, open_dataset
-from laray.errors import LarayError, SweepError, naming_full_disk
-from laray.interrupt import take_signals_back, tune_fit_stops_on_signal
+from laray.data.dataset import DataRef
+from laray.errors import SweepError
+from laray.interrupt import tune_fit_stops_on_signal
 from laray.scoring.confirm import (
-    CONFIRM_DIR,
-    baselines_over_seeds,
-    confirmation_seeds,
-    confirmed,
     margin_over,
-    pick_top,
 )
 from laray.settings.config import replace
-from laray.settings.space import SIZE_LIMITS, SearchSpace
+from laray.settings.space import SearchSpace
+from laray.sweep.confirmation import confirm_top
 from laray.sweep.lock import LOCK_NAME, SweepLock
-from laray.sweep.stage1 import cancel_stage1_tasks, sweep_stage1
+from laray.sweep.ray_setup import check_resources, run_config
+from laray.sweep.stage1 import sweep_stage1
+from laray.sweep.trainable import REPORTED, train_trial
 from laray.sweep.warm_start import OPTUNA_DB
 from laray.sweep.warm_start import recorded as warm_start_record
-from laray.training.run import Stage1, write_json
-from laray.training.stages import STAGE_LA, NonFiniteLossError
+from laray.training.run import write_json
 
 log = logging.getLogger("laray.sweep.driver")
-
-NONFINITE_MARKER = "nonfinite_loss.txt"
-REPORTED = (
-    "purity",
-    "nmi",
-    "ari",
-    "acc",
-    "silhouette",
-    "heldout_purity",
-    "heldout_nmi",
-    "heldout_ari",
-    "heldout_acc",
-    "loss",
-    "images_per_s",
-    "lr",
-    "epoch",
-)
-
-
-def ignore_exit_in_callbacks() -> None:
-    """Stop printing a SystemExit that Python cannot raise, in a trial's worker; print the others.
-
-    Ray stops a finished trial's worker by raising SystemExit in it. When that lands in a
-    garbage-collection callback (a WeakSet's, say), Python prints it with a traceback as an
-    ignored exception, which reads like a failure but is the exit itself (it showed in 2 of 14
-    runs of the console test in tests/sweep/test_sweep.py). Other ignored exceptions still go to the
-    hook that was there.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "laray_ignores_exit", False):  # Ray reuses workers: install once
-        return
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            previous(unraisable)
-
-    hook.laray_ignores_exit = True
-    sys.unraisablehook = hook
-
-
-def _trial_dir() -> Path:
-    from ray import tune
-
-    return Path(tune.get_context().get_trial_dir())
-
-
-def _fit_to_data(config: dict, n_images: int) -> dict:
-    """Ranges were resolved against the files listed; a few may have failed to decode on the node."""
-    fitted = dict(config)
-    for name, limits in SIZE_LIMITS.items():
-        if name in fitted:
-            low, high = limits(n_images)
-            fitted[name] = min(max(fitted[name], low), high)
-            if fitted[name] != config[name]:
-                log.warning("%s %s clipped to %s: %d images decoded", name, config[name], fitted[name], n_images)
-    return fitted
-
-
-def _write_worker_record(path: Path, record: dict) -> None:
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    path.write_text(json.dumps(record, indent=2))
-
-
-def train_trial(
-    config: dict,
-    data: ListingDigest,
-    stage1: Stage1,
-    space: SearchSpace,
-    seed: int,
-    device: str,
-    threads: int,
-    cache_dir: str | None = None,
-    quiet: bool = False,
-) -> None:
-    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
-
-    It opens `data` on its node (from the node's cache folder, decoding once per node) and
-    starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
-    decoded the data, its start-up time and its peak resident memory.
-    quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
-    """
-    import ray
-    from ray import tune
-
-    if quiet:
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-
-    from laray.training.run import train_run
-
-    began = time.perf_counter()
-    ignore_exit_in_callbacks()
-    torch.set_num_threads(threads)
-    out = _trial_dir()
-    dataset = open_dataset(data, cache_dir)
-    worker = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "cache_dir": str(Path(cache_dir) if cache_dir else default_cache_dir()),
-        "decoded_here": dataset.decoded_here,
-        "open_data_s": time.perf_counter() - began,
-    }
-    _write_worker_record(out / "worker.json", worker)
-    marker = out / NONFINITE_MARKER
-    if marker.exists():  # restarted after a non-finite loss: it would only diverge again
-        raise NonFiniteLossError(marker.read_text())
-    la_ckpt = out / "checkpoints" / "la.ckpt"
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a restart: continue from the last reported epoch
-        with checkpoint.as_directory() as folder:  # atomic: a kill or a full disk mid-copy leaves no torn la.ckpt
-            copy = (Path(folder) / "la.ckpt").read_bytes()  # tens of MB
-            write_atomic(la_ckpt, lambda f: f.write(copy))
-
-    def report(record: dict) -> None:
-        if record["stage"] != STAGE_LA:
-            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
-        if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
-            worker["startup_s"] = time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0)
-        if "eval_s" not in record:
-            return  # not evaluated (eval_every): nothing for ASHA to compare
-        metrics = {k: record[k] for k in REPORTED if k in record}
-        _write_worker_record(out / "worker.json", worker)
-        with (
-            naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"),
-            tempfile.TemporaryDirectory() as folder,
-        ):
-            shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
-    try:
-        train_run(
-            dataset,
-            out,
-            space.ae,
-            la_cfg,
-            seed=seed,
-            device=device,
-            resume=checkpoint is not None,
-            callback=report,
-            progress=False,
-            stage1=stage1,
-        )
-    except NonFiniteLossError as exc:
-        marker.write_text(str(exc))
-        raise
 
 
 @dataclasses.dataclass
@@ -268,32 +103,46 @@ def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool =
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def run_sweep(
-    data: DataRef,
-    space: SearchSpace,
-    storage: str,
-    name: str,
-    num_samples: int | None = None,
-    seed: int = 0,
-    cpus_per_trial: float = 1,
-    gpus_per_trial: float = 0,
-    max_failures: int = 2,
-    resume: bool = False,
-    device: str = "auto",
-    verbose: int = 1,
-    cache_dir: str | None = None,
-    warm_start: list[str] = (),
-) -> SweepResult:
-    """Run (or, with resume=True, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """Which sweep and how it runs, as Tune's RunConfig; what it searches is the SearchSpace."""
 
-    cache_dir: the decode cache folder on every node (a shared one, or a local path that exists on
-    each); None: each node's own default (LARAY_CACHE_DIR in its environment, else ~/.cache/laray).
-    warm_start: earlier sweeps' folders whose finished trials TPE starts from (laray.sweep.warm_start).
-    Ray must already be initialised (ray.init) by the caller.
+    storage: str  # a folder, or a cloud URI (s3://...): the sweep is STORAGE/NAME
+    name: str
+    num_samples: int | None = None  # trials; None: the space's
+    seed: int = 0
+    resume: bool = False  # continue STORAGE/NAME
+    max_failures: int = 2  # restarts of a trial whose worker died
+    verbose: int = 1  # 0 silent, 1 laray's console, 2 Ray Tune's table as well
+    warm_start: Sequence[str] = ()  # earlier sweeps' folders whose finished trials TPE starts from
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResources:
+    """What each trial (and stage 1's task) asks Ray for, and where it finds the decoded data."""
+
+    cpus: float = 1
+    gpus: float = 0
+    device: str = "auto"
+    # the decode cache folder on every node (a shared one, or a local path that exists on each);
+    # None: each node's own default (LARAY_CACHE_DIR in its environment, else ~/.cache/laray)
+    cache_dir: str | None = None
+
+
+def run_sweep(
+    data: DataRef, space: SearchSpace, run: SweepRun, trial: TrialResources = TrialResources()
+) -> SweepResult:
+    """Run (or, with run.resume, continue) the sweep STORAGE/NAME over `space` on the data `data` lists.
+
+    Ray must already be initialised (ray_setup.ray_init) by the caller.
     """
+    storage, name, num_samples, seed = run.storage, run.name, run.num_samples, run.seed
+    resume, max_failures, verbose, warm_start = run.resume, run.max_failures, run.verbose, list(run.warm_start)
     from ray import tune
 
     from laray.sweep.asha import ResumableASHA
+
+    cpus_per_trial, gpus_per_trial, device, cache_dir = trial.cpus, trial.gpus, trial.device, trial.cache_dir
 
     if "://" in storage and not storage.startswith("file://"):
         experiment_local = None  # cloud storage: the study and auto-encoders live beside the driver
@@ -382,7 +231,7 @@ def run_sweep(
                     num_samples=num_samples or space.num_samples,
                     max_concurrent_trials=space.max_concurrent,
                 ),
-                run_config=_run_config(
+                run_config=run_config(
                     name,
                     storage_path,
                     verbose,
@@ -407,7 +256,7 @@ def run_sweep(
         confirmed, confirmed_baselines, margin = [], None, None
         if space.confirms and best_config is not None:
             searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
-            confirmed, confirmed_baselines = _confirm(
+            confirmed, confirmed_baselines = confirm_top(
                 data, searched, space, shared, experiment, experiment_path, seed, resources, verbose, max_failures
             )
             if confirmed:
@@ -457,217 +306,6 @@ def _start_from(
         log.info(taken.describe())
 
 
-def _run_config(
-    name: str,
-    storage_path: str,
-    verbose: int,
-    max_failures: int,
-    label: str,
-    space: SearchSpace,
-    stop=None,
-    clock=None,
-    budget_of: str | None = None,
-):
-    """verbose 0: silent; 1: laray's line per trial event (laray.sweep.console); 2: Ray Tune's own table as well.
-
-    stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
-    console shows.
-    """
-    from ray import tune
-
-    from laray.sweep.console import SweepProgress
-
-    progress = (
-        [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] if verbose else []
-    )
-    callbacks = progress + ([clock] if clock is not None else [])
-    # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
-    return tune.RunConfig(
-        name=name,
-        storage_path=storage_path,
-        verbose=max(0, verbose - 1),
-        callbacks=callbacks,
-        stop=stop,
-        sync_config=tune.SyncConfig(sync_artifacts=True),
-        failure_config=tune.FailureConfig(max_failures=max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-    )
-
-
-def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
-    """One confirmation run: a search trial's LA settings (config["la"]) with a fresh seed (config["seed"])."""
-    import ray
-
-    seed = config["seed"]
-    train_trial(config["la"], stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)
-
-
-def _confirm(
-    data: DataRef,
-    searched: list[tuple[dict, dict]],
-    space: SearchSpace,
-    shared: dict,
-    experiment: Path,
-    experiment_path: str,
-    seed: int,
-    resources: dict,
-    verbose: int,
-    max_failures: int,
-):
-    """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
-
-    A second Tune experiment, run like the search (same resources, concurrency and failure
-    handling) and resumed like it. Stage 1 is trained once per seed (the seeds' tasks at once),
-    each kept in the store.
-    """
-    from ray import tune
-
-    seeds = confirmation_seeds(seed, space.confirm_seeds)
-
-    def stage1_of(s: int):
-        return sweep_stage1(
-            data,
-            space.ae,
-            space.mergers(),
-            s,
-            experiment / "autoencoders",
-            resources,
-            shared["device"],
-            shared["threads"],
-            shared["cache_dir"],
-            (space.la.holdout, seed),
-        )
-
-    # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
-    try:
-        done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
-    except KeyboardInterrupt:  # a stop signal: the other seeds' tasks would train on, on their cluster
-        cancel_stage1_tasks()
-        raise
-    baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
-    trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
-    path = f"{experiment_path}/{CONFIRM_DIR}"
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        top = pick_top(searched, space.objective, space.mode, space.la.epochs, space.confirm_top)
-        log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
-            run_config=_run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space),
-        )
-    with tune_fit_stops_on_signal():
-        results = tuner.fit()
-    runs = [
-        (r.config["la"], r.config["seed"], dict(r.metrics))
-        for r in results
-        if r.error is None and r.metrics and space.objective in r.metrics
-    ]
-    entries = confirmed(runs, space.objective, space.mode)
-    merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
-    return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
-
-
 def _started_here(experiment: Path | None) -> bool:
     """A local sweep folder that a driver began (its lock file) before Tune saved any state of it."""
     return experiment is not None and (experiment / LOCK_NAME).exists()
-
-
-def in_daemon_threads(function, items: list) -> list:
-    """[function(item) for item in items], all at once, each in a daemon thread; the first error is raised.
-
-    Daemon threads, unlike a ThreadPoolExecutor's, let a stop signal end the driver at once: the
-    main thread waits in short joins, which a signal interrupts, and nothing joins the threads at exit.
-    """
-    import threading
-
-    results, errors = [None] * len(items), [None] * len(items)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = function(items[i])
-        except BaseException as exc:  # handed to the main thread
-            errors[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"laray-{i}") for i in range(len(items))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.2)
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    return results
-
-
-def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -> None:
-    """Refuse, before anything is created, a trial that no node of the running Ray cluster can ever hold.
-
-    Tune would otherwise wait forever for it. An autoscaler may add nodes: like Tune itself
-    (ray.tune.execution.cluster_info), laray takes ~/ray_bootstrap_config.yaml, which `ray up` puts
-    on the head node, as the sign of one, and then checks nothing.
-    """
-    import ray
-
-    if device.startswith("cuda") and gpus_per_trial <= 0:
-        raise LarayError(
-            f"--device {device} in a sweep needs --gpus-per-trial > 0: Ray hides the GPUs from "
-            "trials that did not ask for one"
-        )
-    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
-        return
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    for option, wanted, key in (
-        ("--cpus-per-trial", cpus_per_trial, "CPU"),
-        ("--gpus-per-trial", gpus_per_trial, "GPU"),
-    ):
-        most = max((r.get(key, 0) for r in nodes), default=0)
-        if wanted > most:
-            raise LarayError(
-                f"{option} {wanted:g}: no node of this Ray cluster has that many {key}s (the most is "
-                f"{most:g}) and no autoscaler can add one; Tune would wait forever"
-            )
-
-
-def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) -> None:
-    """Start or join Ray; the dashboard, when asked for, binds to 127.0.0.1 only.
-
-    quiet: without Ray's notice that token authentication is on (as it is by default).
-    """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # No stack dump from Ray's C++ failure-signal handler when SIGTERM stops the driver or its workers:
-    # laray handles stop signals itself (laray.interrupt). Read when ray is imported; workers inherit it.
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    if quiet:
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # Lines forwarded from tasks (stage 1's), in a terminal or a redirected log: no ANSI colour codes, and
-        # no "[repeated 3x across cluster]" notes, which carry their own colour. Both read when ray is imported.
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray  # after the settings above: Ray reads them when it is imported
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off the console
-    else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
-    global _ray_started_here
-    _ray_started_here = True
-    take_signals_back()  # ray.init makes SIGTERM exit at once
-
-
-_ray_started_here = False
-
-
-def shutdown_ray() -> None:
-    """Shut down (or leave) the Ray that ray_init started or joined; one started by someone else stays."""
-    global _ray_started_here
-    if _ray_started_here:
-        import ray
-
-        ray.shutdown()
-        _ray_started_here = False

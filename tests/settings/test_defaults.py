@@ -138,7 +138,7 @@ def test_laray_sweep_chooses_by_data_and_the_trials_gpus_and_says_so_first(
         chosen.update(space=space, gpus=kwargs["gpus_per_trial"])
         raise LarayError("stopped before the search")
 
-    monkeypatch.setattr("laray.sweep.driver.ray_init", lambda *a, **k: None)
+    monkeypatch.setattr("laray.sweep.ray_setup.ray_init", lambda *a, **k: None)
     monkeypatch.setattr("laray.sweep.driver.run_sweep", fake_sweep)
     argv = ["sweep", "--storage", str(tmp_path)] + [str(photos) if a == "PHOTOS" else a for a in argv]
     assert main(argv) == 1

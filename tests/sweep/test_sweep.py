@@ -29,7 +29,8 @@ from laray.scoring.confirm import pick_top
 from laray.scoring.metrics import purity
 from laray.settings.config import LAConfig, replace
 from laray.settings.space import SEARCHABLE, SpaceError, load_space, parse_space
-from laray.sweep.driver import NONFINITE_MARKER, OPTUNA_DB, ignore_exit_in_callbacks, run_sweep
+from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep
+from laray.sweep.trainable import NONFINITE_MARKER, ignore_exit_in_callbacks
 from laray.training import store as ae_store
 from laray.training.store import store_key
 
@@ -126,7 +127,7 @@ class Sweep:
 def sweep(ray_session, sub, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
     space = parse_space(raw_space(num_samples=3, max_concurrent=2))
-    result = run_sweep(sub, space, str(storage), "three", seed=SEED, verbose=0)
+    result = run_sweep(sub, space, run=SweepRun(str(storage), "three", seed=SEED, verbose=0))
     return Sweep(storage, "three", space, result)
 
 
@@ -235,7 +236,7 @@ def test_trials_open_the_data_by_reference(sweep, sub):
 
 def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
     with pytest.raises(SweepError, match="resume"):
-        run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, seed=SEED, verbose=0)
+        run_sweep(sub, sweep.space, run=SweepRun(str(sweep.storage), sweep.name, seed=SEED, verbose=0))
     study = only_study(sweep.experiment, sweep.name)  # untouched: still one study of 3 trials
     assert len(study.trials) == 3
     assert len(analysis_of(sweep.experiment).trials) == 3
@@ -244,14 +245,14 @@ def test_new_sweep_over_an_existing_one_is_refused(sweep, sub):
 def test_resume_without_a_sweep_is_refused(sub, tmp_path):
     space = parse_space(raw_space())
     with pytest.raises(SweepError, match="no sweep to resume"):
-        run_sweep(sub, space, str(tmp_path), "nothing", resume=True, verbose=0)
+        run_sweep(sub, space, run=SweepRun(str(tmp_path), "nothing", resume=True, verbose=0))
     assert not list(tmp_path.iterdir())  # a refused resume leaves nothing behind
 
 
 def test_resume_refuses_a_new_number_of_trials(sweep, sub):
     # Tuner.restore keeps the stored num_samples; a different one must not be ignored silently.
     with pytest.raises(SweepError, match="cannot change when it is resumed"):
-        run_sweep(sub, sweep.space, str(sweep.storage), sweep.name, num_samples=5, resume=True, verbose=0)
+        run_sweep(sub, sweep.space, run=SweepRun(str(sweep.storage), sweep.name, num_samples=5, resume=True, verbose=0))
     assert len(only_study(sweep.experiment, sweep.name).trials) == 3
 
 
@@ -266,17 +267,17 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
         match=rf"warm start from {sweep.experiment}: autoencoder\.epochs is 1 there, "
         r"2 here; its objective values are not comparable",
     ):
-        run_sweep(sub, other_stage1, str(storage), "refused", seed=SEED, warm_start=[str(sweep.experiment)], verbose=0)
+        run_sweep(
+            sub,
+            other_stage1,
+            run=SweepRun(str(storage), "refused", seed=SEED, verbose=0, warm_start=[str(sweep.experiment)]),
+        )
     assert not list((storage / "refused").glob("autoencoders/*/autoencoder.pt"))  # refused before stage 1
 
     result = run_sweep(
         sub,
         parse_space(raw_space(num_samples=1)),
-        str(storage),
-        "warm",
-        seed=SEED,
-        warm_start=[str(sweep.experiment)],
-        verbose=0,
+        run=SweepRun(str(storage), "warm", seed=SEED, verbose=0, warm_start=[str(sweep.experiment)]),
     )
     assert result.n_trials == 1  # num_samples new trials on top
     study = only_study(storage / "warm", "warm")
@@ -293,12 +294,7 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
         run_sweep(
             sub,
             parse_space(raw_space(num_samples=1)),
-            str(storage),
-            "warm",
-            seed=SEED,
-            resume=True,
-            warm_start=[str(sweep.experiment)],
-            verbose=0,
+            run=SweepRun(str(storage), "warm", seed=SEED, resume=True, verbose=0, warm_start=[str(sweep.experiment)]),
         )
 
 
@@ -306,7 +302,7 @@ def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, 
     """A budget of 1 s is spent while the first two trials start: each stops at its first epoch's end."""
     raw = raw_space(num_samples=4, max_concurrent=2, la_epochs=3, confirm_top=1, confirm_seeds=1)
     space = parse_space({**raw, "time_budget": "1s"})
-    result = run_sweep(sub, space, str(tmp_path / "results"), "budget", seed=SEED, verbose=0)
+    result = run_sweep(sub, space, run=SweepRun(str(tmp_path / "results"), "budget", seed=SEED, verbose=0))
     experiment = tmp_path / "results" / "budget"
     assert 1 <= result.n_trials <= 2 and result.n_errored == 0  # no trial started after the budget was spent
     searched = [f for f in experiment.glob("*_trial_*") if f.is_dir()]
@@ -328,12 +324,12 @@ DRIVER = textwrap.dedent("""
     import ray
     from laray.data.dataset import describe
     from laray.settings.space import parse_space
-    from laray.sweep.driver import run_sweep
+    from laray.sweep.driver import SweepRun, run_sweep
 
     address, storage, name, raw, folder = sys.argv[1:6]
     sub = describe(folder, 32)
     ray.init(address=address)  # joins the tests' Ray instance: a killed driver leaves no Ray processes behind
-    result = run_sweep(sub, parse_space(json.loads(raw)), storage, name, seed=0, verbose=0)
+    result = run_sweep(sub, parse_space(json.loads(raw)), SweepRun(storage, name, seed=0, verbose=0))
     print("driver returned", result.n_trials, flush=True)
 """)
 RESUMED_RAW = raw_space(num_samples=3, max_concurrent=1)
@@ -440,9 +436,11 @@ def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, su
         _wait_until(lambda: tune.Tuner.can_restore(str(experiment)), proc, log, "the sweep saved its state")
         holder = f"pid {proc.pid} on {socket.gethostname()}"
         with pytest.raises(SweepRunningError, match=holder):
-            run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, verbose=0)
+            run_sweep(sub, parse_space(RESUMED_RAW), run=SweepRun(str(storage), name, seed=SEED, verbose=0))
         with pytest.raises(SweepRunningError, match=holder):
-            run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
+            run_sweep(
+                sub, parse_space(RESUMED_RAW), run=SweepRun(str(storage), name, seed=SEED, resume=True, verbose=0)
+            )
     finally:
         rc = _stop(proc)
     assert rc == 0, log.read_text()[-3000:]
@@ -454,16 +452,16 @@ def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, su
 
 def test_trials_that_no_node_can_hold_are_refused_before_anything_is_created(ray_session, sub, tmp_path, monkeypatch):
     from laray.errors import LarayError
-    from laray.sweep.driver import check_resources
+    from laray.sweep.ray_setup import check_resources
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml: no autoscaler
     space, storage = parse_space(raw_space()), tmp_path / "results"
     with pytest.raises(LarayError, match=r"--gpus-per-trial 1: .*the most is 0.*no autoscaler"):
-        run_sweep(sub, space, str(storage), "gpu", gpus_per_trial=1, verbose=0)
+        run_sweep(sub, space, run=SweepRun(str(storage), "gpu", verbose=0), trial=TrialResources(gpus=1))
     with pytest.raises(LarayError, match=r"--cpus-per-trial 3: .*the most is 2"):
-        run_sweep(sub, space, str(storage), "cpu", cpus_per_trial=3, verbose=0)
+        run_sweep(sub, space, run=SweepRun(str(storage), "cpu", verbose=0), trial=TrialResources(cpus=3))
     with pytest.raises(LarayError, match=r"--device cuda .*--gpus-per-trial > 0"):
-        run_sweep(sub, space, str(storage), "cuda", device="cuda", verbose=0)
+        run_sweep(sub, space, run=SweepRun(str(storage), "cuda", verbose=0), trial=TrialResources(device="cuda"))
     assert not storage.exists()
     (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: autoscaling\n")
     check_resources(4, 1, "cuda")  # an autoscaler may add such a node: nothing refused
@@ -495,7 +493,9 @@ def killed_sweep(ray_session, sub, tmp_path_factory):
     if len(before.trials) >= _optuna_trial_count(experiment):
         pytest.skip("Tune saved its state after the second trial was sampled: the kill lost nothing")
 
-    result = run_sweep(sub, parse_space(RESUMED_RAW), str(storage), name, seed=SEED, resume=True, verbose=0)
+    result = run_sweep(
+        sub, parse_space(RESUMED_RAW), run=SweepRun(str(storage), name, seed=SEED, resume=True, verbose=0)
+    )
     return result, experiment, name, before, first, first_progress, sub
 
 
@@ -526,7 +526,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     first = _finished_trial(exp / "confirm", LA["epochs"])
     first_progress = (first / "progress.csv").read_text()
     assert len(list((exp / "confirm").glob("*/metrics.json"))) < 4  # killed before the confirmation ended
-    result = run_sweep(sub, space, str(storage), "confirmed", seed=SEED, resume=True, verbose=0)
+    result = run_sweep(sub, space, run=SweepRun(str(storage), "confirmed", seed=SEED, resume=True, verbose=0))
     assert (first / "progress.csv").read_text() == first_progress  # not run again
     best = json.loads((exp / "best.json").read_text())
     assert len(result.confirmed) == 2 and best["confirmed"] == json.loads(json.dumps(result.confirmed))
@@ -609,7 +609,7 @@ def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):
     """eval_every 2 over 3 LA epochs: Tune sees epochs 2 and 3, and ASHA counts LA epochs, not reports."""
     raw = raw_space(num_samples=1, max_concurrent=1, grace_period=3, la_epochs=3)
     raw["fixed"]["la"]["eval_every"] = 2
-    result = run_sweep(sub, parse_space(raw), str(tmp_path), "every2", seed=SEED, verbose=0)
+    result = run_sweep(sub, parse_space(raw), run=SweepRun(str(tmp_path), "every2", seed=SEED, verbose=0))
     assert result.n_trials == 1 and result.n_errored == 0
     (trial,) = analysis_of(tmp_path / "every2").trials
     progress = rows(trial.path)
@@ -634,7 +634,7 @@ def trial_whose_worker_dies_after_epoch_1(config, **kwargs):
     """
     from ray import tune
 
-    from laray.sweep import driver as sweep
+    from laray.sweep.trainable import train_trial
 
     out, report = Path(tune.get_context().get_trial_dir()), tune.report
 
@@ -645,7 +645,7 @@ def trial_whose_worker_dies_after_epoch_1(config, **kwargs):
             os._exit(1)  # as if its node had gone away
 
     tune.report = report_then_die
-    sweep.train_trial(config, **kwargs)
+    train_trial(config, **kwargs)
 
 
 def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub, tmp_path, monkeypatch):
@@ -657,7 +657,7 @@ def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub,
     monkeypatch.setattr(sweep, "train_trial", trial_whose_worker_dies_after_epoch_1)
     space = parse_space(raw_space(num_samples=2, max_concurrent=2, grace_period=3, la_epochs=3))
     try:
-        result = run_sweep(sub, space, str(tmp_path), "crash", seed=SEED, max_failures=2, verbose=0)
+        result = run_sweep(sub, space, run=SweepRun(str(tmp_path), "crash", seed=SEED, max_failures=2, verbose=0))
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.n_trials == 2
@@ -700,7 +700,9 @@ def test_trial_with_non_finite_loss_ends_errored_and_the_sweep_goes_on(ray_sessi
             num_samples=3, max_concurrent=2, grace_period=2, la_epochs=2, search={"lr": {"categorical": [0.01, 1.0e30]}}
         )
     )
-    result = run_sweep(sub, space, str(tmp_path), "nonfinite", seed=SEED, max_failures=max_failures, verbose=0)
+    result = run_sweep(
+        sub, space, run=SweepRun(str(tmp_path), "nonfinite", seed=SEED, max_failures=max_failures, verbose=0)
+    )
 
     experiment = tmp_path / "nonfinite"
     analysis = analysis_of(experiment)

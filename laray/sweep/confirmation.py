@@ -1,0 +1,122 @@
+"""The confirmation: the search's top configurations re-run with fresh seeds, as STORAGE/NAME/confirm/.
+
+The arithmetic (which configurations, which seeds, mean and interval) is laray.scoring.confirm's; this
+module runs it on Ray Tune like the search.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from laray.data.dataset import DataRef
+from laray.interrupt import tune_fit_stops_on_signal
+from laray.scoring.confirm import (
+    CONFIRM_DIR,
+    baselines_over_seeds,
+    confirmation_seeds,
+    confirmed,
+    pick_top,
+)
+from laray.settings.space import SearchSpace
+from laray.sweep.ray_setup import run_config
+from laray.sweep.stage1 import cancel_stage1_tasks, sweep_stage1
+from laray.sweep.trainable import confirm_trial
+
+log = logging.getLogger("laray.sweep.confirmation")
+
+
+def confirm_top(
+    data: DataRef,
+    searched: list[tuple[dict, dict]],
+    space: SearchSpace,
+    shared: dict,
+    experiment: Path,
+    experiment_path: str,
+    seed: int,
+    resources: dict,
+    verbose: int,
+    max_failures: int,
+):
+    """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
+
+    A second Tune experiment, run like the search (same resources, concurrency and failure
+    handling) and resumed like it. Stage 1 is trained once per seed (the seeds' tasks at once),
+    each kept in the store.
+    """
+    from ray import tune
+
+    seeds = confirmation_seeds(seed, space.confirm_seeds)
+
+    def stage1_of(s: int):
+        return sweep_stage1(
+            data,
+            space.ae,
+            space.mergers(),
+            s,
+            experiment / "autoencoders",
+            resources,
+            shared["device"],
+            shared["threads"],
+            shared["cache_dir"],
+            (space.la.holdout, seed),
+        )
+
+    # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
+    try:
+        done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
+    except KeyboardInterrupt:  # a stop signal: the other seeds' tasks would train on, on their cluster
+        cancel_stage1_tasks()
+        raise
+    baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
+    trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
+    path = f"{experiment_path}/{CONFIRM_DIR}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        top = pick_top(searched, space.objective, space.mode, space.la.epochs, space.confirm_top)
+        log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
+            run_config=run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space),
+        )
+    with tune_fit_stops_on_signal():
+        results = tuner.fit()
+    runs = [
+        (r.config["la"], r.config["seed"], dict(r.metrics))
+        for r in results
+        if r.error is None and r.metrics and space.objective in r.metrics
+    ]
+    entries = confirmed(runs, space.objective, space.mode)
+    merger = entries[0]["config"].get("merger", space.la.merger) if entries else space.la.merger
+    return entries, baselines_over_seeds({s: baselines[s][merger] for s in seeds})
+
+
+def in_daemon_threads(function, items: list) -> list:
+    """[function(item) for item in items], all at once, each in a daemon thread; the first error is raised.
+
+    Daemon threads, unlike a ThreadPoolExecutor's, let a stop signal end the driver at once: the
+    main thread waits in short joins, which a signal interrupts, and nothing joins the threads at exit.
+    """
+    import threading
+
+    results, errors = [None] * len(items), [None] * len(items)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = function(items[i])
+        except BaseException as exc:  # handed to the main thread
+            errors[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"laray-{i}") for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return results

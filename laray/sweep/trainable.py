@@ -1,0 +1,174 @@
+"""The function trainable: one trial is one training run (laray.training.run) with the trial's LA settings.
+
+A trial opens the data set by reference on its own node, receives stage 1 through Ray's object store,
+reports every evaluated LA epoch with `ray.tune.report(metrics, checkpoint=...)` and resumes from
+`tune.get_checkpoint()` after its worker dies. A trial whose loss goes non-finite ends as errored with
+that reason (NONFINITE_MARKER in its folder keeps a restart from diverging again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from laray.checkpoint import write_atomic
+from laray.data.cache import default_cache_dir
+from laray.data.dataset import ListingDigest, open_dataset
+from laray.errors import naming_full_disk
+from laray.score_names import HELDOUT_SCORES, SCORE_NAMES
+from laray.settings.config import replace
+from laray.settings.space import SIZE_LIMITS, SearchSpace
+from laray.training.run import Stage1
+from laray.training.stages import STAGE_LA, NonFiniteLossError
+
+log = logging.getLogger("laray.sweep.trainable")
+
+NONFINITE_MARKER = "nonfinite_loss.txt"
+REPORTED = (*SCORE_NAMES, *HELDOUT_SCORES, "loss", "images_per_s", "lr", "epoch")  # what a trial reports to Tune
+
+
+def ignore_exit_in_callbacks() -> None:
+    """Stop printing a SystemExit that Python cannot raise, in a trial's worker; print the others.
+
+    Ray stops a finished trial's worker by raising SystemExit in it. When that lands in a
+    garbage-collection callback (a WeakSet's, say), Python prints it with a traceback as an
+    ignored exception, which reads like a failure but is the exit itself (it showed in 2 of 14
+    runs of the console test in tests/sweep/test_sweep.py). Other ignored exceptions still go to the
+    hook that was there.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "laray_ignores_exit", False):  # Ray reuses workers: install once
+        return
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    hook.laray_ignores_exit = True
+    sys.unraisablehook = hook
+
+
+def _trial_dir() -> Path:
+    from ray import tune
+
+    return Path(tune.get_context().get_trial_dir())
+
+
+def _fit_to_data(config: dict, n_images: int) -> dict:
+    """Ranges were resolved against the files listed; a few may have failed to decode on the node."""
+    fitted = dict(config)
+    for name, limits in SIZE_LIMITS.items():
+        if name in fitted:
+            low, high = limits(n_images)
+            fitted[name] = min(max(fitted[name], low), high)
+            if fitted[name] != config[name]:
+                log.warning("%s %s clipped to %s: %d images decoded", name, config[name], fitted[name], n_images)
+    return fitted
+
+
+def _write_worker_record(path: Path, record: dict) -> None:
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    path.write_text(json.dumps(record, indent=2))
+
+
+def train_trial(
+    config: dict,
+    data: ListingDigest,
+    stage1: Stage1,
+    space: SearchSpace,
+    seed: int,
+    device: str,
+    threads: int,
+    cache_dir: str | None = None,
+    quiet: bool = False,
+) -> None:
+    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
+
+    It opens `data` on its node (from the node's cache folder, decoding once per node) and
+    starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
+    decoded the data, its start-up time and its peak resident memory.
+    quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
+    """
+    import ray
+    from ray import tune
+
+    if quiet:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+    from laray.training.run import train_run
+
+    began = time.perf_counter()
+    ignore_exit_in_callbacks()
+    torch.set_num_threads(threads)
+    out = _trial_dir()
+    dataset = open_dataset(data, cache_dir)
+    worker = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cache_dir": str(Path(cache_dir) if cache_dir else default_cache_dir()),
+        "decoded_here": dataset.decoded_here,
+        "open_data_s": time.perf_counter() - began,
+    }
+    _write_worker_record(out / "worker.json", worker)
+    marker = out / NONFINITE_MARKER
+    if marker.exists():  # restarted after a non-finite loss: it would only diverge again
+        raise NonFiniteLossError(marker.read_text())
+    la_ckpt = out / "checkpoints" / "la.ckpt"
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a restart: continue from the last reported epoch
+        with checkpoint.as_directory() as folder:  # atomic: a kill or a full disk mid-copy leaves no torn la.ckpt
+            copy = (Path(folder) / "la.ckpt").read_bytes()  # tens of MB
+            write_atomic(la_ckpt, lambda f: f.write(copy))
+
+    def report(record: dict) -> None:
+        if record["stage"] != STAGE_LA:
+            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
+        if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
+            worker["startup_s"] = time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0)
+        if "eval_s" not in record:
+            return  # not evaluated (eval_every): nothing for ASHA to compare
+        metrics = {k: record[k] for k in REPORTED if k in record}
+        _write_worker_record(out / "worker.json", worker)
+        with (
+            naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"),
+            tempfile.TemporaryDirectory() as folder,
+        ):
+            shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
+    try:
+        train_run(
+            dataset,
+            out,
+            space.ae,
+            la_cfg,
+            seed=seed,
+            device=device,
+            resume=checkpoint is not None,
+            callback=report,
+            progress=False,
+            stage1=stage1,
+        )
+    except NonFiniteLossError as exc:
+        marker.write_text(str(exc))
+        raise
+
+
+def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
+    """One confirmation run: a search trial's LA settings (config["la"]) with a fresh seed (config["seed"])."""
+    import ray
+
+    seed = config["seed"]
+    train_trial(config["la"], stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)

@@ -53,11 +53,17 @@ def one_run(job: tuple) -> dict:
     torch.set_num_threads(1)  # one core per run, as one sweep trial gets
     from laray.data.dataset import describe, open_dataset
     from laray.training.run import train_run
+    from laray.training.stages import RunOptions
 
     dataset = open_dataset(describe(data, ae.image_size), cache_dir)
     began = time.perf_counter()
     metrics = train_run(
-        dataset, Path(workdir) / f"seed{seed}", ae, la, seed=seed, device="cpu", store_dir=store, progress=False
+        dataset,
+        Path(workdir) / f"seed{seed}",
+        ae,
+        la,
+        store_dir=store,
+        run=RunOptions(seed=seed, device="cpu", progress=False),
     )
     base = metrics["baselines"]
     return {

@@ -29,6 +29,7 @@ from laray.settings.config import replace
 from laray.settings.defaults import demo_configs
 from laray.settings.space import SWEEP_SET, parse_space
 from laray.training.run import stored_stage1, train_run
+from laray.training.stages import RunOptions
 
 TRIALS = 8
 
@@ -99,7 +100,12 @@ def main(argv=None) -> int:
             la_run = replace(la, epochs=epochs)
             _, direct_s = timed(
                 lambda: train_run(
-                    dataset, work / f"direct{epochs}", ae, la_run, device="cpu", progress=False, stage1=stage1
+                    dataset,
+                    work / f"direct{epochs}",
+                    ae,
+                    la_run,
+                    stage1=stage1,
+                    run=RunOptions(device="cpu", progress=False),
                 )
             )
             name = f"sweep{epochs}"

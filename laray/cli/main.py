@@ -563,7 +563,7 @@ def _train(args) -> int:
 
     from laray.data.dataset import open_dataset
     from laray.training.run import train_run
-    from laray.training.stages import resolve_device
+    from laray.training.stages import RunOptions, resolve_device
 
     device = resolve_device(args.device)  # a device this machine lacks: before anything is decoded or written
     dataset = open_dataset(ref, args.cache_dir)
@@ -572,11 +572,8 @@ def _train(args) -> int:
         args.out,
         ae_cfg,
         la_cfg,
-        seed=args.seed,
-        device=device,
-        resume=args.resume,
         store_dir=args.store,
-        callback=lambda r: print(_format_record(r)),
+        run=RunOptions(seed=args.seed, device=device, resume=args.resume, callback=lambda r: print(_format_record(r))),
     )
     final = " ".join(f"{k} {metrics[k]:.3f}" for k in ("purity", "nmi", "ari", "acc", "silhouette") if k in metrics)
     print(f"final: {final}")

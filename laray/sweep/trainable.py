@@ -106,6 +106,7 @@ def train_trial(
         logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     from laray.training.run import train_run
+    from laray.training.stages import RunOptions
 
     began = time.perf_counter()
     ignore_exit_in_callbacks()
@@ -154,12 +155,8 @@ def train_trial(
             out,
             space.ae,
             la_cfg,
-            seed=seed,
-            device=device,
-            resume=checkpoint is not None,
-            callback=report,
-            progress=False,
             stage1=stage1,
+            run=RunOptions(seed=seed, device=device, resume=checkpoint is not None, callback=report, progress=False),
         )
     except NonFiniteLossError as exc:
         marker.write_text(str(exc))

@@ -32,7 +32,7 @@ from laray.scoring.evaluate import encode_all, score_codes
 from laray.scoring.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
 from laray.scoring.metrics import SCORE_NAMES
 from laray.settings.config import AutoEncoderConfig, LAConfig
-from laray.training.stages import STAGE_LA, Callback, finetune_la, pretrain_autoencoder, resolve_device
+from laray.training.stages import STAGE_LA, Callback, RunOptions, finetune_la, pretrain_autoencoder, resolve_device
 from laray.training.store import get_or_train, read_baselines, store_key
 
 RAW_BASELINE_SIDE = 32  # raw-pixel baseline on images downsampled to at most this side: N x 3,072 floats
@@ -143,7 +143,7 @@ def train_autoencoder(
 ) -> tuple[dict, list]:
     """Stage 1, resuming from `checkpoint` when it exists: (state_dict on the CPU, history)."""
     model, history = pretrain_autoencoder(
-        dataset, ae_cfg, seed, device, checkpoint=checkpoint, resume=True, callback=callback, progress=progress
+        dataset, ae_cfg, RunOptions(seed, device, resume=True, callback=callback, progress=progress), checkpoint
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, history
 
@@ -222,15 +222,12 @@ def train_run(
     out: str | os.PathLike,
     ae_cfg: AutoEncoderConfig,
     la_cfg: LAConfig,
-    seed: int = 0,
-    device="auto",
-    resume: bool = False,
+    run: RunOptions = RunOptions(),
     store_dir: str | os.PathLike | None = None,
-    callback: Callback | None = None,
-    progress: bool = True,
     stage1: Stage1 | None = None,
 ) -> dict:
     """Stage 1 (given, or reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
+    seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)  # a device this machine lacks fails before anything is created
     out = Path(out)
     with naming_full_disk(out, "checkpoints/"):
@@ -292,12 +289,8 @@ def train_run(
             stage1.encoder_state,
             ae_cfg,
             la_cfg,
-            seed,
-            device,
+            RunOptions(seed, device, resume, callback, progress),
             checkpoint=out / "checkpoints" / "la.ckpt",
-            resume=resume,
-            callback=callback,
-            progress=progress,
             on_evaluated=write_outputs,
             codes_buffer=codes_file.new,
         )

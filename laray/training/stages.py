@@ -37,6 +37,19 @@ from laray.scoring.holdout import holdout_mask
 from laray.settings.config import AutoEncoderConfig, LAConfig
 
 Callback = Callable[[dict], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a stage or a whole run goes, as opposed to what it trains (the configs)."""
+
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when there is one
+    resume: bool = False  # continue from the checkpoint when there is one
+    callback: Callback | None = None  # called with each epoch's record
+    progress: bool = True  # a progress bar on the console
+
+
 PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
 
 # The `stage` of a training record (the history in metrics.json, the callbacks' records).
@@ -176,14 +189,11 @@ def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, l
 def pretrain_autoencoder(
     dataset: ImageDataset,
     cfg: AutoEncoderConfig,
-    seed: int = 0,
-    device="auto",
+    run: RunOptions = RunOptions(),
     checkpoint: str | Path | None = None,
-    resume: bool = False,
-    callback: Callback | None = None,
-    progress: bool = True,
 ) -> tuple[AutoEncoderVGG, list]:
     """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history)."""
+    seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)
     fast = device.type == "cuda"
     torch.manual_seed(seed)
@@ -250,12 +260,8 @@ def finetune_la(
     encoder_state: dict,
     ae_cfg: AutoEncoderConfig,
     cfg: LAConfig,
-    seed: int = 0,
-    device="auto",
+    run: RunOptions = RunOptions(),
     checkpoint: str | Path | None = None,
-    resume: bool = False,
-    callback: Callback | None = None,
-    progress: bool = True,
     on_evaluated: Callable[[list, torch.Tensor, np.ndarray], None] | None = None,
     codes_buffer: Callable[[int, int], torch.Tensor] | None = None,
 ) -> LAResult:
@@ -268,6 +274,7 @@ def finetune_la(
     codes_buffer(n, d): where an evaluation writes its (N, d) codes (laray.training.run maps the codes.npy
     it writes anyway), instead of a new array beside the memory bank.
     """
+    seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)
     fast = device.type == "cuda"
     n = len(dataset)

@@ -20,7 +20,7 @@ import laray.training.stages as train_mod
 from laray.data.dataset import ImageDataset, load_dataset, model_batch
 from laray.data.prefetch import BatchPrefetcher
 from laray.settings.config import AutoEncoderConfig, LAConfig
-from laray.training.stages import epoch_batches
+from laray.training.stages import RunOptions, epoch_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,9 +156,9 @@ def test_training_with_the_reader_equals_synchronous_reads(monkeypatch):
     runs = []
     for depth in (0, 3):
         monkeypatch.setattr(train_mod, "PREFETCH_DEPTH", depth)
-        model, history = train_mod.pretrain_autoencoder(tiny, ae, seed=2, device="cpu", progress=False)
+        model, history = train_mod.pretrain_autoencoder(tiny, ae, run=RunOptions(seed=2, device="cpu", progress=False))
         encoder = {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
-        result = train_mod.finetune_la(tiny, encoder, ae, la, seed=2, device="cpu", progress=False)
+        result = train_mod.finetune_la(tiny, encoder, ae, la, run=RunOptions(seed=2, device="cpu", progress=False))
         runs.append((model.state_dict(), result.encoder.state_dict(), result.codes, history + result.history))
     (ae0, la0, codes0, history0), (ae1, la1, codes1, history1) = runs
     assert all(torch.equal(ae0[k], ae1[k]) for k in ae0) and all(torch.equal(la0[k], la1[k]) for k in la0)

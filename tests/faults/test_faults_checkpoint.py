@@ -38,7 +38,7 @@ from laray.data.dataset import ImageDataset, load_dataset
 from laray.errors import DiskFullError, LarayError
 from laray.settings.config import AutoEncoderConfig, LAConfig, replace
 from laray.training.run import Stage1, train_run, write_assignments, write_codes, write_json
-from laray.training.stages import finetune_la, pretrain_autoencoder
+from laray.training.stages import RunOptions, finetune_la, pretrain_autoencoder
 
 N = 48
 AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=1, batch_size=16, lr=0.05)
@@ -81,7 +81,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def encoder_state(tiny):
-    model, _ = pretrain_autoencoder(tiny, AE, seed=0, device="cpu", progress=False)
+    model, _ = pretrain_autoencoder(tiny, AE, run=RunOptions(seed=0, device="cpu", progress=False))
     return {k[len("encoder.") :]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
 
 
@@ -90,7 +90,7 @@ def straight(tiny, encoder_state, tmp_path_factory):
     """Two LA epochs uninterrupted: (result, its folder holding la.ckpt at epoch 2 and la.ckpt.prev at epoch 1)."""
     folder = tmp_path_factory.mktemp("straight")
     result = finetune_la(
-        tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=folder / "la.ckpt", progress=False
+        tiny, encoder_state, AE, LA, checkpoint=folder / "la.ckpt", run=RunOptions(seed=5, device="cpu", progress=False)
     )
     return result, folder
 
@@ -241,12 +241,8 @@ def test_resume_after_damage_continues_from_the_previous_epoch_exactly(
             encoder_state,
             AE,
             LA,
-            seed=5,
-            device="cpu",
             checkpoint=ckpt,
-            resume=True,
-            callback=received.append,
-            progress=False,
+            run=RunOptions(seed=5, device="cpu", resume=True, callback=received.append, progress=False),
         )
     assert str(ckpt) in caplog.text and str(previous_path(ckpt)) in caplog.text
     assert [r["epoch"] for r in received] == [2]
@@ -266,7 +262,14 @@ def test_nothing_readable_stops_with_one_line_naming_the_file(tiny, encoder_stat
         shutil.copy(folder / "la.ckpt.prev", previous_path(ckpt))
         truncate(previous_path(ckpt), 1000)
     with pytest.raises(CheckpointError) as caught:
-        finetune_la(tiny, encoder_state, AE, LA, seed=5, device="cpu", checkpoint=ckpt, resume=True, progress=False)
+        finetune_la(
+            tiny,
+            encoder_state,
+            AE,
+            LA,
+            checkpoint=ckpt,
+            run=RunOptions(seed=5, device="cpu", resume=True, progress=False),
+        )
     message = str(caught.value)
     assert isinstance(caught.value, LarayError) and "\n" not in message
     assert str(ckpt) in message and "la.ckpt.prev is " + ("unreadable" if prev == "truncated" else "missing") in message
@@ -284,11 +287,8 @@ def test_another_config_is_still_refused_not_fallen_back(tiny, encoder_state, st
             encoder_state,
             AE,
             replace(LA, temperature=0.5),
-            seed=5,
-            device="cpu",
             checkpoint=tmp_path / "la.ckpt",
-            resume=True,
-            progress=False,
+            run=RunOptions(seed=5, device="cpu", resume=True, progress=False),
         )
 
 
@@ -465,7 +465,12 @@ def test_full_disk_mid_run_stops_naming_the_folder_then_resumes(tiny, encoder_st
 
     with pytest.raises(DiskFullError) as caught:
         train_run(
-            tiny, out, AE, LA, seed=5, device="cpu", callback=fill_the_disk_after_epoch_1, progress=False, stage1=stage1
+            tiny,
+            out,
+            AE,
+            LA,
+            stage1=stage1,
+            run=RunOptions(seed=5, device="cpu", callback=fill_the_disk_after_epoch_1, progress=False),
         )
     monkeypatch.undo()
     assert str(out / "checkpoints") in str(caught.value)
@@ -473,6 +478,8 @@ def test_full_disk_mid_run_stops_naming_the_folder_then_resumes(tiny, encoder_st
     assert files(out) == before  # epoch 1's checkpoint and outputs, byte for byte
 
     # Space freed: the same run with resume ends as the uninterrupted one.
-    metrics = train_run(tiny, out, AE, LA, seed=5, device="cpu", resume=True, progress=False, stage1=stage1)
+    metrics = train_run(
+        tiny, out, AE, LA, stage1=stage1, run=RunOptions(seed=5, device="cpu", resume=True, progress=False)
+    )
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert np.array_equal(np.load(out / "codes.npy"), straight[0].codes.numpy())

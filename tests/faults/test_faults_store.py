@@ -40,6 +40,7 @@ from laray.errors import DiskFullError, LarayError
 from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.training import store as ae_store
 from laray.training.run import baselines_path, stored_stage1, train_run
+from laray.training.stages import RunOptions
 from laray.training.store import get_or_train, read_baselines
 
 REPO = Path(__file__).resolve().parents[2]
@@ -566,7 +567,9 @@ def _train(dataset, store: Path, out: Path, epochs: list | None = None) -> dict:
         if epochs is not None and r["stage"] == "autoencoder":
             epochs.append(r["epoch"])
 
-    return train_run(dataset, out, AE, LA, seed=0, device="cpu", store_dir=store, callback=record, progress=False)
+    return train_run(
+        dataset, out, AE, LA, store_dir=store, run=RunOptions(seed=0, device="cpu", callback=record, progress=False)
+    )
 
 
 def _kill_before_storing(monkeypatch) -> None:

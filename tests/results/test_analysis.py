@@ -35,6 +35,7 @@ from laray.scoring.evaluate import score_codes
 from laray.scoring.metrics import cluster_scores
 from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.training.run import raw_pixel_codes, train_run
+from laray.training.stages import RunOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 100
@@ -135,7 +136,12 @@ def sweep(tmp_path_factory):
         params = dict(zip(PARAM_NAMES, values))
         folder = exp / folder_name(tid, n, params)
         metrics = train_run(
-            dataset, folder, AE, la_config(*values), seed=0, device="cpu", store_dir=root / "store", progress=False
+            dataset,
+            folder,
+            AE,
+            la_config(*values),
+            store_dir=root / "store",
+            run=RunOptions(seed=0, device="cpu", progress=False),
         )
         results = [
             {"training_iteration": 1, "time_total_s": 10.0 * n, "purity": 0.0, "trial_id": tid},
@@ -440,7 +446,12 @@ def unlabelled_sweep(sweep):
         folder = exp / folder_name(tid, n, params)
         # own store: the labelled sweep's store holds baselines scored against the species (see the xfail below)
         train_run(
-            dataset, folder, AE, la_config(*values), seed=0, device="cpu", store_dir=root / "store", progress=False
+            dataset,
+            folder,
+            AE,
+            la_config(*values),
+            store_dir=root / "store",
+            run=RunOptions(seed=0, device="cpu", progress=False),
         )
         write_tune_files(folder, params, [{"training_iteration": 1, "time_total_s": 5.0}])
         entries.append((tid, "TERMINATED", folder.name))
@@ -711,8 +722,12 @@ def test_baselines_follow_the_label_column(sweep, tmp_path):
     genus = load_dataset(sweep.data.csv, 32, label_column="genus", cache_dir=sweep.cache)
     la = dataclasses.replace(la_config(*FINISHED[0][1:]), epochs=1)
     store = tmp_path / "store"
-    first = train_run(species, tmp_path / "species", AE, la, seed=0, device="cpu", store_dir=store, progress=False)
-    second = train_run(genus, tmp_path / "genus", AE, la, seed=0, device="cpu", store_dir=store, progress=False)
+    first = train_run(
+        species, tmp_path / "species", AE, la, store_dir=store, run=RunOptions(seed=0, device="cpu", progress=False)
+    )
+    second = train_run(
+        genus, tmp_path / "genus", AE, la, store_dir=store, run=RunOptions(seed=0, device="cpu", progress=False)
+    )
     expected = score_codes(raw_pixel_codes(genus), genus.labels, seed=0)[0]
     assert first["baselines"]["raw_pixels"]["purity"] != pytest.approx(expected["purity"])  # the test can tell
     assert second["baselines"]["raw_pixels"]["purity"] == pytest.approx(expected["purity"])

@@ -32,7 +32,7 @@ from laray.scoring.evaluate import encode_all
 from laray.settings.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict, load_config, replace
 from laray.training import store as ae_store
 from laray.training.run import Stage1, train_run
-from laray.training.stages import NonFiniteLossError, finetune_la, pretrain_autoencoder
+from laray.training.stages import NonFiniteLossError, RunOptions, finetune_la, pretrain_autoencoder
 
 N = 48  # tiny subset: 3 batches of 16 per epoch
 STEPS = 3
@@ -71,7 +71,7 @@ def tiny(digits):
 @pytest.fixture(scope="module")
 def encoder_state(tiny):
     """The encoder of an auto-encoder pretrained one epoch on `tiny`."""
-    model, _ = pretrain_autoencoder(tiny, AE, seed=0, device="cpu", progress=False)
+    model, _ = pretrain_autoencoder(tiny, AE, run=RunOptions(seed=0, device="cpu", progress=False))
     return {k[len("encoder.") :]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
 
 
@@ -132,7 +132,9 @@ def spy(monkeypatch):
 def test_pretrain_records_and_per_epoch_cosine_schedule(tiny, spy):
     cfg = replace(AE, epochs=2, schedule="cosine")
     received = []
-    model, history = pretrain_autoencoder(tiny, cfg, seed=0, device="cpu", callback=received.append, progress=False)
+    model, history = pretrain_autoencoder(
+        tiny, cfg, run=RunOptions(seed=0, device="cpu", callback=received.append, progress=False)
+    )
     assert isinstance(model, AutoEncoderVGG)
     assert len(history) == 2 and received == history
     for epoch, record in enumerate(history, 1):
@@ -148,7 +150,7 @@ def test_pretrain_records_and_per_epoch_cosine_schedule(tiny, spy):
 
 def test_pretrain_unlabelled_reports_silhouette(digits):
     data = subset(digits, labelled=False)
-    _, history = pretrain_autoencoder(data, AE, seed=0, device="cpu", progress=False)
+    _, history = pretrain_autoencoder(data, AE, run=RunOptions(seed=0, device="cpu", progress=False))
     (record,) = history
     assert record["stage"] == "autoencoder" and math.isfinite(record["loss"])
     assert not set(SCORES) & set(record)
@@ -169,7 +171,9 @@ def test_finetune_la_order_of_recluster_step_and_bank_update(tiny, encoder_state
 
     cfg = replace(LA, epochs=2, schedule="step")
     received = []
-    result = finetune_la(tiny, encoder_state, AE, cfg, seed=0, device="cpu", callback=received.append, progress=False)
+    result = finetune_la(
+        tiny, encoder_state, AE, cfg, run=RunOptions(seed=0, device="cpu", callback=received.append, progress=False)
+    )
     epoch = ["recluster"] + ["step", "update"] * STEPS + ["epoch_end"]
     assert events == ["fill"] + epoch * 2
     assert int(result.loss_fn.n_reclusters) == 2
@@ -190,14 +194,18 @@ def test_finetune_la_order_of_recluster_step_and_bank_update(tiny, encoder_state
 
 def test_bank_is_initialised_from_the_encoder_codes(tiny, encoder_state):
     codes_cfg = replace(LA, epochs=0)
-    result = finetune_la(tiny, encoder_state, AE, codes_cfg, seed=0, device="cpu", progress=False)
+    result = finetune_la(tiny, encoder_state, AE, codes_cfg, run=RunOptions(seed=0, device="cpu", progress=False))
     assert result.history == [] and int(result.loss_fn.n_reclusters) == 0
     bank = result.loss_fn.bank.vectors
     assert bank.shape == result.codes.shape
     torch.testing.assert_close(bank, result.codes)
 
     random = finetune_la(
-        tiny, encoder_state, AE, replace(LA, epochs=0, bank_init="random"), seed=0, device="cpu", progress=False
+        tiny,
+        encoder_state,
+        AE,
+        replace(LA, epochs=0, bank_init="random"),
+        run=RunOptions(seed=0, device="cpu", progress=False),
     )
     torch.testing.assert_close(random.codes, result.codes)  # same encoder, same codes
     random_bank = random.loss_fn.bank.vectors
@@ -220,17 +228,23 @@ def stop_after_first_epoch(record):
 def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
     cfg = replace(AE, epochs=2)
     model_a, history_a = pretrain_autoencoder(
-        tiny, cfg, seed=3, device="cpu", checkpoint=tmp_path / "a.ckpt", progress=False
+        tiny, cfg, checkpoint=tmp_path / "a.ckpt", run=RunOptions(seed=3, device="cpu", progress=False)
     )
     ckpt = tmp_path / "b.ckpt"
     with pytest.raises(Stop):
         pretrain_autoencoder(
-            tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, callback=stop_after_first_epoch, progress=False
+            tiny,
+            cfg,
+            checkpoint=ckpt,
+            run=RunOptions(seed=3, device="cpu", callback=stop_after_first_epoch, progress=False),
         )
     assert load_checkpoint(ckpt)["epoch"] == 1
     received = []
     model_b, history_b = pretrain_autoencoder(
-        tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True, callback=received.append, progress=False
+        tiny,
+        cfg,
+        checkpoint=ckpt,
+        run=RunOptions(seed=3, device="cpu", resume=True, callback=received.append, progress=False),
     )
     assert [r["epoch"] for r in received] == [2]  # only the epoch left was trained
     assert_same_state(model_a.state_dict(), model_b.state_dict())
@@ -246,19 +260,32 @@ def test_pretrain_resume_equals_straight_run(tiny, tmp_path):
 
     # A finished checkpoint resumes to the same model without training; another config is refused.
     again, history_c = pretrain_autoencoder(
-        tiny, cfg, seed=3, device="cpu", checkpoint=ckpt, resume=True, callback=received.append, progress=False
+        tiny,
+        cfg,
+        checkpoint=ckpt,
+        run=RunOptions(seed=3, device="cpu", resume=True, callback=received.append, progress=False),
     )
     assert len(received) == 1 and history_c == history_b
     assert_same_state(again.state_dict(), model_b.state_dict())
     with pytest.raises(CheckpointError, match="another config"):
         pretrain_autoencoder(
-            tiny, replace(cfg, lr=0.02), seed=3, device="cpu", checkpoint=ckpt, resume=True, progress=False
+            tiny,
+            replace(cfg, lr=0.02),
+            checkpoint=ckpt,
+            run=RunOptions(seed=3, device="cpu", resume=True, progress=False),
         )
 
 
 def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
     cfg = replace(LA, epochs=2)
-    a = finetune_la(tiny, encoder_state, AE, cfg, seed=5, device="cpu", checkpoint=tmp_path / "a.ckpt", progress=False)
+    a = finetune_la(
+        tiny,
+        encoder_state,
+        AE,
+        cfg,
+        checkpoint=tmp_path / "a.ckpt",
+        run=RunOptions(seed=5, device="cpu", progress=False),
+    )
     ckpt = tmp_path / "b.ckpt"
     with pytest.raises(Stop):
         finetune_la(
@@ -266,11 +293,8 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
             encoder_state,
             AE,
             cfg,
-            seed=5,
-            device="cpu",
             checkpoint=ckpt,
-            callback=stop_after_first_epoch,
-            progress=False,
+            run=RunOptions(seed=5, device="cpu", callback=stop_after_first_epoch, progress=False),
         )
     first = load_checkpoint(ckpt, required=(*REQUIRED_KEYS, "la"))
     assert first["epoch"] == 1 and int(first["la"]["n_reclusters"]) == 1
@@ -280,12 +304,8 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
         encoder_state,
         AE,
         cfg,
-        seed=5,
-        device="cpu",
         checkpoint=ckpt,
-        resume=True,
-        callback=received.append,
-        progress=False,
+        run=RunOptions(seed=5, device="cpu", resume=True, callback=received.append, progress=False),
     )
     assert [r["epoch"] for r in received] == [2]
     assert_same_state(a.encoder.state_dict(), b.encoder.state_dict())
@@ -302,11 +322,8 @@ def test_finetune_la_resume_equals_straight_run(tiny, encoder_state, tmp_path):
             encoder_state,
             AE,
             replace(cfg, temperature=0.1),
-            seed=5,
-            device="cpu",
             checkpoint=ckpt,
-            resume=True,
-            progress=False,
+            run=RunOptions(seed=5, device="cpu", resume=True, progress=False),
         )
 
 
@@ -322,7 +339,7 @@ def test_crop_and_flip_settings_reach_the_augmentation(tiny, encoder_state, monk
 
     monkeypatch.setattr(laray.training.stages, "augment_batch", recording)
     cfg = replace(LA, epochs=1, augment=True, crop_min_area=0.8, flip=False, jitter=0.6, grey=0.2, blur=0.3)
-    finetune_la(tiny, encoder_state, AE, cfg, seed=0, device="cpu", progress=False)
+    finetune_la(tiny, encoder_state, AE, cfg, run=RunOptions(seed=0, device="cpu", progress=False))
     assert seen and set(seen) == {(0.8, 0.6, False, 0.2, 0.3)}
     for field, bad in (("crop_min_area", 0.0), ("jitter", 1.0), ("jitter", -0.1), ("grey", 1.5), ("blur", -0.5)):
         with pytest.raises(ConfigError, match=field):
@@ -401,11 +418,8 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last(tiny, encoder_state):
         encoder_state,
         AE,
         replace(LA, epochs=5, eval_every=2),
-        seed=5,
-        device="cpu",
-        callback=received.append,
-        progress=False,
         on_evaluated=lambda history, codes, assignments: evaluated.append(history[-1]["epoch"]),
+        run=RunOptions(seed=5, device="cpu", callback=received.append, progress=False),
     )
     assert [r["epoch"] for r in received] == [1, 2, 3, 4, 5]  # every epoch trains and is checkpointed
     assert evaluated == [2, 4, 5]
@@ -455,7 +469,12 @@ def test_nonfinite_loss_in_la_names_epoch_step_and_settings(
     ckpt = tmp_path / "la.ckpt"
     with pytest.raises(NonFiniteLossError) as info:
         finetune_la(
-            tiny, encoder_state, AE, replace(LA, epochs=2), seed=0, device="cpu", checkpoint=ckpt, progress=False
+            tiny,
+            encoder_state,
+            AE,
+            replace(LA, epochs=2),
+            checkpoint=ckpt,
+            run=RunOptions(seed=0, device="cpu", progress=False),
         )
     message = str(info.value)
     assert f"local aggregation, epoch {epoch}, step {step};" in message
@@ -477,14 +496,16 @@ def test_nonfinite_loss_in_pretraining_names_epoch_and_step(tiny, tmp_path, monk
     poison(monkeypatch, AutoEncoderVGG, bad_call)
     ckpt = tmp_path / "ae.ckpt"
     with pytest.raises(NonFiniteLossError, match=f"autoencoder, epoch {epoch}, step {step};") as info:
-        pretrain_autoencoder(tiny, replace(AE, epochs=2), seed=0, device="cpu", checkpoint=ckpt, progress=False)
+        pretrain_autoencoder(
+            tiny, replace(AE, epochs=2), checkpoint=ckpt, run=RunOptions(seed=0, device="cpu", progress=False)
+        )
     assert "lr=0.05" in str(info.value) and "arch=vgg11_bn" in str(info.value)
     assert (load_checkpoint(ckpt)["epoch"] if ckpt.exists() else 0) == epoch - 1
 
 
 def test_diverging_learning_rate_raises_nonfinite(tiny):
     with pytest.raises(NonFiniteLossError, match=r"autoencoder, epoch 1, step \d+;.*lr=1e\+30"):
-        pretrain_autoencoder(tiny, replace(AE, lr=1e30), seed=0, device="cpu", progress=False)
+        pretrain_autoencoder(tiny, replace(AE, lr=1e30), run=RunOptions(seed=0, device="cpu", progress=False))
 
 
 # ---------------------------------------------------------------------------------------------- 4. reuse
@@ -573,8 +594,12 @@ def test_two_processes_asking_at_once_train_once(tmp_path):
 
 def test_train_run_reuses_the_autoencoder(tiny, tmp_path):
     store = tmp_path / "store"
-    first = train_run(tiny, tmp_path / "run1", AE, LA, seed=0, device="cpu", store_dir=store, progress=False)
-    second = train_run(tiny, tmp_path / "run2", AE, LA, seed=0, device="cpu", store_dir=store, progress=False)
+    first = train_run(
+        tiny, tmp_path / "run1", AE, LA, store_dir=store, run=RunOptions(seed=0, device="cpu", progress=False)
+    )
+    second = train_run(
+        tiny, tmp_path / "run2", AE, LA, store_dir=store, run=RunOptions(seed=0, device="cpu", progress=False)
+    )
     assert first["autoencoder"]["trained_in_this_run"] is True
     assert second["autoencoder"]["trained_in_this_run"] is False
     key = first["autoencoder"]["key"]
@@ -589,7 +614,12 @@ def test_train_run_reuses_the_autoencoder(tiny, tmp_path):
 
     # Another seed is another key: stage 1 trains again.
     third = train_run(
-        tiny, tmp_path / "run3", AE, replace(LA, epochs=0), seed=1, device="cpu", store_dir=store, progress=False
+        tiny,
+        tmp_path / "run3",
+        AE,
+        replace(LA, epochs=0),
+        store_dir=store,
+        run=RunOptions(seed=1, device="cpu", progress=False),
     )
     assert third["autoencoder"]["trained_in_this_run"] is True and third["autoencoder"]["key"] != key
 
@@ -608,7 +638,12 @@ def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encod
 
     monkeypatch.setattr(train_mod, "score_codes", spy)
     metrics = train_run(
-        tiny, tmp_path / "out", AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False, stage1=stage1
+        tiny,
+        tmp_path / "out",
+        AE,
+        replace(LA, epochs=2),
+        stage1=stage1,
+        run=RunOptions(seed=0, device="cpu", progress=False),
     )
     assert [r["epoch"] for r in metrics["history"]] == [1, 2] and len(seen) == 2
     assert all(".codes.npy.partial" in names for _, names in seen)  # clustered while they were being written
@@ -618,7 +653,9 @@ def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encod
     assert codes.dtype == np.float32 and codes.shape == (N, 8 * 8)  # width 0.125: 64 channels, mean merger
     np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-5)
     # The same codes as a run that keeps them in memory, bit for bit.
-    plain = finetune_la(tiny, encoder_state, AE, replace(LA, epochs=2), seed=0, device="cpu", progress=False)
+    plain = finetune_la(
+        tiny, encoder_state, AE, replace(LA, epochs=2), run=RunOptions(seed=0, device="cpu", progress=False)
+    )
     assert np.array_equal(codes, plain.codes.numpy())
 
     seen.clear()
@@ -636,10 +673,8 @@ def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encod
             tmp_path / "out",
             AE,
             replace(LA, epochs=2, temperature=0.2),
-            seed=0,
-            device="cpu",
-            progress=False,
             stage1=stage1,
+            run=RunOptions(seed=0, device="cpu", progress=False),
         )
     assert not (tmp_path / "out" / ".codes.npy.partial").exists()
     assert (tmp_path / "out" / "codes.npy").read_bytes() != before  # epoch 1's codes of this run, published
@@ -659,7 +694,14 @@ def test_train_run_checks_data_size_before_training(tiny, tmp_path):
     store = tmp_path / "store"
     for change, field in (({"k_neighbours": N}, "k_neighbours"), ({"n_centroids": N + 1}, "n_centroids")):
         with pytest.raises(ConfigError, match=field):
-            train_run(tiny, tmp_path / "run", AE, replace(LA, **change), device="cpu", store_dir=store, progress=False)
+            train_run(
+                tiny,
+                tmp_path / "run",
+                AE,
+                replace(LA, **change),
+                store_dir=store,
+                run=RunOptions(device="cpu", progress=False),
+            )
     assert not store.exists() or not any(store.iterdir())
 
 

@@ -130,7 +130,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
 def _check_keys(state: dict, path, required) -> dict:
     missing = [k for k in required if k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}: not a laray checkpoint of this stage")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: not a laray checkpoint of this stage")
     return state
 
 

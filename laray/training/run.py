@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from laray.checkpoint import write_atomic
 from laray.data.cache import default_cache_dir, preallocate
 from laray.data.dataset import ImageDataset
-from laray.errors import naming_full_disk
+from laray.errors import ConfigError, naming_full_disk
 from laray.method.models import EncoderVGGMerged
 from laray.scoring.evaluate import encode_all, score_codes
 from laray.scoring.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
@@ -233,7 +233,7 @@ def train_run(
     with naming_full_disk(out, "checkpoints/"):
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if dataset.image_size != ae_cfg.image_size:
-        raise ValueError(f"data decoded at {dataset.image_size} px but image_size is {ae_cfg.image_size}")
+        raise ConfigError(f"image_size {ae_cfg.image_size}: the data set was decoded at {dataset.image_size} px")
     la_cfg.check_data_size(len(dataset))
     if stage1 is None:
         store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"

@@ -20,6 +20,15 @@ def write_digit_folder(root: Path, n: int, size: int = 32) -> Path:
     return root
 
 
+def tiny_train_argv(data, out, store, cache, ae_epochs: int = 1, la_epochs: int = 1) -> list[str]:
+    """`laray train` with the smallest settings that still train both stages: seconds on one CPU core."""
+    tiny = {"--arch": "vgg11_bn", "--width": "0.125", "--image-size": "32", "--batch-size": "16"}
+    tiny |= {"--k-neighbours": "10", "--n-centroids": "5", "--clustering-repeats": "2", "--device": "cpu"}
+    tiny |= {"--ae-epochs": str(ae_epochs), "--la-epochs": str(la_epochs)}
+    folders = ["--data", str(data), "--out", str(out), "--store", str(store), "--cache-dir", str(cache)]
+    return ["train", *folders, *(word for option in tiny.items() for word in option)]
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray instance with 2 CPUs and no dashboard, shared by every test that requests it.

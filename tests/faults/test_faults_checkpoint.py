@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_train_argv
 from PIL import Image
 
 from laray.checkpoint import (
@@ -301,37 +302,7 @@ def test_laray_train_resume_on_a_truncated_checkpoint(tmp_path, caplog):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(folder / f"img{i:03d}.png")
     out = tmp_path / "out"
-    argv = [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--store",
-        str(tmp_path / "store"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--arch",
-        "vgg11_bn",
-        "--width",
-        "0.125",
-        "--image-size",
-        "32",
-        "--ae-epochs",
-        "1",
-        "--la-epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--k-neighbours",
-        "10",
-        "--n-centroids",
-        "5",
-        "--clustering-repeats",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    argv = tiny_train_argv(data, out, tmp_path / "store", tmp_path / "cache", la_epochs=2)
     assert main(argv) == 0
     codes = np.load(out / "codes.npy")
     ckpt = out / "checkpoints" / "la.ckpt"

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import write_digit_folder
+from conftest import tiny_train_argv, write_digit_folder
 
 import laray.data.cache
 import laray.training.run
@@ -679,37 +679,7 @@ def test_laray_train_heals_the_reported_entry(tmp_path, caplog, capsys, monkeypa
     Before, `laray train` without --resume stopped advising --resume, and so did every later run."""
     data = write_digit_folder(tmp_path / "data", 48)
     store = tmp_path / "store"
-    argv = [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "out"),
-        "--store",
-        str(store),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--arch",
-        "vgg11_bn",
-        "--width",
-        "0.125",
-        "--image-size",
-        "32",
-        "--ae-epochs",
-        "2",
-        "--la-epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--k-neighbours",
-        "10",
-        "--n-centroids",
-        "5",
-        "--clustering-repeats",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    argv = tiny_train_argv(data, tmp_path / "out", store, tmp_path / "cache", ae_epochs=2)
     with monkeypatch.context() as patch:  # a checkpoint as an older laray left it: stage 1 killed before storing
         _kill_before_storing(patch)
         with pytest.raises(_Killed):

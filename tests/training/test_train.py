@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_train_argv
 from PIL import Image
 
 import laray.training.stages as train_mod
@@ -890,37 +891,7 @@ def test_laray_train_end_to_end_and_resume(digits, tmp_path, capsys):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i]).save(folder / f"img{i:03d}.png")
     out, store = tmp_path / "out", tmp_path / "store"
-    argv = [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--store",
-        str(store),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--arch",
-        "vgg11_bn",
-        "--width",
-        "0.125",
-        "--image-size",
-        "32",
-        "--ae-epochs",
-        "1",
-        "--la-epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--k-neighbours",
-        "10",
-        "--n-centroids",
-        "5",
-        "--clustering-repeats",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    argv = tiny_train_argv(data, out, store, tmp_path / "cache")
     assert main(argv) == 0
     stdout, _ = capsys.readouterr()
     epoch_lines = [line.split() for line in stdout.splitlines() if re.search(r"\bepoch\s+\d+\s+loss\b", line)]

@@ -6,7 +6,7 @@ python analysis/plot_sweep.py ~/laray_results/demo-20261123-0450 [--out DIR]
 import argparse
 import sys
 
-from laray.cli.main import add_experiment_options
+from laray.cli.options import add_experiment_options
 from laray.results.report import plot_sweep, score
 
 

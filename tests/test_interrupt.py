@@ -88,12 +88,13 @@ def test_handlers_are_taken_back_after_ray_init_set_its_own():
 
 def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys):
     from laray.cli import main as cli
+    from laray.cli import train as train_command
 
     def stopped_train(args):
         args.on_stop = "continue with: laray train --resume"
         raise StopRequested(signal.SIGTERM)
 
-    monkeypatch.setattr(cli, "_train", stopped_train)
+    monkeypatch.setattr(train_command, "_train", stopped_train)
     assert cli.main(["train", "--out", "somewhere"]) == 143
     err = capsys.readouterr().err
     assert err == "laray: stopped by SIGTERM; continue with: laray train --resume\n"
@@ -124,9 +125,9 @@ def test_cli_prints_one_line_with_the_command_that_continues(monkeypatch, capsys
     ],
 )
 def test_command_again(argv, drop, add, expected):
-    from laray.cli.main import _command_again
+    from laray.cli.options import command_again
 
-    assert _command_again(argv, drop, add) == expected
+    assert command_again(argv, drop, add) == expected
 
 
 class Records(logging.Handler):
@@ -184,6 +185,7 @@ def test_quiet_console_drops_rays_bottleneck_warnings_and_colours(monkeypatch):
 def test_cli_names_the_signal_when_a_library_turned_it_into_a_plain_keyboard_interrupt(monkeypatch, capsys):
     """Ray's get, interrupted by SIGTERM during stage 1, raised KeyboardInterrupt: still 143, for SLURM's requeue."""
     from laray.cli import main as cli
+    from laray.cli import train as train_command
 
     def stage1_in_ray_get(args):
         try:
@@ -192,6 +194,6 @@ def test_cli_names_the_signal_when_a_library_turned_it_into_a_plain_keyboard_int
         except StopRequested:
             raise KeyboardInterrupt from None
 
-    monkeypatch.setattr(cli, "_train", stage1_in_ray_get)
+    monkeypatch.setattr(train_command, "_train", stage1_in_ray_get)
     assert cli.main(["train", "--out", "somewhere"]) == 143
     assert capsys.readouterr().err.startswith("laray: stopped by SIGTERM")

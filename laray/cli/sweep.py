@@ -1,0 +1,232 @@
+"""`laray sweep`: the Ray Tune + Optuna search, its options, and the name of a new sweep or of the one to resume."""
+
+from __future__ import annotations
+
+import logging
+
+from laray.cli.options import (
+    add_data_options,
+    check_device_name,
+    command_again,
+    count,
+    cuda_for_training,
+    duration,
+    fail,
+    fraction,
+    positive_int,
+)
+from laray.cli.tables import print_confirmed, print_search_best
+from laray.errors import LarayError, SweepError
+
+
+def add_sweep_command(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="a Ray Tune + Optuna sweep over the LA hyperparameters (no arguments: the CPU demo)",
+        description="Search the Local Aggregation hyperparameters with Optuna's TPE and ASHA early stopping on "
+        "Ray Tune. With no arguments: the embedded digits and search_spaces/demo.yaml, a few minutes "
+        "on a laptop CPU. Results go to STORAGE/NAME: Ray Tune's experiment folder (TensorBoard logs, "
+        "checkpoints, each trial's assignments.csv) and optuna.db.",
+    )
+    sweep.add_argument(
+        "--space",
+        metavar="FILE",
+        help="search space YAML, or a bundled one: demo, photos-cpu, default (default: by the data and "
+        "the trials' devices: digits, demo; photos on CPUs, photos-cpu; photos on GPUs "
+        "(--gpus-per-trial > 0), default)",
+    )
+    sweep.add_argument("--data", metavar="SPEC", help="data set (default: the space's 'data', else digits)")
+    add_data_options(sweep)
+    sweep.add_argument("--num-samples", type=positive_int, metavar="N", help="trials (default: the space's)")
+    sweep.add_argument(
+        "--storage",
+        default="~/laray_results",
+        metavar="DIR_OR_URI",
+        help="local folder or cloud URI for results (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--name",
+        metavar="NAME",
+        help="experiment name (default: the space's name and the start time, e.g. demo-20261123-0450; "
+        "with --resume: the newest sweep of that space in --storage)",
+    )
+    sweep.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join ('auto': the running one; default: a local Ray for this sweep)",
+    )
+    sweep.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="CPUs Ray reserves for each trial, also its torch threads (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        metavar="N",
+        help="GPUs Ray reserves for each trial, fractions allowed, e.g. 0.5 (default: 1 when this "
+        "machine has CUDA and --device is not cpu, else 0)",
+    )
+    sweep.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        metavar="N",
+        help="restarts of a trial whose worker dies, from its last checkpoint (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--holdout",
+        type=fraction,
+        metavar="F",
+        help="fraction of each species scored apart and never selected on, the unbiased estimate "
+        "(default: the space's 'holdout', else 0.5; 0: none)",
+    )
+    sweep.add_argument(
+        "--confirm-top",
+        type=count,
+        metavar="K",
+        help="re-run the K best configurations after the search (default: the space's "
+        "'confirm_top', else 3; 0: no confirmation)",
+    )
+    sweep.add_argument(
+        "--confirm-seeds",
+        type=count,
+        metavar="S",
+        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)",
+    )
+    sweep.add_argument(
+        "--time-budget",
+        type=duration,
+        metavar="DURATION",
+        help="no new search trial once the search has run this long (45s, 90m, 6h, 1h30m), running "
+        "ones stop at their next epoch end, then the confirmation runs (default: the space's "
+        "'time_budget', else none)",
+    )
+    sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
+    sweep.add_argument(
+        "--warm-start",
+        nargs="+",
+        default=(),
+        metavar="DIR",
+        help="earlier sweeps (STORAGE/OTHER) whose finished trials Optuna starts from; refused when "
+        "their data, stage-1 settings, held-out split, fixed LA settings or objective differ "
+        "(default: none)",
+    )
+    sweep.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampler and of every trial's training (default: %(default)s)"
+    )
+    sweep.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda (default: %(default)s; with --gpus-per-trial > 0: cuda)"
+    )
+    sweep.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray Tune's own progress table and messages too, besides laray's line per trial event",
+    )
+    sweep.add_argument(
+        "--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265 (needs the 'dashboard' extra)"
+    )
+    sweep.set_defaults(run=_sweep)
+
+
+def _sweep_name(stem: str, storage: str, resume: bool) -> str:
+    """A new sweep gets the space's name and the time; --resume picks the newest local sweep of that space."""
+    import time
+    from pathlib import Path
+
+    if not resume:
+        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    local = storage.removeprefix("file://")
+    if "://" in local:
+        raise SweepError(f"with cloud storage {storage}, name the sweep to resume with --name")
+    found = sorted(Path(local).expanduser().glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SweepError(f"no sweep of space {stem!r} in {storage} to resume; name one with --name")
+    return found[-1].name
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from laray.data.dataref import DIGITS, describe
+    from laray.settings.defaults import choose
+    from laray.settings.space import load_space
+
+    check_device_name(args.device)
+    if args.gpus_per_trial is None:  # a GPU per trial where this machine has one and the user did not say cpu
+        args.gpus_per_trial = 1.0 if args.device != "cpu" and cuda_for_training("auto") else 0.0
+    space_name = args.space
+    if space_name is None:  # the bundled settings for the data and the trials' devices, said out loud
+        choice = choose(
+            args.data or DIGITS,
+            cuda=args.gpus_per_trial > 0,
+            no_cuda_reason="the trials get no GPU (--gpus-per-trial 0)",
+        )
+        space_name = choice.space
+    space = load_space(space_name).overridden(
+        holdout=args.holdout,
+        confirm_top=args.confirm_top,
+        confirm_seeds=args.confirm_seeds,
+        time_budget_s=args.time_budget,
+    )  # fails here, before Ray starts
+    spec = args.data or space.data
+    if spec is None:
+        raise LarayError(f"the search space {space.source} names no data set: give --data FOLDER_OR_CSV")
+    name = args.name or _sweep_name(Path(space.source).stem, args.storage, args.resume)
+    # The driver only lists the files: each node decodes them into its own cache (or --cache-dir).
+    data = describe(
+        spec,
+        space.ae.image_size,
+        label_column=args.label_column,
+        path_column=args.path_column,
+        image_root=args.image_root,
+    )
+    from laray.settings.config import check_enough_images
+
+    check_enough_images(len(data), len(data.class_names))
+    space.check_data_size(len(data))
+    if args.space is None:  # the first line: which bundled settings, why, and how to choose others
+        print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
+    for note in data.notes:
+        logging.getLogger("laray.data.dataset").warning(note)
+    again = command_again(
+        args.argv,
+        drop={"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1},
+        add=["--resume", "--name", name],
+    )
+    args.on_stop = f"the sweep's state is saved; continue it with: {again}"
+    from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep  # torch: once the arguments hold
+    from laray.sweep.ray_setup import ray_init
+
+    ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
+    result = run_sweep(
+        data,
+        space,
+        run=SweepRun(
+            args.storage,
+            name,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            resume=args.resume,
+            max_failures=args.max_failures,
+            verbose=2 if args.verbose else 1,
+            warm_start=args.warm_start,
+        ),
+        trial=TrialResources(
+            cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, device=args.device, cache_dir=args.cache_dir
+        ),
+    )
+    print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
+    if result.best_config is None:
+        return fail("no trial reported a score")
+    print_search_best(result, space)
+    if result.confirmed:
+        print_confirmed(result, space)
+    print(f"\nresults in {result.experiment}: best.json, optuna.db, one folder per trial")
+    print("next:")
+    print(f"  laray analyze {result.experiment}      # report.md, tables and pictures")
+    print(f"  tensorboard --logdir {result.experiment}")
+    print(f"  optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
+    return 0

@@ -1,0 +1,78 @@
+"""The tables `laray sweep` prints at its end: the search's best trial and the confirmed configurations, each beside
+the baselines."""
+
+from __future__ import annotations
+
+from laray.score_names import HELDOUT_PREFIX, LABEL_SCORES
+
+
+def print_search_best(result, space) -> None:
+    part = " on the selection part" if space.la.holdout else ""
+    print(f"best trial of the search ({space.objective}{part}, one seed):")
+    for key, value in result.best_config.items():
+        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
+    codes_label = "on the untrained encoder" if space.ae.epochs == 0 else "on the auto-encoder codes"
+    print(f"  {'':<20} {'best trial':>10} {'k-means on raw pixels':>22} {codes_label:>26}")
+    for key in (*LABEL_SCORES, HELDOUT_PREFIX + "purity"):
+        if key in result.best_metrics:
+            print(
+                f"  {key:<20} {result.best_metrics[key]:>10.3f} {raw.get(key, float('nan')):>22.3f} "
+                f"{codes.get(key, float('nan')):>26.3f}"
+            )
+
+
+SHORT = {
+    "temperature": "tau",
+    "mixing_rate": "m",
+    "k_neighbours": "k",
+    "clustering_repeats": "R",
+    "n_centroids": "C",
+}  # the method's symbols, so that a configuration fits on one line
+
+
+def print_confirmed(result, space) -> None:
+    """The confirmed configurations (mean, 95 % interval over seeds, held-out mean) beside the baselines."""
+    from laray.results.report import baseline_names
+
+    objective = space.objective
+    seeds = result.confirmed[0]["seeds"]
+    print(f"\nconfirmed: {len(result.confirmed)} configuration(s) x {len(seeds)} seeds {seeds}, by mean {objective}:")
+    rows = [
+        (
+            f"#{i + 1} "
+            + " ".join(
+                f"{SHORT.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
+                for k, v in entry["config"].items()
+            ),
+            entry,
+        )
+        for i, entry in enumerate(result.confirmed)
+    ]
+    rows += [
+        ("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),
+        (baseline_names(space.ae.epochs)["autoencoder"], result.confirmed_baselines["autoencoder"]),
+    ]
+    print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
+    for label, entry in rows:
+        interval = entry.get(f"{objective}_ci95")
+        shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "n/a"
+        held = entry.get(f"heldout_{objective}_mean")
+        print(
+            f"  {label[:60]:<60} {entry[f'{objective}_mean']:>6.3f} {entry[f'{objective}_sd']:>6.3f} "
+            f"{shown:>15} {'' if held is None else f'{held:.3f}':>9}"
+        )
+    winner = result.confirmed[0]
+    held = winner.get(f"heldout_{objective}_mean")
+    print(
+        f"winner: #1, mean {objective} {winner[f'{objective}_mean']:.3f}"
+        + (
+            f"; held-out {objective} {held:.3f} (the estimate to report: no choice was made on it)"
+            if held is not None
+            else ""
+        )
+    )
+    if result.margin and result.margin["seeds"]:
+        from laray.scoring.confirm import describe_margin
+
+        print(describe_margin(result.margin, objective))

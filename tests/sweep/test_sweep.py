@@ -31,6 +31,7 @@ from laray.settings.config import LAConfig, replace
 from laray.settings.space import SEARCHABLE, SpaceError, load_space, parse_space
 from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep
 from laray.sweep.trainable import NONFINITE_MARKER, ignore_exit_in_callbacks
+from laray.sweep.tune_space import tune_space
 from laray.training import store as ae_store
 from laray.training.store import store_key
 
@@ -843,8 +844,6 @@ def _draws(domain, n=300):
 
 
 def test_tune_space_resolves_size_dependent_ranges():
-    from laray.sweep.tune_space import tune_space
-
     space = parse_space(
         {
             "search": {
@@ -856,16 +855,16 @@ def test_tune_space_resolves_size_dependent_ranges():
         }
     )
     for n in (40, 120):
-        tune_space = tune_space(space, n)
-        k = _draws(tune_space["k_neighbours"])
+        param_space = tune_space(space, n)
+        k = _draws(param_space["k_neighbours"])
         assert all(isinstance(v, (int, np.integer)) and 5 <= v <= n - 1 for v in k)
         assert max(k) > n // 2  # the range reaches up to N-1, not just below it
-        c = _draws(tune_space["n_centroids"])
+        c = _draws(param_space["n_centroids"])
         assert all(isinstance(v, (int, np.integer)) and 1 <= v <= n for v in c)
         assert min(c) >= max(1, round(0.02 * n)) and max(c) <= round(0.5 * n)
-        r = _draws(tune_space["clustering_repeats"])
+        r = _draws(param_space["clustering_repeats"])
         assert set(r) == {1, 2, 3}  # integer ranges include their upper end
-        t = _draws(tune_space["temperature"])
+        t = _draws(param_space["temperature"])
         assert all(0.05 <= v <= 0.5 for v in t)
         for kk, cc, rr, tt in zip(k, c, r, t):
             cfg = replace(
@@ -877,13 +876,13 @@ def test_tune_space_resolves_size_dependent_ranges():
     clipped = parse_space(
         {"search": {"k_neighbours": {"int": [200, 500]}, "n_centroids": {"fraction": [0.001, 0.002]}}}
     )
-    tune_space = tune_space(clipped, 120)
-    assert set(_draws(tune_space["k_neighbours"])) == {119}
-    assert set(_draws(tune_space["n_centroids"])) == {1}
+    param_space = tune_space(clipped, 120)
+    assert set(_draws(param_space["k_neighbours"])) == {119}
+    assert set(_draws(param_space["n_centroids"])) == {1}
     big = parse_space({"search": {"n_centroids": {"int": [50, 500]}, "k_neighbours": {"categorical": [10, 500]}}})
-    tune_space = tune_space(big, 40)
-    assert set(_draws(tune_space["n_centroids"])) == {40}
-    assert set(_draws(tune_space["k_neighbours"])) == {10}  # categorical choices beyond N-1 are dropped
+    param_space = tune_space(big, 40)
+    assert set(_draws(param_space["n_centroids"])) == {40}
+    assert set(_draws(param_space["k_neighbours"])) == {10}  # categorical choices beyond N-1 are dropped
 
 
 def test_check_data_size_checks_fixed_values_only():
@@ -929,7 +928,7 @@ def test_yaml_exponent_numbers_are_numbers(tmp_path):
     file = tmp_path / "space.yaml"
     file.write_text("search:\n  n_centroids: {categorical: [1e1, 20]}\n  temperature: {loguniform: [1e-2, 0.3]}\n")
     space = load_space(file)
-    assert set(_draws(space.tune_space(120)["n_centroids"])) == {10, 20}
+    assert set(_draws(tune_space(space, 120)["n_centroids"])) == {10, 20}
     assert space.search["temperature"].args == (0.01, 0.3)
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState, create_trial
 
 from laray.data.dataset import describe
 from laray.settings.space import parse_space
+from laray.sweep.tune_space import tune_space
 from laray.sweep.warm_start import (
     FROM,
     IDENTITY_FILE,
@@ -59,7 +60,7 @@ def space_of(search=None, la=None, holdout=0.5, objective="purity", ae=None):
 def distributions_of(space):
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch.convert_search_space(space.tune_space(N))
+    return OptunaSearch.convert_search_space(tune_space(space, N))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def _optuna_search(storage: str, name: str, space, seed: int = 0):
         study_name=name,
         storage=optuna.storages.RDBStorage(storage),
     )
-    assert search.set_search_properties(None, None, space.tune_space(N))
+    assert search.set_search_properties(None, None, tune_space(space, N))
     return search
 
 

@@ -135,7 +135,7 @@ def test_laray_sweep_chooses_by_data_and_the_trials_gpus_and_says_so_first(
     chosen = {}
 
     def fake_sweep(data, space, *args, **kwargs):
-        chosen.update(space=space, gpus=kwargs["gpus_per_trial"])
+        chosen.update(space=space, gpus=kwargs["trial"].gpus)
         raise LarayError("stopped before the search")
 
     monkeypatch.setattr("laray.sweep.ray_setup.ray_init", lambda *a, **k: None)

@@ -29,6 +29,28 @@ def tiny_train_argv(data, out, store, cache, ae_epochs: int = 1, la_epochs: int 
     return ["train", *folders, *(word for option in tiny.items() for word in option)]
 
 
+def write_vgg_weights(path: Path, arch: str = "vgg11_bn", seed: int = 0) -> Path:
+    """A torchvision-format state_dict of `arch`'s feature stack, seeded random weights: `pretrained: PATH` without
+    a download. Only the `features.*` keys, all that laray loads: the classifier would add 470 MB to every file
+    (and seconds to make). Convolutions drawn as torchvision's VGG draws them; BN running statistics drawn
+    too, so that a test can tell the weights as loaded from a fresh encoder's."""
+    import torch
+    from torchvision.models import vgg
+
+    torch.manual_seed(seed)
+    features = vgg.make_layers(vgg.cfgs[{"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D"}[arch]], batch_norm=True)
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                torch.nn.init.zeros_(layer.bias)
+            elif isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.uniform_(-0.2, 0.2)
+                layer.running_var.uniform_(0.5, 2.0)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray instance with 2 CPUs and no dashboard, shared by every test that requests it.

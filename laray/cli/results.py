@@ -23,7 +23,8 @@ def add_analysis_commands(commands) -> None:
     analyze.add_argument(
         "--imagenet-weights",
         metavar="FILE",
-        help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline "
+        help="a local torchvision vgg16_bn state_dict: adds the ImageNet-VGG-codes baseline, unless the sweep's "
+        "stage 1 started from these weights: its pretrained baseline scores them already "
         "(default: none, no such baseline)",
     )
     analyze.set_defaults(run=_analyze)

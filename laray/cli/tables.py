@@ -5,20 +5,32 @@ from __future__ import annotations
 
 from laray.score_names import HELDOUT_PREFIX, LABEL_SCORES
 
+# The search's table is narrow: the baselines by short names, in the order stage 1 scored them.
+SHORT_BASELINES = {
+    "raw_pixels": "k-means on raw pixels",
+    "autoencoder": "on the auto-encoder codes",
+    "pretrained": "on the pretrained encoder",
+}
+
 
 def print_search_best(result, space) -> None:
     part = " on the selection part" if space.la.holdout else ""
     print(f"best trial of the search ({space.objective}{part}, one seed):")
     for key, value in result.best_config.items():
         print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
-    raw, codes = result.baselines["raw_pixels"], result.baselines["autoencoder"]
-    codes_label = "on the untrained encoder" if space.ae.epochs == 0 else "on the auto-encoder codes"
-    print(f"  {'':<20} {'best trial':>10} {'k-means on raw pixels':>22} {codes_label:>26}")
+    labels = dict(SHORT_BASELINES)
+    if space.ae.epochs == 0:
+        labels["autoencoder"] = (
+            "on the untrained encoder" if space.ae.pretrained is None else "on the encoder, 0 epochs"
+        )
+    columns = [(labels.get(name, name), scores) for name, scores in result.baselines.items()]
+    widths = [max(10, len(label)) for label, _ in columns]
+    print(f"  {'':<20} {'best trial':>10} " + " ".join(f"{label:>{w}}" for (label, _), w in zip(columns, widths)))
     for key in (*LABEL_SCORES, HELDOUT_PREFIX + "purity"):
         if key in result.best_metrics:
             print(
-                f"  {key:<20} {result.best_metrics[key]:>10.3f} {raw.get(key, float('nan')):>22.3f} "
-                f"{codes.get(key, float('nan')):>26.3f}"
+                f"  {key:<20} {result.best_metrics[key]:>10.3f} "
+                + " ".join(f"{scores.get(key, float('nan')):>{w}.3f}" for (_, scores), w in zip(columns, widths))
             )
 
 
@@ -49,10 +61,8 @@ def print_confirmed(result, space) -> None:
         )
         for i, entry in enumerate(result.confirmed)
     ]
-    rows += [
-        ("k-means on raw pixels", result.confirmed_baselines["raw_pixels"]),
-        (baseline_names(space.ae.epochs)["autoencoder"], result.confirmed_baselines["autoencoder"]),
-    ]
+    names = baseline_names(space.ae.epochs, space.ae.pretrained)
+    rows += [(names.get(name, name), summary) for name, summary in result.confirmed_baselines.items()]
     print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
     for label, entry in rows:
         interval = entry.get(f"{objective}_ci95")

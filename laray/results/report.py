@@ -5,7 +5,8 @@ OUT/trials.csv        one row per trial: id, status, the five LA hyperparameters
                       the species count, epochs run, stopped_early (ASHA), time, whether it beats each baseline
 OUT/confirmed.csv     one row per confirmed configuration and seed: rank, hyperparameters, seed, scores,
                       and the baselines of that seed
-OUT/baselines.csv     k-means on raw pixels and on the auto-encoder's codes (and ImageNet VGG codes if given)
+OUT/baselines.csv     k-means on raw pixels, on the auto-encoder's codes, on the pretrained encoder's codes when
+                      stage 1 started from pretrained weights (and ImageNet VGG codes if given)
 OUT/per_species.csv   the best trial's clusters, species by species
 OUT/*.png             objective vs each hyperparameter, optimisation history, parameter importances,
                       species x clusters contingency heatmap, cluster montage of the best trial
@@ -14,8 +15,10 @@ OUT/report.md         ties them together
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from laray.results import scores as analysis
 BASELINE_NAMES = {
     "raw_pixels": "k-means on raw pixels",
     "autoencoder": "k-means on the auto-encoder's codes",
+    "pretrained": "k-means on the pretrained encoder's codes",  # as loaded, before stage 1 trained it
     "imagenet_vgg16_bn": "k-means on ImageNet VGG-16-bn codes",
 }
 FEW_TRIALS = 20  # below this many finished trials, parameter importances are mostly noise
@@ -37,14 +41,16 @@ NO_LABELS = (
 )
 
 
-def baseline_names(ae_epochs: int) -> dict:
+def baseline_names(ae_epochs: int, pretrained: str | None = None) -> dict:
     """BASELINE_NAMES, the codes' baseline named for what stage 1 was: trained, or no epochs at all.
 
-    With no stage-1 epochs (the CPU photo settings), LA starts from a randomly initialised encoder.
+    With no stage-1 epochs, LA starts from the encoder as it was made: randomly initialised (the CPU
+    photo settings), or the pretrained weights, which the "pretrained" baseline scores too.
     """
-    return (
-        BASELINE_NAMES if ae_epochs else {**BASELINE_NAMES, "autoencoder": "k-means on the untrained encoder's codes"}
-    )
+    if ae_epochs:
+        return BASELINE_NAMES
+    untrained = "k-means on the pretrained encoder's codes (no stage-1 epochs)" if pretrained else None
+    return {**BASELINE_NAMES, "autoencoder": untrained or "k-means on the untrained encoder's codes"}
 
 
 def relabel(assignments: pd.DataFrame, spec: str, label_column: str, image_root: str | None = None) -> pd.DataFrame:
@@ -67,6 +73,24 @@ def _imagenet_baseline(dataset, weights: str, seed: int) -> dict:
     encoder = EncoderVGGMerged("vgg16_bn", pretrained=weights, merger="mean")
     codes = encode_all(encoder, dataset, torch.device("cpu"))
     return score_codes(codes, dataset.labels, seed=seed)[0]
+
+
+def _same_weights(stage1: dict, weights: str) -> bool:
+    """Whether the sweep's stage 1 (its config's autoencoder section) started from the vgg16_bn weights in `weights`.
+
+    `pretrained: imagenet` is torchvision's ImageNet file, which --imagenet-weights holds (`laray weights
+    fetch`); a file is the same when it is that file or holds the same bytes.
+    """
+    pretrained = stage1.get("pretrained")
+    if stage1.get("arch") != "vgg16_bn" or pretrained is None:
+        return False
+    if pretrained == "imagenet":
+        return True
+    try:
+        pretrained, weights = os.path.expanduser(pretrained), os.path.expanduser(weights)
+        return os.path.samefile(pretrained, weights) or filecmp.cmp(pretrained, weights, shallow=False)
+    except OSError:  # the sweep's file is gone, or on another node: nothing says they are the same
+        return False
 
 
 def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -102,7 +126,8 @@ class Scored:
     def baseline_names(self) -> dict:
         """laray.results.report.baseline_names for the stage 1 these trials started from."""
         some = next((t for t in self.trials if t.metrics), None)
-        return baseline_names(some.metrics.get("config", {}).get("autoencoder", {}).get("epochs", 1) if some else 1)
+        stage1 = some.metrics.get("config", {}).get("autoencoder", {}) if some else {}
+        return baseline_names(stage1.get("epochs", 1), stage1.get("pretrained"))
 
     @property
     def best(self) -> analysis.Trial | None:
@@ -150,14 +175,33 @@ def score(
             relabel(pd.DataFrame({"path": dataset.paths, "label": ""}), spec, label_column)["label"].replace("", np.nan)
         )[0]
         baselines = {"raw_pixels": score_codes(raw_pixel_codes(dataset), labels, seed=seed)[0]}
+    imagenet_notes = []
     if imagenet_weights and dataset is not None and has_labels:
-        baselines["imagenet_vgg16_bn"] = _imagenet_baseline(dataset, imagenet_weights, seed)
+        stage1 = some.metrics.get("config", {}).get("autoencoder", {})
+        if "pretrained" in baselines and _same_weights(stage1, imagenet_weights):
+            # The sweep scored these weights already, on its own split, merger and seed: a second number
+            # for the same encoder, scored otherwise, would only make the two look different.
+            imagenet_notes.append(
+                f"--imagenet-weights was not scored again: the sweep's stage 1 started from the same vgg16_bn "
+                f'weights (pretrained: {stage1["pretrained"]}), which "{BASELINE_NAMES["pretrained"]}" scores '
+                "as the other baselines are scored (the trials' merger, held-out split and seed)."
+            )
+        else:
+            baselines["imagenet_vgg16_bn"] = _imagenet_baseline(dataset, imagenet_weights, seed)
+            if "pretrained" in baselines:
+                imagenet_notes.append(
+                    f'"{BASELINE_NAMES["imagenet_vgg16_bn"]}" (--imagenet-weights) and '
+                    f'"{BASELINE_NAMES["pretrained"]}" score different encoders: the first ImageNet\'s '
+                    f"vgg16_bn, mean-merged, on every image with --seed {seed}; the second the weights the "
+                    f"sweep's stage 1 started from ({stage1.get('arch')}, pretrained: {stage1.get('pretrained')}), "
+                    "as the trials' other baselines."
+                )
     table = analysis.trials_table(trials, baselines, objective, with_k=has_labels)
     if not has_labels:
         table = table.drop(columns=[c for c in analysis.SCORES if c in table], errors="ignore")
     table.to_csv(out / "trials.csv", index=False)
     pd.DataFrame([{"baseline": k, **v} for k, v in baselines.items()]).to_csv(out / "baselines.csv", index=False)
-    notes = [] if has_labels else [NO_LABELS]
+    notes = ([] if has_labels else [NO_LABELS]) + imagenet_notes
     if not scored_trials:
         notes.append("No trial has finished an LA epoch yet: scores appear as trials report.")
     confirmed = (
@@ -190,7 +234,7 @@ def _confirmed_baselines(scored: Scored) -> dict:
 
     per_seed = scored.confirmed.drop_duplicates("seed").to_dict("records")
     out = {}
-    for key in ("raw_pixels", "autoencoder"):
+    for key in ("raw_pixels", "autoencoder", "pretrained"):
         columns = {c.removeprefix(f"{key}_"): c for c in scored.confirmed if c.startswith(f"{key}_")}
         if columns:
             out[scored.baseline_names[key]] = summarize([{s: r[c] for s, c in columns.items()} for r in per_seed])

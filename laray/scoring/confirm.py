@@ -101,12 +101,14 @@ def confirmed(runs: list[tuple[dict, int, dict]], objective: str, mode: str) -> 
 
 
 def baselines_over_seeds(baselines: dict[int, dict]) -> dict:
-    """{seed: {"raw_pixels": scores, "autoencoder": scores}} -> the same two summarised over seeds."""
+    """{seed: {"raw_pixels": scores, "autoencoder": scores[, "pretrained": scores]}} -> each summarised over seeds.
+
+    Every baseline that each seed scored, in the first seed's order: the seeds share their stage-1
+    settings, so a stage 1 from pretrained weights gives all of them "pretrained" and any other none.
+    """
     seeds = sorted(baselines)
-    return {
-        name: {"seeds": seeds, **summarize([baselines[s][name] for s in seeds])}
-        for name in ("raw_pixels", "autoencoder")
-    }
+    names = [name for name in baselines[seeds[0]] if all(name in baselines[s] for s in seeds)] if seeds else []
+    return {name: {"seeds": seeds, **summarize([baselines[s][name] for s in seeds])} for name in names}
 
 
 def margin_over(winner: dict, baseline: dict) -> dict:

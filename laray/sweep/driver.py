@@ -55,9 +55,10 @@ class SweepResult:
     best_metrics: dict | None
     n_trials: int
     n_errored: int
-    baselines: dict  # {"raw_pixels": scores, "autoencoder": scores} for the best trial's merger
+    # {"raw_pixels": scores, "autoencoder": scores[, "pretrained": scores]} for the best trial's merger
+    baselines: dict
     confirmed: list = dataclasses.field(default_factory=list)  # laray.scoring.confirm.confirmed: best mean first
-    confirmed_baselines: dict | None = None  # the baselines over the confirmation's seeds
+    confirmed_baselines: dict | None = None  # the same baselines over the confirmation's seeds
     margin: dict | None = (
         None  # the winner minus k-means on raw pixels, paired by seed (laray.scoring.confirm.margin_over)
     )

@@ -2,7 +2,8 @@
 
 The task runs where Ray places it (a GPU node on a cluster), opens the data set there from its
 reference (that node's one decode), trains the auto-encoder and scores the baselines (k-means on
-raw pixels and on the auto-encoder's codes). The driver keeps what it returns in the sweep's
+raw pixels, on the auto-encoder's codes and, when stage 1 starts from pretrained weights, on the
+pretrained encoder's codes before any training). The driver keeps what it returns in the sweep's
 store, STORAGE/NAME/autoencoders/, under the store's lock, so a resumed sweep (or a later one with
 the same data, stage-1 settings and seed and the same --storage) loads it instead. Trials receive
 the encoder's weights through Ray's object store and never read that folder: on a cluster without
@@ -17,7 +18,15 @@ from pathlib import Path
 from laray.data.dataset import DataRef, ListingDigest, open_dataset
 from laray.scoring.holdout import NO_HOLDOUT
 from laray.settings.config import AutoEncoderConfig
-from laray.training.run import Stage1, baselines_path, compute_baselines, encoder_part, train_autoencoder, write_json
+from laray.training.run import (
+    Stage1,
+    baseline_keys,
+    baselines_path,
+    compute_baselines,
+    encoder_part,
+    train_autoencoder,
+    write_json,
+)
 from laray.training.store import get_or_train, read_baselines, store_key
 
 _training: set = set()  # the stage-1 tasks this driver is waiting for (the confirmation waits for several)
@@ -107,8 +116,10 @@ def sweep_stage1(
     if shipped is not None:
         baselines = ray.get(shipped).baselines
     else:  # stored by an earlier run: scored for this label set and these mergers too?
-        # an unreadable file is warned about and removed: scored again below, and rewritten
-        baselines = {m: scores for m in mergers if (scores := read_baselines(paths[m])) is not None}
+        # an unreadable file, or one an earlier laray wrote without the pretrained encoder's baseline, is warned
+        # about and removed: scored again below, and rewritten
+        keys = baseline_keys(ae_cfg)
+        baselines = {m: scores for m in mergers if (scores := read_baselines(paths[m], keys)) is not None}
         missing = [m for m in mergers if m not in baselines]
         if missing:
             baselines.update(

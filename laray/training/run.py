@@ -123,7 +123,8 @@ class Stage1:
     key: str  # the store key: data fingerprint, stage-1 settings and seed
     encoder_state: dict
     history: list
-    baselines: dict  # merger -> {"raw_pixels": scores, "autoencoder": scores}, k-means with K = species
+    # merger -> {"raw_pixels": scores, "autoencoder": scores[, "pretrained": scores]}, k-means with K = species
+    baselines: dict
     trained_in_this_run: bool = False
     source: str = "store"  # "store", "trained" (by this process), or "object store" (a sweep's trial)
 
@@ -148,6 +149,13 @@ def train_autoencoder(
     return {k: v.cpu() for k, v in model.state_dict().items()}, history
 
 
+def baseline_keys(ae_cfg: AutoEncoderConfig) -> tuple[str, ...]:
+    """The baselines scored for a stage 1: k-means on raw pixels and on the auto-encoder's codes, and on the
+    pretrained encoder's codes when stage 1 starts from pretrained weights (the first baseline unsupervised
+    clustering work compares with: pretrained features + k-means)."""
+    return ("raw_pixels", "autoencoder", *(("pretrained",) if ae_cfg.pretrained is not None else ()))
+
+
 def compute_baselines(
     dataset: ImageDataset,
     encoder_state: dict,
@@ -157,26 +165,30 @@ def compute_baselines(
     device,
     holdout: tuple[float, int] = NO_HOLDOUT,
 ) -> dict:
-    """Scores for the same K of k-means on raw pixels and on the auto-encoder's codes before LA.
+    """Scores for the same K of k-means on raw pixels, on the auto-encoder's codes before LA and, with
+    `ae_cfg.pretrained`, on the codes of the pretrained encoder as loaded, before any training.
 
     holdout: (fraction, seed) of scoring.holdout, so that the baselines are scored on the same parts as the trials.
     """
     device = resolve_device(device)
     heldout = holdout_mask(dataset.labels, *holdout)
+
+    def scores(codes: torch.Tensor) -> dict:
+        return score_codes(codes, dataset.labels, seed=seed, device=device, heldout=heldout)[0]
+
+    def codes_of(encoder: EncoderVGGMerged) -> torch.Tensor:
+        return encode_all(encoder.to(device), dataset, device)
+
     ae_encoder = EncoderVGGMerged(ae_cfg.arch, None, ae_cfg.width, merger)
     ae_encoder.encoder.load_state_dict(encoder_state)
-    return {
-        "raw_pixels": score_codes(raw_pixel_codes(dataset), dataset.labels, seed=seed, device=device, heldout=heldout)[
-            0
-        ],
-        "autoencoder": score_codes(
-            encode_all(ae_encoder.to(device), dataset, device),
-            dataset.labels,
-            seed=seed,
-            device=device,
-            heldout=heldout,
-        )[0],
-    }
+    baselines = {"raw_pixels": scores(raw_pixel_codes(dataset)), "autoencoder": scores(codes_of(ae_encoder))}
+    del ae_encoder  # freed before the pretrained encoder is made: one encoder's weights on the device at a time
+    if ae_cfg.pretrained is not None:
+        # Loaded again from the weights stage 1 started from (a file, or torch's cache for "imagenet"), not
+        # taken from the stored auto-encoder, whose encoder stage 1 has trained.
+        pretrained = EncoderVGGMerged(ae_cfg.arch, ae_cfg.pretrained, ae_cfg.width, merger)
+        baselines["pretrained"] = scores(codes_of(pretrained))
+    return baselines
 
 
 def baselines_path(
@@ -208,7 +220,9 @@ def stored_stage1(
     baselines = {}
     for merger in mergers:
         path = baselines_path(store_dir, key, merger, dataset.labels_key, holdout)
-        stored = read_baselines(path)  # None when absent, or unreadable (warned about and removed)
+        # None when absent, unreadable, or lacking one of these (scored by an earlier laray, before the
+        # pretrained baseline): warned about and removed, then scored again here
+        stored = read_baselines(path, baseline_keys(ae_cfg))
         if stored is not None:
             baselines[merger] = stored
         else:

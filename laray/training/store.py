@@ -10,7 +10,8 @@ KEY/autoencoder.sha256 records its hash (in `sha256sum` format). A load checks b
 that the file loads; an entry that fails is removed and trained again, under the lock, with one
 warning naming the file. A file without a recorded hash (stored before laray recorded one, or a
 writer killed between the two renames) is kept when it loads, and its hash recorded then.
-`read_baselines` checks the stored baselines beside it: unreadable ones are removed and scored again.
+`read_baselines` checks the stored baselines beside it: unreadable ones, and ones without a baseline this
+stage 1 has (the pretrained encoder's, stored by an earlier laray), are removed and scored again.
 
 KEY/training.ckpt (and its .prev) is stage 1's checkpoint while it trains: a stage 1 interrupted
 resumes from it. One that does not load is removed with a warning naming it, and stage 1 resumes
@@ -157,8 +158,13 @@ def get_or_train(
         return state, history, True
 
 
-def read_baselines(path: str | os.PathLike) -> dict | None:
-    """The baselines stored at `path`; None when absent, or unreadable (then removed, with a warning naming it)."""
+def read_baselines(path: str | os.PathLike, names=("raw_pixels", "autoencoder")) -> dict | None:
+    """The baselines stored at `path`; None when absent, or unreadable or without one of `names` (then removed,
+    with a warning naming it): a caller scores them again rather than go on without a baseline.
+
+    names: the baselines this stage 1 has (laray.training.run.baseline_keys): files an earlier laray wrote
+    for a stage 1 from pretrained weights lack "pretrained".
+    """
     path = Path(path)
     try:
         scores = json.loads(path.read_text())
@@ -167,9 +173,10 @@ def read_baselines(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         problem = f"unreadable ({exc})"
     else:
-        if isinstance(scores, dict) and all(isinstance(scores.get(k), dict) for k in ("raw_pixels", "autoencoder")):
+        missing = [k for k in names if not isinstance(scores, dict) or not isinstance(scores.get(k), dict)]
+        if not missing:
             return scores
-        problem = "not the scores of raw_pixels and autoencoder"
+        problem = f"without the scores of {' and '.join(missing)}"
     log.warning("stored baselines %s: %s; removed them, scoring again", path, problem)
     path.unlink(missing_ok=True)
     return None

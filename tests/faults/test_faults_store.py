@@ -481,6 +481,38 @@ def test_damaged_baselines_are_scored_again(tmp_path, caplog, fake_stage1, damag
     assert fake_stage1 == ["mean", "mean"] and not _warnings(caplog, "laray.store")
 
 
+def test_baselines_stored_without_the_pretrained_one_are_scored_again(tmp_path, caplog, monkeypatch):
+    """A stage 1 from pretrained weights whose baselines an earlier laray stored (without "pretrained"): scored
+    again, once, with a warning naming the file, rather than read back without the pretrained baseline."""
+    with_pretrained = {**SCORES, "pretrained": {"purity": 0.625, "nmi": 0.375}}
+    scored = []
+    monkeypatch.setattr(laray.training.run, "train_autoencoder", lambda *a, **k: _trainer([])(None))
+
+    def compute_baselines(dataset, encoder_state, ae_cfg, merger, seed, device, holdout):
+        scored.append(merger)
+        return json.loads(json.dumps(with_pretrained if ae_cfg.pretrained else SCORES))
+
+    monkeypatch.setattr(laray.training.run, "compute_baselines", compute_baselines)
+    weights = tmp_path / "vgg16_bn.pth"
+    weights.write_bytes(b"weights")  # never loaded: the scoring is a stand-in
+    dataset, store = SimpleNamespace(fingerprint="fp", labels_key="labels"), tmp_path / "s"
+    cfg = AutoEncoderConfig(pretrained=str(weights))
+    key = stored_stage1(dataset, cfg, ["mean"], 0, "cpu", store).key
+    path = baselines_path(store, key, "mean", "labels")
+    path.write_text(json.dumps(SCORES))  # as an earlier laray left it
+
+    caplog.set_level(logging.WARNING, logger="laray.store")
+    again = stored_stage1(dataset, cfg, ["mean"], 0, "cpu", store)
+    said = _warnings(caplog, "laray.store")
+    assert len(said) == 1 and str(path) in said[0] and "pretrained" in said[0], said
+    assert again.baselines == {"mean": with_pretrained} and scored == ["mean", "mean"]
+    assert read_baselines(path, ("raw_pixels", "autoencoder", "pretrained")) == with_pretrained  # rewritten
+
+    caplog.clear()
+    assert stored_stage1(dataset, cfg, ["mean"], 0, "cpu", store).baselines == {"mean": with_pretrained}
+    assert scored == ["mean", "mean"] and not _warnings(caplog, "laray.store")
+
+
 def test_read_baselines(tmp_path, caplog):
     path = tmp_path / "baselines_mean_x_all.json"
     assert read_baselines(path) is None  # absent: no warning

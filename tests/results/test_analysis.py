@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import write_vgg_weights
 from PIL import Image
 
 from laray.cli.main import main
@@ -733,6 +734,77 @@ def test_baselines_follow_the_label_column(sweep, tmp_path):
     assert second["baselines"]["raw_pixels"]["purity"] == pytest.approx(expected["purity"])
 
 
+def as_if_pretrained(sweep, exp: Path, stage1: dict) -> dict:
+    """A copy of the sweep whose stage 1 started from pretrained weights (`stage1`: the config's autoencoder
+    keys): every trial's metrics.json gains the pretrained baseline that stage 1 would have scored. Its purity
+    lies between the trials' lowest and highest, so that some trials beat it and some do not."""
+    shutil.copytree(sweep.exp, exp)
+    purities = [t.metrics["purity"] for t in sweep.trials.values()]
+    assert min(purities) < max(purities)
+    scores = {"purity": (min(purities) + max(purities)) / 2, "nmi": 0.3125, "ari": 0.1875, "acc": 0.4375}
+    for path in exp.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        metrics["baselines"]["pretrained"] = scores
+        metrics["config"]["autoencoder"].update(stage1)
+        path.write_text(json.dumps(metrics))
+    return scores
+
+
+def test_report_shows_the_pretrained_baseline(sweep, tmp_path):
+    weights = tmp_path / "vgg11_bn.pth"
+    weights.write_bytes(b"read by nothing here")
+    scores = as_if_pretrained(sweep, tmp_path / "exp", {"width": 1.0, "pretrained": str(weights)})
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "exp"), "--out", str(out), "--cache-dir", str(sweep.cache)]) == 0
+    baselines = pd.read_csv(out / "baselines.csv")
+    assert list(baselines["baseline"]) == ["raw_pixels", "autoencoder", "pretrained"]
+    assert baselines.set_index("baseline").loc["pretrained", list(SCORES)].to_dict() == pytest.approx(scores)
+    table = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+    scored = table[table["purity"].notna()]
+    assert (scored["beats_pretrained"] == (scored["purity"] > scores["purity"])).all()
+    assert scored["beats_pretrained"].any() and not scored["beats_pretrained"].all()
+    text = (out / "report.md").read_text()
+    row_of_it = "| k-means on the pretrained encoder's codes | " + " | ".join(f"{scores[s]:.3f}" for s in SCORES) + " |"
+    assert row_of_it in text.split("## Best trial")[1].splitlines()
+    best = row(table, text.split("## Best trial")[1].split("`")[1])
+    beaten = "k-means on the pretrained encoder's codes" in text.split("It beats ")[1].split("\n")[0]
+    assert beaten == bool(best["beats_pretrained"])
+
+
+def test_imagenet_weights_the_sweep_started_from_are_not_scored_twice(sweep, tmp_path):
+    weights = tmp_path / "vgg16_bn.pth"
+    write_vgg_weights(weights, "vgg16_bn")
+    scores = as_if_pretrained(sweep, tmp_path / "exp", {"arch": "vgg16_bn", "width": 1.0, "pretrained": str(weights)})
+    scored = report.score(tmp_path / "exp", tmp_path / "same", imagenet_weights=str(weights), cache_dir=sweep.cache)
+    assert (
+        list(scored.baselines) == ["raw_pixels", "autoencoder", "pretrained"]
+        and scored.baselines["pretrained"] == scores
+    )
+    assert any("--imagenet-weights was not scored again" in note and str(weights) in note for note in scored.notes)
+
+    # other weights: both baselines, and a note saying how they differ
+    other = tmp_path / "other_vgg16_bn.pth"
+    write_vgg_weights(other, "vgg16_bn", seed=1)
+    scored = report.score(tmp_path / "exp", tmp_path / "other", imagenet_weights=str(other), cache_dir=sweep.cache)
+    assert list(scored.baselines) == ["raw_pixels", "autoencoder", "pretrained", "imagenet_vgg16_bn"]
+    assert any("score different encoders" in note for note in scored.notes)
+
+
+def test_same_weights_tells_the_sweeps_pretrained_weights_apart(tmp_path):
+    first, copy, other = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "c.pth"
+    first.write_bytes(b"weights one")
+    copy.write_bytes(b"weights one")
+    other.write_bytes(b"weights two")
+    same = report._same_weights
+    assert same({"arch": "vgg16_bn", "pretrained": "imagenet"}, str(other))  # torchvision's file: what the flag holds
+    assert same({"arch": "vgg16_bn", "pretrained": str(first)}, str(first))
+    assert same({"arch": "vgg16_bn", "pretrained": str(first)}, str(copy))  # the same bytes elsewhere
+    assert not same({"arch": "vgg16_bn", "pretrained": str(first)}, str(other))
+    assert not same({"arch": "vgg11_bn", "pretrained": str(first)}, str(first))  # the flag's weights are vgg16_bn's
+    assert not same({"arch": "vgg16_bn", "pretrained": None}, str(first))
+    assert not same({"arch": "vgg16_bn", "pretrained": str(tmp_path / "gone.pth")}, str(first))
+
+
 # ---------------------------------------------------------------- the analysis/ scripts
 
 
@@ -805,6 +877,12 @@ def test_the_codes_baseline_is_named_for_what_stage_1_was():
     assert baseline_names(5) == BASELINE_NAMES
     untrained = baseline_names(0)
     assert untrained["autoencoder"] == "k-means on the untrained encoder's codes"
+    # no epochs from pretrained weights: the codes' baseline scored the pretrained encoder
+    assert (
+        baseline_names(0, "vgg16_bn.pth")["autoencoder"]
+        == "k-means on the pretrained encoder's codes (no stage-1 epochs)"
+    )
+    assert baseline_names(5, "vgg16_bn.pth") == BASELINE_NAMES
     assert {k: v for k, v in untrained.items() if k != "autoencoder"} == {
         k: v for k, v in BASELINE_NAMES.items() if k != "autoencoder"
     }

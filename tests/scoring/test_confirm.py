@@ -74,6 +74,19 @@ def test_summaries_of_one_run_and_of_the_baselines():
     )
     assert base["raw_pixels"]["seeds"] == [1, 2] and base["raw_pixels"]["purity"] == [0.5, 0.6]
     assert base["autoencoder"]["purity_mean"] == pytest.approx(0.8)
+    assert list(base) == ["raw_pixels", "autoencoder"]  # no pretrained weights: no pretrained baseline
+
+
+def test_the_pretrained_baseline_is_summarised_over_seeds_beside_the_others():
+    base = baselines_over_seeds(
+        {
+            2: {"raw_pixels": {"purity": 0.6}, "autoencoder": {"purity": 0.7}, "pretrained": {"purity": 0.8}},
+            1: {"raw_pixels": {"purity": 0.5}, "autoencoder": {"purity": 0.9}, "pretrained": {"purity": 0.6}},
+        }
+    )
+    assert list(base) == ["raw_pixels", "autoencoder", "pretrained"]
+    assert base["pretrained"]["seeds"] == [1, 2] and base["pretrained"]["purity"] == [0.6, 0.8]
+    assert base["pretrained"]["purity_mean"] == pytest.approx(0.7)
 
 
 def test_margin_over_raw_pixels_pairs_runs_with_their_seeds_baselines():

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import write_digit_folder
+from conftest import write_digit_folder, write_vgg_weights
 
 from laray.data.dataset import describe
 from laray.errors import SweepError
@@ -604,6 +604,66 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert text.index("## Confirmed winner") < text.index("## Best trial of the search")
     assert "k-means on raw pixels (same seeds)" in text and f"{result.confirmed[0]['purity_mean']:.3f}" in text
     assert f"Winner minus k-means on raw pixels, paired by seed: purity {np.mean(differences):+.3f}" in text
+
+
+@pytest.mark.slow
+def test_a_sweep_from_pretrained_weights_carries_the_pretrained_baseline_everywhere(ray_session, sub, tmp_path, capsys):
+    """Stage 1 from a local vgg11_bn state_dict: the pretrained encoder's k-means baseline in the store, every
+    trial's metrics, best.json, the confirmation's baselines over seeds, the final tables and the report."""
+    from laray.cli.tables import print_confirmed, print_search_best
+    from laray.results.report import analyze
+    from laray.sweep.stage1 import sweep_stage1
+    from laray.training.run import baselines_path
+
+    weights = write_vgg_weights(tmp_path / "vgg11_bn.pth")
+    raw = raw_space(num_samples=1, max_concurrent=1, la_epochs=1, confirm_top=1, confirm_seeds=1)
+    raw["fixed"]["autoencoder"].update(width=1.0, pretrained=str(weights))  # pretrained weights need width 1.0
+    space, storage = parse_space(raw), tmp_path / "sweeps"
+    result = run_sweep(sub, space, run=SweepRun(str(storage), "pretrained", seed=SEED, verbose=0))
+    exp = storage / "pretrained"
+    best = json.loads((exp / "best.json").read_text())
+    assert list(best["baselines"]) == ["raw_pixels", "autoencoder", "pretrained"]
+    key, holdout = store_key(sub.key, space.ae, SEED), (space.la.holdout, SEED)  # the search's stage 1
+    stored_path = baselines_path(exp / "autoencoders", key, "mean", sub.labels_key, holdout)
+    assert best["baselines"] == json.loads(stored_path.read_text()) == result.baselines
+    searched = [json.loads(p.read_text()) for p in exp.glob("train_trial_*/metrics.json")]
+    assert len(searched) == 1 and searched[0]["baselines"] == best["baselines"]
+
+    # the confirmation's stage 1 (seed 1) scored its own, summarised over its seeds; the margin stays over raw pixels
+    confirm_run = json.loads(next((exp / "confirm").glob("*/metrics.json")).read_text())
+    over_seeds = best["confirmed_baselines"]
+    assert list(over_seeds) == ["raw_pixels", "autoencoder", "pretrained"] and over_seeds["pretrained"]["seeds"] == [1]
+    assert over_seeds["pretrained"]["purity"] == [confirm_run["baselines"]["pretrained"]["purity"]]
+    assert best["margin_over_raw_pixels"]["purity"] == pytest.approx(
+        [confirm_run["purity"] - confirm_run["baselines"]["raw_pixels"]["purity"]]
+    )
+
+    # the console's final tables
+    print_search_best(result, space)
+    print_confirmed(result, space)
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "best trial" in line and "k-means" in line)
+    assert header.rstrip().endswith("on the pretrained encoder")
+    purity_row = next(line for line in printed.splitlines() if line.split()[:1] == ["purity"])
+    assert purity_row.split()[-1] == f"{best['baselines']['pretrained']['purity']:.3f}"
+    confirmed_row = next(line for line in printed.splitlines() if "k-means on the pretrained encoder's codes" in line)
+    assert confirmed_row.split("codes")[1].split()[0] == f"{over_seeds['pretrained']['purity_mean']:.3f}"
+
+    # laray analyze: the baselines' table, the best trial's comparison, the confirmed winner's
+    text = analyze(exp, tmp_path / "analysis").read_text()
+    table = pd.read_csv(tmp_path / "analysis" / "baselines.csv").set_index("baseline")
+    assert list(table.index) == ["raw_pixels", "autoencoder", "pretrained"]
+    assert table.loc["pretrained", "purity"] == pytest.approx(best["baselines"]["pretrained"]["purity"])
+    assert "| k-means on the pretrained encoder's codes | " in text.split("## Best trial")[1]
+    assert "| k-means on the pretrained encoder's codes (same seeds) | " in text.split("## Best trial")[0]
+
+    # a store entry an earlier laray left without the pretrained baseline: scored again (a Ray task), rewritten
+    stored_path.write_text(json.dumps({k: v for k, v in best["baselines"].items() if k != "pretrained"}))
+    rescored, _ = sweep_stage1(
+        sub, space.ae, ["mean"], SEED, exp / "autoencoders", {"cpu": 1, "gpu": 0}, "cpu", 1, None, holdout
+    )
+    assert rescored["mean"] == {name: pytest.approx(scores) for name, scores in best["baselines"].items()}
+    assert json.loads(stored_path.read_text()) == rescored["mean"]
 
 
 def test_eval_every_reports_only_evaluated_epochs(ray_session, sub, tmp_path):

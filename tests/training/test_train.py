@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_train_argv
+from conftest import tiny_train_argv, write_vgg_weights
 from PIL import Image
 
 import laray.training.stages as train_mod
@@ -32,7 +32,7 @@ from laray.scoring import metrics
 from laray.scoring.evaluate import encode_all
 from laray.settings.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict, load_config, replace
 from laray.training import store as ae_store
-from laray.training.run import Stage1, train_run
+from laray.training.run import Stage1, baselines_path, stored_stage1, train_run
 from laray.training.stages import NonFiniteLossError, RunOptions, finetune_la, pretrain_autoencoder
 
 N = 48  # tiny subset: 3 batches of 16 per epoch
@@ -625,6 +625,67 @@ def test_train_run_reuses_the_autoencoder(tiny, tmp_path):
     assert third["autoencoder"]["trained_in_this_run"] is True and third["autoencoder"]["key"] != key
 
 
+@pytest.fixture(scope="module")
+def vgg11_weights(tmp_path_factory):
+    """A local vgg11_bn state_dict in torchvision's format (seeded random weights): `pretrained: FILE`."""
+    return write_vgg_weights(tmp_path_factory.mktemp("weights") / "vgg11_bn.pth")
+
+
+def pretrained_codes(weights, dataset) -> torch.Tensor:
+    """Unit codes of torchvision's own vgg11_bn feature stack holding `weights`, mean-merged: computed apart from
+    laray's encoder, so that a baseline equal to their k-means scores these weights as loaded."""
+    import torch.nn.functional as F
+    from torchvision.models import vgg
+
+    from laray.data.dataset import model_batch
+
+    features = vgg.make_layers(vgg.cfgs["A"], batch_norm=True).eval()  # vgg11_bn's `features`
+    features.load_state_dict({k.removeprefix("features."): v for k, v in torch.load(weights).items()})
+    with torch.no_grad():
+        maps = features(model_batch(dataset.uint8_batch(np.arange(len(dataset))), torch.device("cpu")))
+    return F.normalize(maps.mean(dim=(2, 3)), dim=1)
+
+
+def test_pretrained_baseline_scores_the_weights_as_loaded_before_any_training(digits, vgg11_weights, tmp_path):
+    from laray.scoring.evaluate import score_codes
+    from laray.scoring.holdout import holdout_mask
+
+    data = subset(digits, 60, fingerprint="digits-32-pretrained")
+    cfg = replace(AE, width=1.0, pretrained=str(vgg11_weights))  # pretrained weights need width 1.0
+    store, holdout = tmp_path / "store", (0.5, 3)
+    stage1 = stored_stage1(data, cfg, ["mean"], 0, "cpu", store, progress=False, holdout=holdout)
+    baselines = stage1.baselines["mean"]
+    assert list(baselines) == ["raw_pixels", "autoencoder", "pretrained"]
+
+    # stage 1 trained the encoder away from the file's weights: the baseline scores the file's, not the stored ones
+    loaded = torch.load(vgg11_weights)
+    assert not torch.equal(stage1.encoder_state["features.0.weight"], loaded["features.0.weight"])
+    heldout = holdout_mask(data.labels, *holdout)
+    expected = score_codes(pretrained_codes(vgg11_weights, data), data.labels, seed=0, heldout=heldout)[0]
+    assert set(expected) == {
+        "purity",
+        "nmi",
+        "ari",
+        "acc",
+        "heldout_purity",
+        "heldout_nmi",
+        "heldout_ari",
+        "heldout_acc",
+    }
+    assert baselines["pretrained"] == pytest.approx(expected)
+    assert baselines["pretrained"] != baselines["autoencoder"]
+
+    # kept in the store beside the auto-encoder, and read back from there
+    path = baselines_path(store, stage1.key, "mean", data.labels_key, holdout)
+    assert json.loads(path.read_text()) == baselines
+    again = stored_stage1(data, cfg, ["mean"], 0, "cpu", store, progress=False, holdout=holdout)
+    assert again.source == "store" and again.baselines == {"mean": baselines}
+
+    # without pretrained weights: the two baselines, as before
+    plain = stored_stage1(data, AE, ["mean"], 0, "cpu", store, progress=False, holdout=holdout)
+    assert list(plain.baselines["mean"]) == ["raw_pixels", "autoencoder"]
+
+
 def test_each_evaluation_writes_its_codes_into_the_mapped_codes_file(tiny, encoder_state, tmp_path, monkeypatch):
     """train_run's evaluations encode straight into a memory map of the codes.npy they publish: the codes
     that k-means clusters are the file's pages, no N x d array of the worker's own; a run stopped by an
@@ -937,3 +998,25 @@ def test_laray_train_end_to_end_and_resume(digits, tmp_path, capsys):
         assert resumed[name] == result[name], name
     assert np.array_equal(np.load(out / "codes.npy"), codes)
     assert pd.read_csv(out / "assignments.csv", dtype={"label": str}).equals(table)
+    assert list(result["baselines"]) == ["raw_pixels", "autoencoder"]  # no pretrained weights: no such baseline
+
+
+def test_laray_train_from_pretrained_weights_writes_and_prints_the_pretrained_baseline(
+    digits, vgg11_weights, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    for i in range(60):
+        folder = data / str(digits.labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i]).save(folder / f"img{i:03d}.png")
+    out = tmp_path / "out"
+    argv = tiny_train_argv(data, out, tmp_path / "store", tmp_path / "cache")
+    assert main(argv + ["--width", "1.0", "--pretrained", str(vgg11_weights)]) == 0  # the last --width counts
+    stdout, _ = capsys.readouterr()
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["config"]["autoencoder"]["pretrained"] == str(vgg11_weights)
+    assert list(result["baselines"]) == ["raw_pixels", "autoencoder", "pretrained"]
+    pretrained = result["baselines"]["pretrained"]
+    printed = "baseline pretrained: " + " ".join(f"{k} {v:.3f}" for k, v in pretrained.items())
+    assert printed in stdout.splitlines()
+    assert 0.1 <= pretrained["purity"] <= 1  # 10 species, K = 10: at least the largest species' share

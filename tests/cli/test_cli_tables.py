@@ -1,0 +1,87 @@
+"""The tables `laray sweep` prints at its end (laray.cli.tables), from results made by hand: every baseline shown."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from laray.cli.tables import print_confirmed, print_search_best
+from laray.scoring.confirm import baselines_over_seeds, confirmed, margin_over
+
+RAW = {"purity": 0.41, "heldout_purity": 0.40}
+CODES = {"purity": 0.52, "heldout_purity": 0.50}
+PRETRAINED = {"purity": 0.63, "heldout_purity": 0.61}
+
+
+def space(pretrained, ae_epochs=1):
+    return SimpleNamespace(
+        objective="purity",
+        la=SimpleNamespace(holdout=0.5),
+        ae=SimpleNamespace(epochs=ae_epochs, pretrained=pretrained),
+    )
+
+
+def result(baselines: dict):
+    runs = [({"temperature": 0.1}, seed, {"purity": p, "heldout_purity": p - 0.02}) for seed, p in ((1, 0.7), (2, 0.8))]
+    entries = confirmed(runs, "purity", "max")
+    over_seeds = baselines_over_seeds(
+        {1: baselines, 2: {k: {s: v + 0.1 for s, v in b.items()} for k, b in baselines.items()}}
+    )
+    return SimpleNamespace(
+        best_config={"temperature": 0.1},
+        best_metrics={"purity": 0.75, "heldout_purity": 0.72},
+        baselines=baselines,
+        confirmed=entries,
+        confirmed_baselines=over_seeds,
+        margin=margin_over(entries[0], over_seeds["raw_pixels"]),
+    )
+
+
+def search_table(printed: str) -> tuple[list[str], dict]:
+    """The best trial's table: its header's columns, and each score's row of numbers."""
+    lines = printed.split("\nconfirmed:")[0].splitlines()
+    header = next(i for i, line in enumerate(lines) if "best trial" in line and "k-means" in line)
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[header + 1 :]}
+    return lines[header], rows
+
+
+def test_the_pretrained_baseline_has_its_column_and_its_row(capsys):
+    shown = result({"raw_pixels": RAW, "autoencoder": CODES, "pretrained": PRETRAINED})
+    print_search_best(shown, space("vgg16_bn.pth"))
+    print_confirmed(shown, space("vgg16_bn.pth"))
+    printed = capsys.readouterr().out
+    header, rows = search_table(printed)
+    assert (
+        header.split("best trial")[1].split()
+        == "k-means on raw pixels on the auto-encoder codes on the pretrained encoder".split()
+    )
+    assert rows["purity"] == [0.75, 0.41, 0.52, 0.63] and rows["heldout_purity"] == [0.72, 0.40, 0.50, 0.61]
+
+    confirmed_rows = {line[:62].strip(): line[62:].split() for line in printed.split("\nconfirmed:")[1].splitlines()}
+    # each baseline's mean over seeds 1 and 2 (the second seed's scores are the first's + 0.1)
+    assert confirmed_rows["k-means on raw pixels"][0] == f"{0.46:.3f}"
+    assert confirmed_rows["k-means on the auto-encoder's codes"][0] == f"{0.57:.3f}"
+    assert confirmed_rows["k-means on the pretrained encoder's codes"][0] == f"{0.68:.3f}"
+    assert confirmed_rows["k-means on the pretrained encoder's codes"][-1] == f"{0.66:.3f}"  # held-out mean
+    # the margin stays over raw pixels
+    assert "winner minus k-means on raw pixels, paired by seed: purity +0.290" in printed
+
+
+def test_without_pretrained_weights_there_is_no_pretrained_column(capsys):
+    shown = result({"raw_pixels": RAW, "autoencoder": CODES})
+    print_search_best(shown, space(None))
+    print_confirmed(shown, space(None))
+    printed = capsys.readouterr().out
+    header, rows = search_table(printed)
+    assert header.split("best trial")[1].split() == "k-means on raw pixels on the auto-encoder codes".split()
+    assert rows["purity"] == [0.75, 0.41, 0.52]
+    assert "pretrained" not in printed
+
+
+@pytest.mark.parametrize(
+    "pretrained, label", [(None, "on the untrained encoder"), ("w.pth", "on the encoder, 0 epochs")]
+)
+def test_a_stage_1_of_no_epochs_names_the_codes_baseline_for_what_it_scored(capsys, pretrained, label):
+    baselines = {"raw_pixels": RAW, "autoencoder": CODES, **({"pretrained": CODES} if pretrained else {})}
+    print_search_best(result(baselines), space(pretrained, ae_epochs=0))
+    header, _ = search_table(capsys.readouterr().out)
+    assert label in header

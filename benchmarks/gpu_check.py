@@ -84,7 +84,7 @@ def check_steps() -> list[str]:
     ae = AutoEncoderConfig(arch="vgg16_bn", image_size=224, batch_size=64)
     la = LAConfig(batch_size=64, k_neighbours=4096, n_centroids=1000)
     torch.cuda.reset_peak_memory_stats()
-    costs = measure(ae, la, 20_000, 100, torch.device("cuda"), worker_start=False)
+    costs = measure(ae, la, 20_000, 100, torch.device("cuda"), worker_start=0.0)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     same_peak = {"H200": "H100 SXM"}  # the same dense bf16 peak as the H100 SXM's
     known = next((gpu for gpu in PEAKS if gpu.split()[0] in name), None)

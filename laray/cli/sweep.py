@@ -248,9 +248,13 @@ def _sweep(args) -> int:
 def _plan(args, space, data) -> dict:
     """Measure this machine, count the sweep's work, print the plan; plan.json's content."""
     import os
+    import sys
 
+    began = time.perf_counter()
+    fresh = "torch" not in sys.modules
     import torch
 
+    imported_s = time.perf_counter() - began  # this process's own import of torch: what each Ray worker pays too
     from laray.data.cache import default_cache_dir
     from laray.sweep.plan import plan_lines, plan_sweep
     from laray.training.plan import DECODE_SAMPLE, measure
@@ -269,6 +273,7 @@ def _plan(args, space, data) -> dict:
         torch.device(device),
         threads,
         [] if decoded else list(data.paths[:DECODE_SAMPLE]),
+        worker_start=imported_s if fresh else None,
     )
     if args.address:  # a cluster: its size is not known here; the space's concurrency is taken as given
         slots = space.max_concurrent

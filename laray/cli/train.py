@@ -257,7 +257,7 @@ def _plan(args, ref, ae_cfg, la_cfg, device) -> float:
         max(1, len(ref.class_names)),
         device,
         decode_sample=[] if decoded else list(ref.paths[:DECODE_SAMPLE]),
-        worker_start=False,  # laray train runs in this process
+        worker_start=0.0,  # laray train runs in this process
     )
     total, lines = train_plan_lines(
         count_run(len(ref), ae_cfg, la_cfg, stage1=not stored), costs, ae_cfg, la_cfg, str(device)

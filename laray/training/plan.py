@@ -31,7 +31,7 @@ from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.training.run import RAW_BASELINE_SIDE
 from laray.training.stages import make_optimizer
 
-SAMPLE_POINTS = 4_000  # k-means is timed on this many points and scaled to N: its cost grows linearly in N
+SAMPLE_POINTS = 2_000  # k-means is timed on this many points and scaled to N: its cost grows linearly in N
 BATCH_PROBE_S = 2.0  # a timed batch takes about this long at most: big models on a CPU are timed on fewer images
 DECODE_SAMPLE = 8  # files decoded to time the decode
 
@@ -119,6 +119,8 @@ def _per_image(step, batch_size: int) -> float:
     """Seconds per image of `step(b)`; big models on a slow device are timed on a smaller batch."""
     probe = max(1, min(batch_size, 2))
     once = _seconds_per_call(partial(step, probe), calls=1) / probe
+    if once * probe > BATCH_PROBE_S / 2:  # a big model on a slow device: the probe's own time is the measure
+        return once
     batch = max(probe, min(batch_size, int(BATCH_PROBE_S / max(once, 1e-9))))
     return _seconds_per_call(partial(step, batch)) / batch
 
@@ -140,9 +142,13 @@ def measure(
     device: torch.device,
     threads: int | None = None,
     decode_sample: list[str] = (),
-    worker_start: bool = True,
+    worker_start: float | None = None,
 ) -> StepCosts:
-    """Time each kind of work once, as the run would do it here (bf16 autocast and channels_last on CUDA)."""
+    """Time each kind of work once, as the run would do it here (bf16 autocast and channels_last on CUDA).
+
+    worker_start: what a fresh worker pays before its first step, when the caller knows it (the seconds its own
+    `import torch` took); None: a fresh Python importing torch is timed.
+    """
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -249,7 +255,7 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
         raw_kmeans=_kmeans_seconds(n_images, raw_d, n_species, evaluation),
         recluster=_kmeans_seconds(n_images, d, la.n_centroids, recluster),
         decode_image=_decode_seconds(decode_sample, size),
-        worker_start=worker_start_seconds() if with_worker_start else 0.0,
+        worker_start=worker_start_seconds() if with_worker_start is None else with_worker_start,
     )
 
 

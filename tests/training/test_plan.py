@@ -73,7 +73,7 @@ def test_a_sweep_plan_adds_stage1_trials_and_the_confirmation():
 
 
 def test_measured_costs_are_positive_and_quick(one_torch_thread):
-    costs = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=False)
+    costs = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
     for name, seconds in costs.__dict__.items():
         if name not in ("decode_image", "worker_start"):
             assert 0 < seconds < 5, name

@@ -80,3 +80,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def quick_plan(monkeypatch):
+    """`laray train` and `laray sweep` run in a test's own process print their plan from fixed step costs.
+
+    Timing this machine takes seconds (with big settings, tens of them), which every in-process CLI test would
+    pay; tests/training/test_plan.py times it for real, and commands run as subprocesses do too.
+    """
+    from laray.training import plan
+
+    fixed = plan.StepCosts(*[1e-3] * len(plan.StepCosts.__dataclass_fields__))
+    monkeypatch.setattr(plan, "measure", lambda *args, **kwargs: fixed)

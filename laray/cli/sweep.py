@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 from laray.cli.options import (
     add_data_options,
@@ -17,6 +19,7 @@ from laray.cli.options import (
 )
 from laray.cli.tables import print_confirmed, print_search_best
 from laray.errors import LarayError, SweepError
+from laray.settings.duration import duration as readable
 
 
 def add_sweep_command(commands) -> None:
@@ -38,6 +41,12 @@ def add_sweep_command(commands) -> None:
     sweep.add_argument("--data", metavar="SPEC", help="data set (default: the space's 'data', else digits)")
     add_data_options(sweep)
     sweep.add_argument("--num-samples", type=positive_int, metavar="N", help="trials (default: the space's)")
+    sweep.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the plan (the work counted, the expected wall time measured on this machine) and exit, "
+        "starting nothing",
+    )
     sweep.add_argument(
         "--storage",
         default="~/laray_results",
@@ -134,7 +143,6 @@ def add_sweep_command(commands) -> None:
 def _sweep_name(stem: str, storage: str, resume: bool) -> str:
     """A new sweep gets the space's name and the time; --resume picks the newest local sweep of that space."""
     import time
-    from pathlib import Path
 
     if not resume:
         return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -148,8 +156,6 @@ def _sweep_name(stem: str, storage: str, resume: bool) -> str:
 
 
 def _sweep(args) -> int:
-    from pathlib import Path
-
     from laray.data.dataref import DIGITS, describe
     from laray.settings.defaults import choose
     from laray.settings.space import load_space
@@ -197,6 +203,10 @@ def _sweep(args) -> int:
         add=["--resume", "--name", name],
     )
     args.on_stop = f"the sweep's state is saved; continue it with: {again}"
+    plan = None if args.resume else _plan(args, space, data)
+    if args.plan:
+        return 0
+    began = time.monotonic()
     from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep  # torch: once the arguments hold
     from laray.sweep.ray_setup import ray_init
 
@@ -213,12 +223,15 @@ def _sweep(args) -> int:
             max_failures=args.max_failures,
             verbose=2 if args.verbose else 1,
             warm_start=args.warm_start,
+            plan=plan,
         ),
         trial=TrialResources(
             cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, device=args.device, cache_dir=args.cache_dir
         ),
     )
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
+    if plan is not None:
+        print(f"took {readable(time.monotonic() - began)}; the plan said {readable(plan['estimated_s'])}")
     if result.best_config is None:
         return fail("no trial reported a score")
     print_search_best(result, space)
@@ -230,3 +243,47 @@ def _sweep(args) -> int:
     print(f"  tensorboard --logdir {result.experiment}")
     print(f"  optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
     return 0
+
+
+def _plan(args, space, data) -> dict:
+    """Measure this machine, count the sweep's work, print the plan; plan.json's content."""
+    import os
+    import sys
+
+    began = time.perf_counter()
+    fresh = "torch" not in sys.modules
+    import torch
+
+    imported_s = time.perf_counter() - began  # this process's own import of torch: what each Ray worker pays too
+    from laray.data.cache import default_cache_dir
+    from laray.sweep.plan import plan_lines, plan_sweep
+    from laray.training.plan import DECODE_SAMPLE, measure
+
+    cuda = args.gpus_per_trial > 0 and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    threads = max(1, int(args.cpus_per_trial))
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    decoded = not data.paths or (cache / f"{data.key}.npy").exists()
+    print(f"plan: timing each kind of step on {device} ({threads} thread(s))...", flush=True)
+    costs = measure(
+        space.ae,
+        space.la,
+        len(data),
+        max(1, len(data.class_names)),
+        torch.device(device),
+        threads,
+        [] if decoded else list(data.paths[:DECODE_SAMPLE]),
+        worker_start=imported_s if fresh else None,
+    )
+    if args.address:  # a cluster: its size is not known here; the space's concurrency is taken as given
+        slots = space.max_concurrent
+    elif cuda:
+        slots = int(torch.cuda.device_count() // args.gpus_per_trial)
+    else:
+        slots = (os.cpu_count() or 1) // threads
+    plan = plan_sweep(space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded)
+    for line in plan_lines(plan, space, cuda):
+        print(line)
+    if space.time_budget_s is not None and plan.seconds["search"] > space.time_budget_s:
+        print(f"  the time budget ({readable(space.time_budget_s)}) will end the search before that")
+    return plan.to_json()

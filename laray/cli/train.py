@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
-from laray.cli.options import add_data_options, check_device_name, command_again, cuda_for_training, positive_int
+from laray.cli.options import (
+    add_data_options,
+    check_device_name,
+    command_again,
+    cuda_for_training,
+    positive_int,
+)
 from laray.score_names import SCORE_NAMES
+from laray.settings.duration import duration as readable
 
 
 def _defaults(field: str, stage: int = 0) -> str:
@@ -126,6 +134,12 @@ def add_train_command(commands) -> None:
         help="where trained auto-encoders are kept for reuse (default: ~/.cache/laray/autoencoders)",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the plan (the work counted, the expected wall time measured on this machine) and exit, "
+        "writing nothing",
+    )
     train.set_defaults(run=_train)
 
 
@@ -201,6 +215,10 @@ def _train(args) -> int:
     from laray.training.stages import RunOptions, resolve_device
 
     device = resolve_device(args.device)  # a device this machine lacks: before anything is decoded or written
+    estimated_s = _plan(args, ref, ae_cfg, la_cfg, device)
+    if args.plan:
+        return 0
+    began = time.monotonic()
     dataset = open_dataset(ref, args.cache_dir)
     metrics = train_run(
         dataset,
@@ -215,4 +233,34 @@ def _train(args) -> int:
     for name, scores in metrics["baselines"].items():
         print(f"baseline {name}: " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     print(f"wrote {args.out}/metrics.json, assignments.csv, codes.npy")
+    print(f"took {readable(time.monotonic() - began)}; the plan said {readable(estimated_s)}")
     return 0
+
+
+def _plan(args, ref, ae_cfg, la_cfg, device) -> float:
+    """Print `laray train`'s plan (stage 1 counted only when the store lacks it); its expected seconds."""
+    from pathlib import Path
+
+    from laray.data.cache import default_cache_dir
+    from laray.training.plan import DECODE_SAMPLE, count_run, measure, train_plan_lines
+    from laray.training.store import store_key
+
+    store = Path(args.store).expanduser() if args.store else default_cache_dir() / "autoencoders"
+    stored = (store / store_key(ref.key, ae_cfg, args.seed) / "autoencoder.pt").exists()
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    decoded = not ref.paths or (cache / f"{ref.key}.npy").exists()
+    print(f"plan: timing each kind of step on {device}...", flush=True)
+    costs = measure(
+        ae_cfg,
+        la_cfg,
+        len(ref),
+        max(1, len(ref.class_names)),
+        device,
+        decode_sample=[] if decoded else list(ref.paths[:DECODE_SAMPLE]),
+        worker_start=0.0,  # laray train runs in this process
+    )
+    total, lines = train_plan_lines(
+        count_run(len(ref), ae_cfg, la_cfg, stage1=not stored), costs, ae_cfg, la_cfg, str(device)
+    )
+    print("\n".join(lines), flush=True)
+    return total

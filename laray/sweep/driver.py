@@ -14,6 +14,7 @@ sets the environment Ray reads at import first. What a sweep leaves:
                                 metrics.json, assignments.csv, codes.npy, worker.json
     STORAGE/NAME/confirm/       the confirmation (laray.scoring.confirm): the top configurations with fresh
                                 seeds, a second Tune experiment whose trials have the same files
+    STORAGE/NAME/plan.json      the plan printed before it started: the expected wall time and its parts
     STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines,
                                 the winner's margin over k-means on raw pixels
 
@@ -116,6 +117,7 @@ class SweepRun:
     max_failures: int = 2  # restarts of a trial whose worker died
     verbose: int = 1  # 0 silent, 1 laray's console, 2 Ray Tune's table as well
     warm_start: Sequence[str] = ()  # earlier sweeps' folders whose finished trials TPE starts from
+    plan: dict | None = None  # the plan printed before it started (laray.sweep.plan): kept as plan.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,8 @@ def run_sweep(
         if not resume and tune.Tuner.can_restore(experiment_path):
             raise SweepError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
         experiment.mkdir(parents=True, exist_ok=True)
+        if run.plan is not None and not resume:
+            write_json(experiment / "plan.json", run.plan)
         threads = max(1, int(cpus_per_trial))
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
         device = "cuda" if gpus_per_trial > 0 else device

@@ -1130,6 +1130,11 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
         assert noise not in console, noise
     experiment = tmp_path / "results" / "console"
     assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout
+    # The plan came first, before stage 1, and the end says how far off it was.
+    assert lines[1].startswith("plan: timing each kind of step on cpu") and "expected wall time" in console
+    plan = json.loads((experiment / "plan.json").read_text())
+    assert plan["estimated_s"] > 0 and plan["trials"] == 2 and plan["concurrency"] <= 2
+    assert re.search(r"^took .+; the plan said .+$", done.stdout, re.M)
     best = json.loads((experiment / "best.json").read_text())
     margin = best["margin_over_raw_pixels"]["purity_mean"]
     assert (

@@ -1,0 +1,203 @@
+"""A sweep's plan before anything trains: its work counted, and the wall time that work takes here.
+
+The step costs are measured on this machine (laray.training.plan). On top of one run's work a sweep
+has stage 1 once, trials run `max_concurrent` at a time, ASHA stopping some of them at its rungs, and
+the confirmation (stage 1 per fresh seed, then the top configurations once per seed). Which trials
+ASHA stops depends on their scores: the plan takes the mean over simulated searches whose scores are
+drawn at random, ASHA's rule applied to them as Ray Tune applies it. No Ray here: `--plan` starts nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import heapq
+import math
+import os
+
+import numpy as np
+
+from laray.settings.config import replace
+from laray.settings.duration import duration
+from laray.settings.space import SearchSpace
+from laray.training.plan import StepCosts, count_run, la_seconds, stage1_seconds
+
+REDUCTION_FACTOR = 4  # ASHA's (laray.sweep.asha keeps Tune's default)
+SIMULATIONS = 400
+SLOW_WITHOUT_CUDA_S = 3600  # a plan longer than this on a machine without CUDA says how to get a smaller one
+
+
+def typical_la(space: SearchSpace, n_images: int):
+    """The LA settings of a middling trial: each searched setting at the middle of its range (log-middle if log)."""
+    values = {}
+    for name, dist in space.search.items():
+        resolved = dist.resolve(name, n_images)
+        if resolved.kind == "categorical":
+            choices = list(resolved.args)
+            values[name] = choices[len(choices) // 2]
+            continue
+        low, high = resolved.args
+        log = resolved.log or resolved.kind == "loguniform"
+        middle = math.sqrt(low * high) if log and low > 0 else (low + high) / 2
+        values[name] = round(middle) if resolved.kind == "int" else middle
+    return replace(space.la, **values)
+
+
+def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0) -> list[float]:
+    """Mean LA epochs each trial runs (in the order trials start) under ASHA, over simulated searches.
+
+    Tune's rule (ray.tune.schedulers.async_hyperband): at each rung a trial goes on when its score is at
+    least the (1 - 1/rf) quantile of the scores recorded there before it; the first always goes on.
+    Trials reach the rungs in the order they started (they train at the same speed).
+    """
+    rungs = []
+    grace = max(1, min(grace, max_t))
+    k = 0
+    while grace * REDUCTION_FACTOR**k < max_t:
+        rungs.append(grace * REDUCTION_FACTOR**k)
+        k += 1
+    rng = np.random.default_rng(seed)
+    total = np.zeros(trials)
+    for _ in range(SIMULATIONS):
+        recorded = {rung: [] for rung in rungs}  # each kept sorted
+        for i, score in enumerate(rng.random(trials)):
+            epochs = max_t
+            for rung in rungs:
+                seen = recorded[rung]
+                stop = bool(seen) and score < _quantile(seen, 1 - 1 / REDUCTION_FACTOR)
+                bisect.insort(seen, score)
+                if stop:
+                    epochs = rung
+                    break
+            total[i] += epochs
+    return list(total / SIMULATIONS)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """numpy.percentile's default (linear) quantile of a sorted list, without numpy's per-call cost."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def wall_of(durations: list[float], slots: int) -> float:
+    """Wall time of tasks started in order, each on the first slot to come free."""
+    free = [0.0] * max(1, slots)
+    end = 0.0
+    for seconds in durations:
+        start = heapq.heappop(free)
+        end = max(end, start + seconds)
+        heapq.heappush(free, start + seconds)
+    return end
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    n_images: int
+    n_species: int
+    trials: int
+    concurrency: int
+    device: str
+    threads: int
+    epochs: dict  # counted work: stage-1 epochs, LA epochs of all trials (mean under ASHA, and at most)
+    seconds: dict  # start-up, stage 1, search, confirmation
+    costs: StepCosts
+
+    @property
+    def estimated_s(self) -> float:
+        return sum(self.seconds.values())
+
+    def to_json(self) -> dict:
+        return {
+            "estimated_s": round(self.estimated_s, 1),
+            "parts_s": {k: round(v, 1) for k, v in self.seconds.items()},
+            "images": self.n_images,
+            "species": self.n_species,
+            "trials": self.trials,
+            "concurrency": self.concurrency,
+            "device": self.device,
+            "threads_per_trial": self.threads,
+            "epochs": self.epochs,
+            "step_costs_s": dataclasses.asdict(self.costs),
+        }
+
+
+def plan_sweep(
+    space: SearchSpace,
+    n_images: int,
+    n_species: int,
+    costs: StepCosts,
+    device: str,
+    threads: int,
+    num_samples: int | None = None,
+    slots: int | None = None,
+    decoded: bool = False,
+) -> SweepPlan:
+    """The plan of a new sweep; `slots`: trials the cluster can run at once (default: this machine's)."""
+    trials = num_samples or space.num_samples
+    la = typical_la(space, n_images)
+    slots = min(space.max_concurrent, slots or max(1, (os.cpu_count() or 1) // max(1, threads)))
+    mergers = len(space.mergers())
+    work = count_run(n_images, space.ae, la, mergers=mergers)
+    decode = 0.0 if decoded else n_images * costs.decode_image
+    stage1 = costs.worker_start + decode + stage1_seconds(work, costs)
+    epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period)
+    trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
+    search = wall_of(trial_s, slots)
+    if space.time_budget_s is not None:  # no trial starts once it is spent; running ones end at their epoch's end
+        search = min(search, space.time_budget_s + max(trial_s) / max(1, la.epochs))
+    confirm = 0.0
+    if space.confirms:
+        runs = min(space.confirm_top, trials) * space.confirm_seeds
+        seeds = wall_of([costs.worker_start + stage1_seconds(work, costs)] * space.confirm_seeds, slots)
+        confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots)
+    return SweepPlan(
+        n_images,
+        n_species,
+        trials,
+        slots,
+        device,
+        threads,
+        {
+            "stage1": space.ae.epochs,
+            "la_per_trial": la.epochs,
+            "la_search_mean": round(float(sum(epochs)), 1),
+            "la_search_at_most": trials * la.epochs,
+            "confirm_runs": min(space.confirm_top, trials) * space.confirm_seeds if space.confirms else 0,
+        },
+        {"start": 2 * costs.worker_start, "stage1": stage1, "search": search, "confirmation": confirm},
+        costs,
+    )
+
+
+def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
+    """The plan as the console shows it, one part a line, the total last."""
+    ae, s, e = space.ae, plan.seconds, plan.epochs
+    steps = math.ceil(plan.n_images / ae.batch_size)
+    lines = [
+        f"plan: {plan.n_images:,} images of {plan.n_species} species on {plan.device}, "
+        f"{plan.threads} thread(s) per trial, {plan.concurrency} trial(s) at a time",
+        f"  stage 1: {e['stage1']} epochs x {steps} steps of {ae.batch_size} ({ae.arch}, width {ae.width:g}, "
+        f"{ae.image_size} px), then its baselines: {duration(s['stage1'])}",
+        f"  search: {plan.trials} trials of up to {e['la_per_trial']} LA epochs, about {e['la_search_mean']:g} of "
+        f"{e['la_search_at_most']} epochs run under ASHA: {duration(s['search'])}",
+    ]
+    if e["confirm_runs"]:
+        lines.append(
+            f"  confirmation: {e['confirm_runs']} runs ({space.confirm_top} configurations x {space.confirm_seeds} "
+            f"seeds), stage 1 once per seed: {duration(s['confirmation'])}"
+        )
+    c = plan.costs
+    lines.append(
+        f"  expected wall time on this machine: {duration(plan.estimated_s)} (measured here: stage-1 step "
+        f"{c.ae_image * 1e3:.2g} ms/image, LA step {c.la_image * 1e3:.2g} ms/image, "
+        f"encode {c.encode_image * 1e3:.2g} ms/image, a worker's start {c.worker_start:.1f} s)"
+    )
+    if plan.estimated_s > SLOW_WITHOUT_CUDA_S and not cuda:
+        lines.append(
+            "  that is long for a machine without CUDA: fewer trials (--num-samples), a time budget "
+            "(--time-budget 1h), or smaller settings (--space photos-cpu, or a space with fewer epochs, a smaller "
+            "image_size or width) give a smaller plan"
+        )
+    return lines

@@ -1,0 +1,110 @@
+"""The plan: the work counted against a hand count, ASHA's expected epochs, wall time on slots, --plan writing
+nothing, and the measured costs."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.settings.space import SWEEP_SET, parse_space
+from laray.sweep.plan import asha_epochs, plan_sweep, typical_la, wall_of
+from laray.training.plan import StepCosts, count_run, la_seconds, measure, run_seconds, stage1_seconds
+
+AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=3, batch_size=16)
+LA = LAConfig(epochs=4, batch_size=16, k_neighbours=10, n_centroids=5, clustering_repeats=2, eval_every=2)
+# Each cost a distinct power of two: a sum of them names which work was counted how often.
+COSTS = StepCosts(
+    ae_image=1.0, la_image=2.0, encode_image=4.0, ae_kmeans=8.0, la_kmeans=16.0, raw_kmeans=32.0,
+    recluster=64.0, decode_image=128.0, worker_start=256.0,
+)  # fmt: skip
+
+
+def test_a_run_counted_by_hand():
+    n = 100
+    work = count_run(n, AE, LA)
+    assert (work.ae_epochs, work.la_epochs, work.la_evaluations, work.reclusters) == (3, 4, 2, 4)  # eval at 2, 4
+    # stage 1: 3 epochs x (100 steps' images + an evaluation: 100 encodes + its k-means), then one merger's
+    # baselines: raw k-means + 100 encodes + k-means on the codes
+    assert stage1_seconds(work, COSTS) == 3 * (100 * 1 + 100 * 4 + 8) + (32 + 100 * 4 + 16)
+    # LA: the bank's first codes (100 encodes), 4 epochs of 100 images, 4 reclusters, 2 evaluations
+    assert la_seconds(work, COSTS) == 100 * 4 + 4 * 100 * 2 + 4 * 64 + 2 * (100 * 4 + 16)
+    assert run_seconds(work, COSTS) == stage1_seconds(work, COSTS) + la_seconds(work, COSTS)
+    # stage 1 from the store: nothing of it counted; reclustering every 3 steps: ceil(7 / 3) = 3 an epoch
+    assert stage1_seconds(count_run(n, AE, LA, stage1=False), COSTS) == 0
+    assert count_run(n, AE, LAConfig(**{**LA.__dict__, "recluster_every": 3})).reclusters == 4 * math.ceil(7 / 3)
+
+
+def test_asha_epochs_follow_tunes_rule():
+    assert asha_epochs(1, 10, 3) == [10]  # alone: nothing to compare with
+    assert asha_epochs(5, 3, 3) == [3] * 5  # grace period at max_t: no rung, every trial runs to the end
+    first, second, *rest = asha_epochs(40, 20, 2)  # rungs at 2 and 8 (rf 4)
+    assert first == 20  # the first trial at a rung always goes on
+    # above the one score before it at rung 2 half the time, and then above it at rung 8 too: 11 epochs on average
+    assert second == pytest.approx(0.5 * 2 + 0.5 * 20, abs=1)
+    assert 2 < sum(rest) / len(rest) < 2 + 0.5 * 18  # later trials: mostly stopped at the first rung
+
+
+def test_wall_time_of_tasks_on_slots():
+    assert wall_of([10, 10, 10], 1) == 30
+    assert wall_of([10, 10, 10], 2) == 20
+    assert wall_of([30, 10, 10, 10], 2) == 30  # the short ones fill the second slot
+    assert wall_of([], 2) == 0
+
+
+def test_a_sweep_plan_adds_stage1_trials_and_the_confirmation():
+    raw = {
+        "num_samples": 4, "max_concurrent": 2, "grace_period": 4, "confirm_top": 1, "confirm_seeds": 2,
+        "fixed": {"autoencoder": AE.__dict__, "la": {k: v for k, v in LA.__dict__.items() if k not in SWEEP_SET}},
+        "search": {"temperature": {"loguniform": [0.01, 1.0]}},
+    }  # fmt: skip
+    space = parse_space(raw)
+    assert typical_la(space, 100).temperature == pytest.approx(0.1)  # the log-middle
+    plan = plan_sweep(space, 100, 10, COSTS, "cpu", 1, slots=2, decoded=True)
+    work = count_run(100, AE, typical_la(space, 100))
+    trial = 256 + la_seconds(work, COSTS)  # grace period 4 = max_t 4: ASHA stops no one
+    assert plan.seconds["search"] == pytest.approx(2 * trial)  # 4 trials on 2 slots
+    assert plan.seconds["stage1"] == pytest.approx(256 + stage1_seconds(work, COSTS))
+    assert plan.seconds["confirmation"] == pytest.approx((256 + stage1_seconds(work, COSTS)) + trial)
+    assert plan.estimated_s == pytest.approx(sum(plan.seconds.values()))
+    assert plan.to_json()["epochs"]["la_search_at_most"] == 16
+
+
+def test_measured_costs_are_positive_and_quick(one_torch_thread):
+    costs = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
+    for name, seconds in costs.__dict__.items():
+        if name not in ("decode_image", "worker_start"):
+            assert 0 < seconds < 5, name
+    assert costs.decode_image == 0 and costs.worker_start == 0
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_plan_prints_and_writes_nothing(tmp_path, command):
+    argv = [sys.executable, "-m", "laray", command, "--plan", "--image-size", "32"]
+    if command == "train":
+        argv += ["--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"), "--width", "0.125"]
+    else:
+        argv += ["--storage", str(tmp_path / "results"), "--name", "planned", "--num-samples", "2"]
+        argv.remove("--image-size"), argv.remove("32")
+    env = {"HOME": str(tmp_path), "LARAY_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    env["OMP_NUM_THREADS"] = "1"  # a busy 2-core machine: two threads wait on each other far longer
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "expected wall time on this machine:" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] or not any(tmp_path.iterdir()), list(
+        tmp_path.rglob("*")
+    )
+    assert "took" not in done.stdout
+
+
+def test_the_simulation_quantile_is_numpys():
+    import numpy as np
+
+    from laray.sweep.plan import _quantile
+
+    rng = np.random.default_rng(0)
+    for m in range(1, 12):
+        values = sorted(rng.random(m))
+        assert _quantile(values, 0.75) == pytest.approx(np.percentile(values, 75))

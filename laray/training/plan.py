@@ -62,6 +62,7 @@ class RunWork:
     reclusters: int
     bank_fill: bool
     baselines: int  # mergers whose baselines are scored after stage 1 (0 when stored)
+    pretrained: bool = False  # stage 1 from pretrained weights: their codes are a baseline too
 
 
 def count_run(n_images: int, ae: AutoEncoderConfig, la: LAConfig, stage1: bool = True, mergers: int = 1) -> RunWork:
@@ -77,6 +78,7 @@ def count_run(n_images: int, ae: AutoEncoderConfig, la: LAConfig, stage1: bool =
         per_epoch * la.epochs,
         la.bank_init == "codes",
         mergers if stage1 else 0,
+        ae.pretrained is not None,
     )
 
 
@@ -84,7 +86,8 @@ def stage1_seconds(work: RunWork, costs: StepCosts) -> float:
     """Stage 1 with an evaluation after each epoch, then the baselines of each merger."""
     n = work.n_images
     epoch = n * costs.ae_image + n * costs.encode_image + costs.ae_kmeans
-    baselines = costs.raw_kmeans + n * costs.encode_image + costs.la_kmeans
+    encoders = 2 if work.pretrained else 1  # the auto-encoder's codes, and the pretrained encoder's
+    baselines = costs.raw_kmeans + encoders * (n * costs.encode_image + costs.la_kmeans)
     return work.ae_epochs * epoch + work.baselines * baselines
 
 

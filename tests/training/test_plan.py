@@ -34,6 +34,9 @@ def test_a_run_counted_by_hand():
     assert run_seconds(work, COSTS) == stage1_seconds(work, COSTS) + la_seconds(work, COSTS)
     # stage 1 from the store: nothing of it counted; reclustering every 3 steps: ceil(7 / 3) = 3 an epoch
     assert stage1_seconds(count_run(n, AE, LA, stage1=False), COSTS) == 0
+    # from pretrained weights: their codes are encoded and clustered for a third baseline
+    pretrained = count_run(n, AutoEncoderConfig(**{**AE.__dict__, "pretrained": "imagenet", "width": 1.0}), LA)
+    assert stage1_seconds(pretrained, COSTS) - stage1_seconds(work, COSTS) == 100 * 4 + 16
     assert count_run(n, AE, LAConfig(**{**LA.__dict__, "recluster_every": 3})).reclusters == 4 * math.ceil(7 / 3)
 
 

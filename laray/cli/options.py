@@ -10,6 +10,7 @@ import sys
 from laray.data.sources import DEFAULT_LABEL_COLUMN, DEFAULT_PATH_COLUMN
 from laray.errors import LarayError
 from laray.score_names import LABEL_SCORES
+from laray.settings.config import PRECISIONS
 
 
 def _int_at_least(minimum: int):
@@ -71,6 +72,20 @@ def add_data_options(parser) -> None:
         metavar="DIR",
         help="decode cache folder (default: $LARAY_CACHE_DIR, else ~/.cache/laray; in a sweep, "
         "each node's own unless this names one)",
+    )
+
+
+def add_precision_option(parser, where: str) -> None:
+    """--precision of `laray train` and `laray sweep`: both stages' (laray.settings.config.PRECISIONS).
+
+    where: what sets it when the flag is not given ("--config", "the space's fixed settings").
+    """
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16 (bf16 autocast and channels_last) or fp32 for both stages, on any device; bf16 on a CPU is "
+        f"slower, for running the mixed-precision code path (default: {where}, else auto: bf16 on CUDA, "
+        "fp32 on the CPU)",
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from laray.cli.options import (
     add_data_options,
+    add_precision_option,
     check_device_name,
     command_again,
     count,
@@ -129,6 +130,7 @@ def add_sweep_command(commands) -> None:
     sweep.add_argument(
         "--device", default="auto", help="auto, cpu or cuda (default: %(default)s; with --gpus-per-trial > 0: cuda)"
     )
+    add_precision_option(sweep, "the space's fixed settings")
     sweep.add_argument(
         "--verbose",
         action="store_true",
@@ -159,8 +161,10 @@ def _sweep(args) -> int:
     from laray.data.dataref import DIGITS, describe
     from laray.settings.defaults import choose
     from laray.settings.space import load_space
+    from laray.training.epoch_progress import progress_interval_s  # torch-free
 
     check_device_name(args.device)
+    progress_interval_s()  # a bad $LARAY_PROGRESS_S fails here, before Ray starts (the driver reads it again)
     if args.gpus_per_trial is None:  # a GPU per trial where this machine has one and the user did not say cpu
         args.gpus_per_trial = 1.0 if args.device != "cpu" and cuda_for_training("auto") else 0.0
     space_name = args.space
@@ -176,6 +180,7 @@ def _sweep(args) -> int:
         confirm_top=args.confirm_top,
         confirm_seeds=args.confirm_seeds,
         time_budget_s=args.time_budget,
+        precision=args.precision,  # stage 1's and every trial's
     )  # fails here, before Ray starts
     spec = args.data or space.data
     if spec is None:

@@ -8,6 +8,7 @@ import time
 
 from laray.cli.options import (
     add_data_options,
+    add_precision_option,
     check_device_name,
     command_again,
     cuda_for_training,
@@ -128,6 +129,7 @@ def add_train_command(commands) -> None:
     train.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: %(default)s)"
     )
+    add_precision_option(train, "the one --config sets")
     train.add_argument(
         "--store",
         metavar="DIR",
@@ -151,14 +153,26 @@ def _format_record(record: dict) -> str:
     )
 
 
+def _print_progress(progress) -> None:
+    """An in-epoch line (laray.training.epoch_progress) above tqdm's bar, at once also when stdout is a log file."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(str(progress))
+    sys.stdout.flush()
+
+
 def _train(args) -> int:
     from laray.data.dataref import describe
     from laray.settings.config import check_enough_images, load_config, replace
     from laray.settings.defaults import choose, fit_to_size, train_configs
     from laray.settings.space import load_space
+    from laray.training.epoch_progress import progress_interval_s  # torch-free
 
     # Device name, settings and data listing first: a usage error costs no model built, nothing written.
     check_device_name(args.device)
+    progress_s = progress_interval_s()  # a bad $LARAY_PROGRESS_S too
     choice = choose(
         args.data,
         cuda=cuda_for_training(args.device),
@@ -177,6 +191,7 @@ def _train(args) -> int:
         epochs=args.ae_epochs,
         batch_size=args.batch_size,
         lr=args.ae_lr,
+        precision=args.precision,
     )
     la_cfg = replace(
         la_cfg,
@@ -189,6 +204,7 @@ def _train(args) -> int:
         n_centroids=args.n_centroids,
         augment=args.augment,
         batch_size=args.batch_size,
+        precision=args.precision,
     )
     ref = describe(
         args.data,
@@ -226,7 +242,14 @@ def _train(args) -> int:
         ae_cfg,
         la_cfg,
         store_dir=args.store,
-        run=RunOptions(seed=args.seed, device=device, resume=args.resume, callback=lambda r: print(_format_record(r))),
+        run=RunOptions(
+            seed=args.seed,
+            device=device,
+            resume=args.resume,
+            callback=lambda r: print(_format_record(r)),
+            on_progress=_print_progress,
+            progress_s=progress_s,
+        ),
     )
     final = " ".join(f"{k} {metrics[k]:.3f}" for k in SCORE_NAMES if k in metrics)
     print(f"final: {final}")

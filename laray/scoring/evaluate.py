@@ -39,6 +39,8 @@ def encode_all(
     out: the (N, d) float32 tensor to fill, on any device (a memory-mapped file's, or the memory
     bank itself), so that no second N x d array is made; by default a new one on the CPU.
     prefetch: batches read ahead by a background thread (laray.data.prefetch); 0 reads in the loop.
+    autocast: bf16 autocast and channels_last batches, as the stage trains (laray.training.stages.uses_bf16);
+    the codes are float32 either way, cast before they are normalised.
     """
     was_training = encoder.training
     encoder.eval()

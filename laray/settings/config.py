@@ -20,7 +20,10 @@ from laray.errors import ConfigError
 
 ARCHS = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")  # torchvision's VGG with batch norm (laray.method.models)
 SCHEDULES = ("cosine", "step", "constant")
-STRING_FIELDS = ("arch", "pretrained", "schedule", "merger", "bank_init")
+# How a stage computes: "auto" is bf16 on CUDA and fp32 elsewhere; bf16 is bf16 autocast and channels_last on any
+# device (on a CPU it runs the mixed-precision code path, e.g. in CI); fp32 is plain float32 everywhere.
+PRECISIONS = ("auto", "bf16", "fp32")
+STRING_FIELDS = ("arch", "pretrained", "schedule", "merger", "bank_init", "precision")
 UNLABELLED_CLUSTERS = 10  # k-means clusters that score unlabelled data (by silhouette) in laray.scoring.evaluate
 
 
@@ -39,6 +42,10 @@ def check_enough_images(n_images: int, n_species: int) -> None:
 def _require(ok: bool, name: str, message: str, value) -> None:
     if not ok:
         raise ConfigError(f"{name} {message}, got {value!r}")
+
+
+def _check_precision(precision) -> None:
+    _require(precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}", precision)
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,11 @@ class AutoEncoderConfig(OptimConfig):
     pretrained: str | None = None
     image_size: int = 224
     lr: float = 0.05
+    precision: str = "auto"  # PRECISIONS
 
     def __post_init__(self):
         self._validate_optim()
+        _check_precision(self.precision)
         _require(self.arch in ARCHS, "arch", f"must be one of {ARCHS}", self.arch)
         _require(self.width > 0, "width", "must be > 0", self.width)
         _require(
@@ -123,9 +132,11 @@ class LAConfig(OptimConfig):
     # (heldout_purity...), drawn with holdout_seed, which a sweep keeps fixed across its trials.
     holdout: float = 0.0
     holdout_seed: int = 0
+    precision: str = "auto"  # PRECISIONS
 
     def __post_init__(self):
         self._validate_optim()
+        _check_precision(self.precision)
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _require(0 < self.mixing_rate <= 1, "mixing_rate", "must be in (0, 1]", self.mixing_rate)
         _require(

@@ -116,11 +116,16 @@ class SearchSpace:
         confirm_top: int | None = None,
         confirm_seeds: int | None = None,
         time_budget_s: float | None = None,
+        precision: str | None = None,
     ) -> SearchSpace:
-        """This space with the command line's values where given."""
+        """This space with the command line's values where given; precision is both stages' (and every trial's)."""
         la = self.la if holdout is None else dataclasses.replace(self.la, holdout=holdout)
+        ae = self.ae
+        if precision is not None:  # dataclasses.replace validates: a bad value is a ConfigError naming it
+            ae, la = dataclasses.replace(ae, precision=precision), dataclasses.replace(la, precision=precision)
         return dataclasses.replace(
             self,
+            ae=ae,
             la=la,
             confirm_top=self.confirm_top if confirm_top is None else confirm_top,
             confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds,

@@ -60,6 +60,7 @@ def confirm_top(
             shared["threads"],
             shared["cache_dir"],
             (space.la.holdout, seed),
+            shared["progress_s"],
         )
 
     # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.

@@ -44,6 +44,7 @@ from laray.sweep.stage1 import sweep_stage1
 from laray.sweep.trainable import REPORTED, train_trial
 from laray.sweep.warm_start import OPTUNA_DB
 from laray.sweep.warm_start import recorded as warm_start_record
+from laray.training.epoch_progress import progress_interval_s
 from laray.training.run import write_json
 
 log = logging.getLogger("laray.sweep.driver")
@@ -183,6 +184,8 @@ def run_sweep(
         # One held-out split for the whole sweep, confirmation included: drawn with the sweep's seed.
         space = dataclasses.replace(space, la=replace(space.la, holdout_seed=seed))
         holdout = (space.la.holdout, seed)
+        # The in-epoch lines' interval as this driver's environment says: the workers', on other nodes, may not.
+        progress_s = progress_interval_s()
         param_space = tune_space(space, len(data))
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
@@ -198,9 +201,16 @@ def run_sweep(
             threads,
             cache_dir,
             holdout,
+            progress_s,
         )
         shared = dict(
-            data=data.digest(), space=space, device=device, threads=threads, cache_dir=cache_dir, quiet=verbose < 2
+            data=data.digest(),
+            space=space,
+            device=device,
+            threads=threads,
+            cache_dir=cache_dir,
+            quiet=verbose < 2,
+            progress_s=progress_s,
         )
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, **shared)
         trainable = tune.with_resources(trainable, resources)

@@ -45,6 +45,10 @@ def _print_epoch(record: dict) -> None:
     print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
 
 
+def _print_progress(progress) -> None:
+    print(f"stage 1: {progress}", flush=True)  # an epoch that runs long (laray.training.epoch_progress)
+
+
 def _stage1_task(
     ref: ListingDigest,
     ae_cfg: AutoEncoderConfig,
@@ -56,8 +60,12 @@ def _stage1_task(
     cache_dir: str | None,
     encoder_state: dict | None,
     holdout: tuple[float, int],
+    progress_s: float | None = None,
 ) -> Stage1:
-    """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it)."""
+    """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it).
+
+    progress_s: seconds between in-epoch lines (the driver's $LARAY_PROGRESS_S; this node may lack it).
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -66,7 +74,15 @@ def _stage1_task(
     if encoder_state is None:
         with tempfile.TemporaryDirectory() as folder:
             ae_state, history = train_autoencoder(
-                dataset, ae_cfg, seed, device, Path(folder) / "training.ckpt", callback=_print_epoch, progress=False
+                dataset,
+                ae_cfg,
+                seed,
+                device,
+                Path(folder) / "training.ckpt",
+                callback=_print_epoch,
+                progress=False,
+                on_progress=_print_progress,
+                progress_s=progress_s,
             )
         encoder_state = encoder_part(ae_state)  # the decoder is not needed after stage 1: it is not shipped
     baselines = {m: compute_baselines(dataset, encoder_state, ae_cfg, m, seed, device, holdout) for m in mergers}
@@ -84,10 +100,12 @@ def sweep_stage1(
     threads: int,
     cache_dir: str | None,
     holdout: tuple[float, int] = NO_HOLDOUT,
+    progress_s: float | None = None,
 ):
     """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
 
     holdout: (fraction, seed) of the sweep's held-out split, which the baselines are scored with too.
+    progress_s: seconds between the task's in-epoch lines (laray.training.epoch_progress).
 
     The task's return value is what the trials get, so each node's object store holds one copy of
     the weights (the driver's too: it reads the same object to keep it in the store).
@@ -100,7 +118,9 @@ def sweep_stage1(
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
-        shipped = task.remote(ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout)
+        shipped = task.remote(
+            ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout, progress_s
+        )
         _training.add(shipped)
         try:
             stage1 = ray.get(shipped)

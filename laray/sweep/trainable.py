@@ -91,6 +91,7 @@ def train_trial(
     threads: int,
     cache_dir: str | None = None,
     quiet: bool = False,
+    progress_s: float | None = None,
 ) -> None:
     """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
 
@@ -98,6 +99,8 @@ def train_trial(
     starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
     decoded the data, its start-up time and its peak resident memory.
     quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
+    progress_s: seconds between the trial's in-epoch lines (laray.training.epoch_progress), printed on its
+    worker, which Ray forwards to the driver's console; Tune and ASHA never see them.
     """
     import ray
     from ray import tune
@@ -148,6 +151,11 @@ def train_trial(
             shutil.copy2(la_ckpt, Path(folder) / "la.ckpt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
+    trial_id = tune.get_context().get_trial_id()
+
+    def print_progress(progress) -> None:  # named: lines of several trials at once interleave on the console
+        print(f"trial {trial_id}: {progress}", flush=True)
+
     la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
     try:
         train_run(
@@ -156,7 +164,15 @@ def train_trial(
             space.ae,
             la_cfg,
             stage1=stage1,
-            run=RunOptions(seed=seed, device=device, resume=checkpoint is not None, callback=report, progress=False),
+            run=RunOptions(
+                seed=seed,
+                device=device,
+                resume=checkpoint is not None,
+                callback=report,
+                progress=False,
+                on_progress=print_progress,
+                progress_s=progress_s,
+            ),
         )
     except NonFiniteLossError as exc:
         marker.write_text(str(exc))

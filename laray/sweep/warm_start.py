@@ -9,14 +9,14 @@
                               NUMBER: trial number there}, and the study's user_attrs[RECORD] says what
                               was taken over (for best.json, also after a resume)
 
-A value is an objective reached with given data, stage-1 settings, held-out split, fixed LA
-settings and objective: an earlier sweep that differs in any of these is REFUSED with a
-one-line error naming the folder and the field. Re-running its trials under this sweep's
-settings would cost a full trial each, which is what the new sweep's trials are for; the user
-can instead re-run the earlier sweep with matching settings. A setting searched in one sweep
-and fixed in the other is checked per trial: the trial is taken when its settings lie in
-this sweep's distributions and match this sweep's fixed values; otherwise it counts as
-"outside this space".
+A value is an objective reached with given data, stage-1 settings, held-out split, fixed LA settings
+and objective (precision aside, as the device is: HOW_NOT_WHAT): an earlier sweep that differs in
+any of these is REFUSED with a one-line error naming the folder and the field. Re-running its trials
+under this sweep's settings would cost a full trial each, which is what the new sweep's trials are
+for; the user can instead re-run the earlier sweep with matching settings. A setting searched in one
+sweep and fixed in the other is checked per trial: the trial is taken when its settings lie in this
+sweep's distributions and match this sweep's fixed values; otherwise it counts as "outside this
+space".
 """
 
 from __future__ import annotations
@@ -40,14 +40,19 @@ class WarmStartError(LarayError):
     """An earlier sweep that cannot be taken over; the message names its folder and why."""
 
 
+# How the numbers are computed, not what is trained: like the device (which "auto" ties precision to), it is
+# left out, so a bf16 sweep on GPUs may start from an fp32 one on CPUs, and from a sweep.json written before it.
+HOW_NOT_WHAT = ("precision",)
+
+
 def sweep_identity(data, space, seed: int) -> dict:
     """What must be equal for two sweeps' objective values to be comparable (JSON types: tuples become lists)."""
-    searched_or_set = set(space.search) | set(SWEEP_SET)
+    searched_or_set = set(space.search) | set(SWEEP_SET) | set(HOW_NOT_WHAT)
     identity = {
         "format": FORMAT,
         "data": data.key,
         "labels": data.labels_key,
-        "autoencoder": dataclasses.asdict(space.ae),
+        "autoencoder": {k: v for k, v in dataclasses.asdict(space.ae).items() if k not in HOW_NOT_WHAT},
         "holdout": space.la.holdout,
         "holdout_seed": seed if space.la.holdout else None,  # without a holdout the seed splits nothing
         "la": {k: v for k, v in dataclasses.asdict(space.la).items() if k not in searched_or_set},

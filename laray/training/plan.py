@@ -29,7 +29,7 @@ from laray.method.models import AutoEncoderVGG, EncoderVGGMerged
 from laray.scoring.evaluate import score_codes
 from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.training.run import RAW_BASELINE_SIDE
-from laray.training.stages import make_optimizer
+from laray.training.stages import make_optimizer, uses_bf16
 
 SAMPLE_POINTS = 2_000  # k-means is timed on this many points and scaled to N: its cost grows linearly in N
 BATCH_PROBE_S = 2.0  # a timed batch takes about this long at most: big models on a CPU are timed on fewer images
@@ -147,7 +147,7 @@ def measure(
     decode_sample: list[str] = (),
     worker_start: float | None = None,
 ) -> StepCosts:
-    """Time each kind of work once, as the run would do it here (bf16 autocast and channels_last on CUDA).
+    """Time each kind of work once, as the run would do it here (in each stage's precision).
 
     worker_start: what a fresh worker pays before its first step, when the caller knows it (the seconds its own
     `import torch` took); None: a fresh Python importing torch is timed.
@@ -162,7 +162,7 @@ def measure(
 
 
 def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_start) -> StepCosts:
-    fast = device.type == "cuda"
+    fast, la_fast = uses_bf16(ae.precision, device), uses_bf16(la.precision, device)  # as each stage will run
     size = ae.image_size
     gen = torch.Generator().manual_seed(0)
 
@@ -190,13 +190,15 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
 
     ae_image = _per_image(ae_step, ae.batch_size)
     encoder = EncoderVGGMerged(ae.arch, None, ae.width, la.merger).to(device)
+    if la_fast:
+        encoder = encoder.to(memory_format=torch.channels_last)
     d = encoder.code_dim(size)
     d_mean = EncoderVGGMerged.from_encoder(encoder.encoder, "mean").code_dim(size)
 
     @torch.no_grad()
     def encode(b: int) -> None:
-        x = model_batch(images(b), device, channels_last=fast)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        x = model_batch(images(b), device, channels_last=la_fast)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=la_fast):
             F.normalize(encoder(x).float(), dim=1).cpu()
 
     encoder.eval()
@@ -223,9 +225,9 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
     )
 
     def la_step(b: int) -> None:
-        x = model_batch(images(b), device, channels_last=fast, transform=transform)
+        x = model_batch(images(b), device, channels_last=la_fast, transform=transform)
         idx = torch.randint(0, bank_n, (b,), generator=gen).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=la_fast):
             v = encoder(x)
         loss = loss_fn(v.float(), idx)
         la_optimizer.zero_grad(set_to_none=True)

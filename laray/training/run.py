@@ -32,6 +32,7 @@ from laray.scoring.evaluate import encode_all, score_codes
 from laray.scoring.holdout import NO_HOLDOUT, PREFIX, holdout_mask, split_tag
 from laray.scoring.metrics import SCORE_NAMES
 from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.training.epoch_progress import ProgressSink
 from laray.training.stages import STAGE_LA, Callback, RunOptions, finetune_la, pretrain_autoencoder, resolve_device
 from laray.training.store import get_or_train, read_baselines, store_key
 
@@ -141,11 +142,15 @@ def train_autoencoder(
     checkpoint: Path | None,
     callback: Callback | None = None,
     progress: bool = True,
+    on_progress: ProgressSink | None = None,
+    progress_s: float | None = None,
 ) -> tuple[dict, list]:
-    """Stage 1, resuming from `checkpoint` when it exists: (state_dict on the CPU, history)."""
-    model, history = pretrain_autoencoder(
-        dataset, ae_cfg, RunOptions(seed, device, resume=True, callback=callback, progress=progress), checkpoint
-    )
+    """Stage 1, resuming from `checkpoint` when it exists: (state_dict on the CPU, history).
+
+    on_progress, progress_s: the in-epoch lines (RunOptions).
+    """
+    run = RunOptions(seed, device, True, callback, progress, on_progress, progress_s)
+    model, history = pretrain_autoencoder(dataset, ae_cfg, run, checkpoint)
     return {k: v.cpu() for k, v in model.state_dict().items()}, history
 
 
@@ -208,13 +213,17 @@ def stored_stage1(
     callback: Callback | None = None,
     progress: bool = True,
     holdout: tuple[float, int] = NO_HOLDOUT,
+    on_progress: ProgressSink | None = None,
+    progress_s: float | None = None,
 ) -> Stage1:
     """Stage 1 and its baselines from the store, trained there first when absent (by one process at a time)."""
     key = store_key(dataset.fingerprint, ae_cfg, seed)
     ae_state, history, trained = get_or_train(
         store_dir,
         key,
-        lambda checkpoint: train_autoencoder(dataset, ae_cfg, seed, device, checkpoint, callback, progress),
+        lambda checkpoint: train_autoencoder(
+            dataset, ae_cfg, seed, device, checkpoint, callback, progress, on_progress, progress_s
+        ),
     )
     encoder_state = encoder_part(ae_state)
     baselines = {}
@@ -241,7 +250,7 @@ def train_run(
     stage1: Stage1 | None = None,
 ) -> dict:
     """Stage 1 (given, or reused from the store when trained before), stage 2, evaluation; writes OUT's files."""
-    seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
+    seed, device, callback, progress = run.seed, run.device, run.callback, run.progress
     device = resolve_device(device)  # a device this machine lacks fails before anything is created
     out = Path(out)
     with naming_full_disk(out, "checkpoints/"):
@@ -261,6 +270,8 @@ def train_run(
             callback,
             progress,
             (la_cfg.holdout, la_cfg.holdout_seed),
+            run.on_progress,
+            run.progress_s,
         )
     baselines = stage1.baselines[la_cfg.merger]
     heldout = holdout_mask(dataset.labels, la_cfg.holdout, la_cfg.holdout_seed)
@@ -303,7 +314,7 @@ def train_run(
             stage1.encoder_state,
             ae_cfg,
             la_cfg,
-            RunOptions(seed, device, resume, callback, progress),
+            dataclasses.replace(run, device=device),
             checkpoint=out / "checkpoints" / "la.ckpt",
             on_evaluated=write_outputs,
             codes_buffer=codes_file.new,

@@ -2,9 +2,11 @@
 
 Stage 1 pretrains the SegNet-style auto-encoder with MSE; stage 2 fine-tunes its
 encoder with Local Aggregation. Both: SGD with momentum, the learning-rate
-schedule stepped per epoch, bf16 autocast and channels_last on CUDA (plain
-float32 on CPU), evaluation every epoch (k-means with K = number of species on
-the unit codes of all images), a full checkpoint every epoch, exact resumption.
+schedule stepped per epoch, the config's precision (bf16 autocast and channels_last,
+by default on CUDA only, or plain float32; the memory bank, the losses and k-means are
+float32 either way), evaluation every epoch (k-means with K = number of species on
+the unit codes of all images), a full checkpoint every epoch, exact resumption,
+and a line of progress inside an epoch that runs long (laray.training.epoch_progress).
 Every epoch's randomness (batch order, augmentation) derives from (seed, epoch),
 so 1 epoch + resume + 1 epoch equals 2 epochs straight.
 """
@@ -35,6 +37,7 @@ from laray.method.models import AutoEncoderVGG, EncoderVGGMerged
 from laray.scoring.evaluate import encode_all, score_codes
 from laray.scoring.holdout import holdout_mask
 from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.training.epoch_progress import EpochReporter, ProgressSink, progress_interval_s
 
 Callback = Callable[[dict], None]
 
@@ -48,6 +51,10 @@ class RunOptions:
     resume: bool = False  # continue from the checkpoint when there is one
     callback: Callback | None = None  # called with each epoch's record
     progress: bool = True  # a progress bar on the console
+    # Given an EpochProgress (images done, img/s, time left) at most every progress_s seconds inside an
+    # epoch, the first only after progress_s: apart from `callback`, whose records are whole epochs.
+    on_progress: ProgressSink | None = None
+    progress_s: float | None = None  # None: $LARAY_PROGRESS_S, else 30 s (laray.training.epoch_progress)
 
 
 PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
@@ -98,6 +105,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise LarayError(f"--device {device}: laray runs on cpu or cuda")
     return resolved
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a stage with this precision setting (laray.settings.config.PRECISIONS) runs bf16 on `device`.
+
+    bf16 means autocast to bfloat16 and channels_last for the model and its batches; "auto" is bf16 on CUDA
+    only, where a GPU's dense bf16 peak is 2 (A10G) to 15 (H100) times its float32 one (docs/benchmarks.md); on a CPU
+    without bf16 instructions bf16 is emulated, 3 to 4 times slower than float32 (docs/training.md).
+    """
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int) -> int:
@@ -175,7 +192,8 @@ def _resume(path, model, optimizer, scheduler, cfg, required=()) -> tuple[int, l
     state = load_with_fallback(
         path, required=("model", "optimizer", "scheduler", "epoch", "config", "history", "rng", *required)
     )
-    if state["config"] != dataclasses.asdict(cfg):
+    # A checkpoint written before the precision setting existed trained as "auto" does.
+    if {"precision": "auto", **state["config"]} != dataclasses.asdict(cfg):
         raise CheckpointError(
             f"checkpoint {path} was written with another config; start afresh or use the same settings"
         )
@@ -195,7 +213,8 @@ def pretrain_autoencoder(
     """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history)."""
     seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)
-    fast = device.type == "cuda"
+    fast = uses_bf16(cfg.precision, device)
+    interval_s = progress_interval_s(run.progress_s)
     torch.manual_seed(seed)
     model = AutoEncoderVGG(cfg.arch, cfg.pretrained, cfg.width).to(device)
     if fast:
@@ -209,6 +228,7 @@ def pretrain_autoencoder(
         model.train()
         batches = epoch_batches(len(dataset), cfg.batch_size, seed, epoch)
         total, seen, began = 0.0, 0, time.perf_counter()
+        report = EpochReporter("autoencoder", epoch + 1, sum(map(len, batches)), run.on_progress, interval_s)
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
             for step, (idx, images) in enumerate(
                 tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
@@ -216,12 +236,13 @@ def pretrain_autoencoder(
                 x = model_batch(images, device, channels_last=fast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                     out = model(x)
-                loss = F.mse_loss(out.float(), x)
+                loss = F.mse_loss(out.float(), x)  # bf16 reconstructions: the loss against float32 pixels
                 _check_finite(loss, "autoencoder", epoch, step, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
+                report(len(idx))
         epoch_s = time.perf_counter() - began  # loss.item() waits for the GPU every step: no sync needed
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
@@ -276,7 +297,8 @@ def finetune_la(
     """
     seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)
-    fast = device.type == "cuda"
+    fast = uses_bf16(cfg.precision, device)
+    interval_s = progress_interval_s(run.progress_s)
     n = len(dataset)
     cfg.check_data_size(n)
     heldout = holdout_mask(dataset.labels, cfg.holdout, cfg.holdout_seed)
@@ -307,6 +329,7 @@ def finetune_la(
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2)) if cfg.augment else None
         total, seen, began = 0.0, 0, time.perf_counter()
         batches = epoch_batches(n, cfg.batch_size, seed, epoch)
+        report = EpochReporter("local aggregation", epoch + 1, sum(map(len, batches)), run.on_progress, interval_s)
         transform = (
             None
             if gen is None
@@ -331,13 +354,16 @@ def finetune_la(
                 indices = torch.from_numpy(idx).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                     v = model(x)
-                loss = loss_fn(v.float(), indices)
+                # bf16 codes under autocast: the loss (against the bank) and the bank's update are float32
+                v = v.float()
+                loss = loss_fn(v, indices)
                 _check_finite(loss, "local aggregation", epoch, step, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 bank.update(indices, v.detach())
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
+                report(len(idx))
         epoch_s = time.perf_counter() - began
         release_free_memory()  # the step's blocks, before the evaluation makes its own
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at

@@ -45,7 +45,10 @@ log = logging.getLogger("laray.store")
 
 
 def store_key(data_fingerprint: str, cfg: AutoEncoderConfig, seed: int) -> str:
-    payload = json.dumps({"data": data_fingerprint, "config": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True)
+    config = dataclasses.asdict(cfg)
+    if config["precision"] == "auto":  # the key every auto-encoder stored before the setting existed had
+        del config["precision"]
+    payload = json.dumps({"data": data_fingerprint, "config": config, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -144,6 +144,18 @@ def test_a_setting_searched_in_one_sweep_and_fixed_in_the_other_is_checked_per_t
     assert all("merger" not in t.params for t in warm.trials)
 
 
+def test_precision_is_no_part_of_the_identity_so_an_fp32_sweep_warm_starts_a_bf16_one(data, tmp_path):
+    """Precision is how the numbers are computed, as the device is: a sweep.json written before the setting
+    existed (none there) and an fp32 sweep both hand their trials to a bf16 sweep."""
+    fp32 = space_of().overridden(precision="fp32")
+    identity = sweep_identity(data, fp32, SEED)
+    assert "precision" not in identity["autoencoder"] and "precision" not in identity["la"]
+    folder = earlier_sweep(tmp_path / "fp32", identity, fp32, [(IN, 0.5)], extra=False)
+    bf16 = space_of().overridden(precision="bf16")
+    warm = take_over([folder], sweep_identity(data, bf16, SEED), distributions_of(bf16))
+    assert warm.sources == [(str(folder), 1, 0)]
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

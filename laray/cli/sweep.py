@@ -253,39 +253,39 @@ def _sweep(args) -> int:
 def _plan(args, space, data) -> dict:
     """Measure this machine, count the sweep's work, print the plan; plan.json's content."""
     import os
-    import sys
 
-    began = time.perf_counter()
-    fresh = "torch" not in sys.modules
     import torch
 
-    imported_s = time.perf_counter() - began  # this process's own import of torch: what each Ray worker pays too
     from laray.data.cache import default_cache_dir
-    from laray.sweep.plan import plan_lines, plan_sweep
+    from laray.sweep.plan import plan_lines, plan_sweep, typical_la
     from laray.training.plan import DECODE_SAMPLE, measure
 
     cuda = args.gpus_per_trial > 0 and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     threads = max(1, int(args.cpus_per_trial))
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    decoded = not data.paths or (cache / f"{data.key}.npy").exists()
-    print(f"plan: timing each kind of step on {device} ({threads} thread(s))...", flush=True)
-    costs = measure(
-        space.ae,
-        space.la,
-        len(data),
-        max(1, len(data.class_names)),
-        torch.device(device),
-        threads,
-        [] if decoded else list(data.paths[:DECODE_SAMPLE]),
-        worker_start=imported_s if fresh else None,
-    )
     if args.address:  # a cluster: its size is not known here; the space's concurrency is taken as given
         slots = space.max_concurrent
     elif cuda:
         slots = int(torch.cuda.device_count() // args.gpus_per_trial)
     else:
         slots = (os.cpu_count() or 1) // threads
+    # Trials sharing this machine's CPU slow each other down: the LA step is timed with as many copies at once.
+    together = 1 if cuda or args.address else max(1, min(space.max_concurrent, slots))
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    decoded = not data.paths or (cache / f"{data.key}.npy").exists()
+    print(
+        f"plan: timing each kind of step on {device} ({threads} thread(s) a trial, {together} at once)...", flush=True
+    )
+    costs = measure(
+        space.ae,
+        typical_la(space, len(data)),
+        len(data),
+        max(1, len(data.class_names)),
+        torch.device(device),
+        threads,
+        [] if decoded else list(data.paths[:DECODE_SAMPLE]),
+        together=together,
+    )
     plan = plan_sweep(space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded)
     for line in plan_lines(plan, space, cuda):
         print(line)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import heapq
 import math
 import os
 
@@ -81,15 +80,23 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def wall_of(durations: list[float], slots: int) -> float:
-    """Wall time of tasks started in order, each on the first slot to come free."""
-    free = [0.0] * max(1, slots)
-    end = 0.0
-    for seconds in durations:
-        start = heapq.heappop(free)
-        end = max(end, start + seconds)
-        heapq.heappush(free, start + seconds)
-    return end
+def wall_of(durations: list[float], slots: int, slowdown: float = 1.0) -> float:
+    """Wall time of tasks started in order, each on the first slot to come free.
+
+    durations: each task's seconds alone. slowdown: how much slower each runs with every slot busy (measured:
+    the LA step with as many copies at once); with k of the slots busy, 1 + (slowdown - 1)(k - 1)/(slots - 1).
+    """
+    slots = max(1, slots)
+    queue, running, now = list(durations), [], 0.0  # running: seconds of work (alone) each still has
+    while queue or running:
+        while queue and len(running) < slots:
+            running.append(queue.pop(0))
+        k = len(running)
+        pace = 1 + (slowdown - 1) * (k - 1) / (slots - 1) if slots > 1 else 1.0
+        step = min(running) * pace  # until the first running task ends
+        now += step
+        running = [left - step / pace for left in running if left - step / pace > 1e-9]
+    return now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +151,15 @@ def plan_sweep(
     stage1 = costs.worker_start + decode + stage1_seconds(work, costs)
     epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period)
     trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
-    search = wall_of(trial_s, slots)
+    slowdown = costs.la_image_together / costs.la_image if costs.la_image else 1.0
+    search = wall_of(trial_s, slots, slowdown)
     if space.time_budget_s is not None:  # no trial starts once it is spent; running ones end at their epoch's end
         search = min(search, space.time_budget_s + max(trial_s) / max(1, la.epochs))
     confirm = 0.0
     if space.confirms:
         runs = min(space.confirm_top, trials) * space.confirm_seeds
-        seeds = wall_of([costs.worker_start + stage1_seconds(work, costs)] * space.confirm_seeds, slots)
-        confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots)
+        seeds = wall_of([costs.worker_start + stage1_seconds(work, costs)] * space.confirm_seeds, slots, slowdown)
+        confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots, slowdown)
     return SweepPlan(
         n_images,
         n_species,
@@ -179,7 +187,9 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
         f"plan: {plan.n_images:,} images of {plan.n_species} species on {plan.device}, "
         f"{plan.threads} thread(s) per trial, {plan.concurrency} trial(s) at a time",
         f"  stage 1: {e['stage1']} epochs x {steps} steps of {ae.batch_size} ({ae.arch}, width {ae.width:g}, "
-        f"{ae.image_size} px), then its baselines: {duration(s['stage1'])}",
+        f"{ae.image_size} px), then its baselines: {duration(s['stage1'])}"
+        if e["stage1"]
+        else f"  stage 1: no epochs (LA starts from the encoder as it is), its baselines: {duration(s['stage1'])}",
         f"  search: {plan.trials} trials of up to {e['la_per_trial']} LA epochs, about {e['la_search_mean']:g} of "
         f"{e['la_search_at_most']} epochs run under ASHA: {duration(s['search'])}",
     ]

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 
@@ -42,6 +43,7 @@ class StepCosts:
 
     ae_image: float  # stage-1 training per image: forward, backward, step
     la_image: float  # LA training per image: augmentation, encoder forward and backward, the loss, the bank
+    la_image_together: float  # the same with as many copies at once as trials will share this machine
     encode_image: float  # one image through the encoder, for an evaluation or the bank's first codes
     ae_kmeans: float  # a stage-1 evaluation's k-means (codes of the mean merger), at this N
     la_kmeans: float  # an LA evaluation's k-means (codes of the run's merger), at this N
@@ -146,22 +148,24 @@ def measure(
     threads: int | None = None,
     decode_sample: list[str] = (),
     worker_start: float | None = None,
+    together: int = 1,
 ) -> StepCosts:
     """Time each kind of work once, as the run would do it here (in each stage's precision).
 
-    worker_start: what a fresh worker pays before its first step, when the caller knows it (the seconds its own
-    `import torch` took); None: a fresh Python importing torch is timed.
+    worker_start: what a fresh worker pays before its first step, when the caller knows it (0 for `laray train`,
+    which runs in its own process); None: a fresh Python importing what a trial's worker imports is timed.
+    together: trials that will run at once on this machine: the LA step is timed with as many copies at once.
     """
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(ae, la, n_images, n_species, torch.device(device), list(decode_sample), worker_start)
+        return _measure(ae, la, n_images, n_species, torch.device(device), list(decode_sample), worker_start, together)
     finally:
         torch.set_num_threads(before)
 
 
-def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_start) -> StepCosts:
+def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_start, together) -> StepCosts:
     fast, la_fast = uses_bf16(ae.precision, device), uses_bf16(la.precision, device)  # as each stage will run
     size = ae.image_size
     gen = torch.Generator().manual_seed(0)
@@ -204,39 +208,12 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
     encoder.eval()
     encode_image = _per_image(encode, 256)
     encoder.train()
-    bank_n = min(n_images, max(SAMPLE_POINTS, la.k_neighbours + 1, la.n_centroids))
-    bank = MemoryBank(bank_n, d, la.mixing_rate, device=device)
-    loss_fn = LocalAggregationLoss(
-        bank, la.temperature, min(la.k_neighbours, bank_n - 1), la.clustering_repeats, min(la.n_centroids, bank_n)
+    make_la_step = partial(
+        _la_step, ae, la, size, device, la_fast, min(n_images, max(SAMPLE_POINTS, la.k_neighbours + 1, la.n_centroids))
     )
-    la_optimizer, _ = make_optimizer(encoder.parameters(), la)
-    transform = (
-        partial(
-            augment_batch,
-            gen=torch.Generator().manual_seed(1),
-            min_area=la.crop_min_area,
-            jitter=la.jitter,
-            flip=la.flip,
-            grey=la.grey,
-            blur=la.blur,
-        )
-        if la.augment
-        else None
-    )
-
-    def la_step(b: int) -> None:
-        x = model_batch(images(b), device, channels_last=la_fast, transform=transform)
-        idx = torch.randint(0, bank_n, (b,), generator=gen).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=la_fast):
-            v = encoder(x)
-        loss = loss_fn(v.float(), idx)
-        la_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        la_optimizer.step()
-        bank.update(idx, v.detach())
-        loss.item()
-
-    la_image = _per_image(la_step, la.batch_size)
+    la_image = _per_image(make_la_step(0), la.batch_size)
+    # Concurrent trials share this machine's cores and memory: the step timed sharing it too.
+    la_together = _at_once(make_la_step, together, la.batch_size, la_image) if together > 1 else la_image
     sync()
     labels = np.arange(n_species).repeat(math.ceil(SAMPLE_POINTS / n_species))
 
@@ -254,6 +231,7 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
     return StepCosts(
         ae_image=ae_image,
         la_image=la_image,
+        la_image_together=la_together,
         encode_image=encode_image,
         ae_kmeans=ae_kmeans,
         la_kmeans=la_kmeans,
@@ -262,6 +240,63 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
         decode_image=_decode_seconds(decode_sample, size),
         worker_start=worker_start_seconds() if with_worker_start is None else with_worker_start,
     )
+
+
+def _la_step(ae, la, size, device, bf16, bank_n, seed):
+    """One copy of an LA step with its own encoder, bank, loss and optimiser: step(b) trains on b random images."""
+    gen = torch.Generator().manual_seed(seed)
+    encoder = EncoderVGGMerged(ae.arch, None, ae.width, la.merger).to(device)
+    if bf16:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    bank = MemoryBank(bank_n, encoder.code_dim(size), la.mixing_rate, device=device)
+    loss_fn = LocalAggregationLoss(
+        bank, la.temperature, min(la.k_neighbours, bank_n - 1), la.clustering_repeats, min(la.n_centroids, bank_n)
+    )
+    optimizer, _ = make_optimizer(encoder.parameters(), la)
+    augment = dict(min_area=la.crop_min_area, jitter=la.jitter, flip=la.flip, grey=la.grey, blur=la.blur)
+    transform = partial(augment_batch, gen=torch.Generator().manual_seed(seed + 1), **augment) if la.augment else None
+
+    def step(b: int) -> None:
+        images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
+        x = model_batch(images, device, channels_last=bf16, transform=transform)
+        idx = torch.randint(0, bank_n, (b,), generator=gen).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            v = encoder(x)
+        loss = loss_fn(v.float(), idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bank.update(idx, v.detach())
+        loss.item()
+
+    return step
+
+
+def _at_once(make_step, copies: int, batch_size: int, alone: float) -> float:
+    """Seconds per image of a step when `copies` independent copies run at once, one thread each.
+
+    Torch releases the GIL inside its kernels, so the threads contend for cores, caches and memory bandwidth
+    as concurrent trials' processes do. `alone`: the step's seconds per image by itself, to size the batch.
+    """
+    batch = max(1, min(batch_size, int(BATCH_PROBE_S / max(alone, 1e-9))))
+    steps = [make_step(seed) for seed in range(copies)]
+    for step in steps:
+        step(batch)  # warm-up, one copy at a time
+    barrier, seconds = threading.Barrier(copies), [0.0] * copies
+
+    def timed(i: int) -> None:
+        barrier.wait()
+        began = time.perf_counter()
+        for _ in range(2):
+            steps[i](batch)
+        seconds[i] = (time.perf_counter() - began) / (2 * batch)
+
+    threads = [threading.Thread(target=timed, args=(i,)) for i in range(copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return max(seconds)
 
 
 def _decode_seconds(paths: list[str], size: int) -> float:
@@ -280,9 +315,11 @@ def _decode_seconds(paths: list[str], size: int) -> float:
 
 
 def worker_start_seconds() -> float:
-    """A fresh Python importing torch: what every Ray worker (stage 1, each trial) pays before its first step."""
+    """A fresh Python importing what a trial's worker imports (torch, Ray Tune, the trainable), as every Ray
+    worker (stage 1, each trial) does before its first step."""
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=False, capture_output=True)
+    imports = "import torch, ray.tune, laray.sweep.trainable"
+    subprocess.run([sys.executable, "-c", imports], check=False, capture_output=True)
     return time.perf_counter() - began
 
 

@@ -17,7 +17,7 @@ AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=3, ba
 LA = LAConfig(epochs=4, batch_size=16, k_neighbours=10, n_centroids=5, clustering_repeats=2, eval_every=2)
 # Each cost a distinct power of two: a sum of them names which work was counted how often.
 COSTS = StepCosts(
-    ae_image=1.0, la_image=2.0, encode_image=4.0, ae_kmeans=8.0, la_kmeans=16.0, raw_kmeans=32.0,
+    ae_image=1.0, la_image=2.0, la_image_together=2.0, encode_image=4.0, ae_kmeans=8.0, la_kmeans=16.0, raw_kmeans=32.0,
     recluster=64.0, decode_image=128.0, worker_start=256.0,
 )  # fmt: skip
 
@@ -55,6 +55,10 @@ def test_wall_time_of_tasks_on_slots():
     assert wall_of([10, 10, 10], 2) == 20
     assert wall_of([30, 10, 10, 10], 2) == 30  # the short ones fill the second slot
     assert wall_of([], 2) == 0
+    # twice as slow with both slots busy: two 10 s tasks take 20 s at once, the same as one after the other
+    assert wall_of([10, 10], 2, slowdown=2) == pytest.approx(20)
+    # a 10 s and a 30 s task at 1.5x: the short one ends at 15 s, the long one has 20 s left alone: 35 s
+    assert wall_of([10, 30], 2, slowdown=1.5) == pytest.approx(35)
 
 
 def test_a_sweep_plan_adds_stage1_trials_and_the_confirmation():

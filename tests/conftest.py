@@ -61,9 +61,10 @@ def one_torch_thread():
 
 
 def tensorboard_hparams(logdir: Path) -> dict:
-    """What TensorBoard's HPARAMS tab reads under logdir: {run: {"experiment": [hparam names],
-    "session_start_info": {name: value}, "session_end_info": status}}, a run being an event file's folder
-    relative to logdir. Read with tensorboardX's protobufs (Ray Tune's dependency), no TensorBoard needed."""
+    """What TensorBoard's HPARAMS tab reads under logdir: {run: {"experiment": [hparam names], "differs": [those
+    marked as differing], "session_start_info": {name: value}, "session_end_info": status}}, a run being an
+    event file's folder relative to logdir. Read with tensorboardX's protobufs (Ray Tune's dependency), no
+    TensorBoard needed."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
@@ -85,6 +86,8 @@ def tensorboard_hparams(logdir: Path) -> dict:
                 run = found.setdefault(str(path.parent.relative_to(logdir)), {})
                 if kind == "experiment":
                     run[kind] = [h.name for h in content.hparam_infos]
+                    # HParamInfo.differs (field 7 in TensorBoard's api.proto), unknown to tensorboardX's older copy
+                    run["differs"] = [h.name for h in content.hparam_infos if (7, 1) in _unknown_fields(h)]
                 elif kind == "session_start_info":
                     run[kind] = {
                         k: v.number_value if v.WhichOneof("kind") == "number_value" else v.string_value
@@ -93,3 +96,9 @@ def tensorboard_hparams(logdir: Path) -> dict:
                 else:
                     run[kind] = content.status
     return found
+
+
+def _unknown_fields(message) -> list[tuple[int, object]]:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    return [(field.field_number, field.data) for field in UnknownFieldSet(message)]

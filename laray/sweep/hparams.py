@@ -5,10 +5,10 @@ trial's folder: an "experiment" (which hyperparameters and metrics there are), t
 "session start" (its values) and "session end". Its names come from `trial.evaluated_params`:
 `temperature`, `mixing_rate`... for a search trial (what the searcher suggested), but
 `la/temperature`, `la/mixing_rate`..., `seed` for a confirmation run (its grid_search param_space
-nests the settings under "la"). TensorBoard's hparams plugin takes the experiment from the FIRST
-run that has one (tensorboard/plugins/hparams/backend_context.py, `_find_experiment_tag`), which
-with the sweep's folder as logdir is a confirmation run ("confirm/..." sorts before
-"train_trial_..."): its columns are la/... and seed, and the search trials' cells stay empty.
+nests the settings under "la"). TensorBoard's hparams plugin takes the experiment from the first
+run it lists that has one (tensorboard/plugins/hparams/backend_context.py, `_find_experiment_tag`):
+with the sweep's folder as logdir, a confirmation run's gives the columns la/... and seed, and the
+search trials' cells stay empty (a search trial's would leave the confirmation's empty).
 
 `TrialHparams` replaces Tune's callback (Tune adds its own only when none is given,
 ray/tune/utils/callback.py) and keeps its scalars, but writes:
@@ -64,6 +64,21 @@ class TrialHparams(TBXLoggerCallback):
         metrics = {f"ray/tune/{name}": 0.0 for name in REPORTED}
         return hparams_summaries(hparam_dict=hparams, metric_dict=metrics)
 
+    def _searched_first(self, experiment):
+        """The experiment summary with the searched settings marked as differing between trials: TensorBoard lists
+        those first and shows the first five at once (the seed, the same in every search trial, is a click away)."""
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+        value = experiment.value[0]
+        content = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for info in content.experiment.hparam_infos:
+            if info.name in self.names:
+                # HParamInfo's `bool differs = 7` (tensorboard/plugins/hparams/api.proto), which tensorboardX's
+                # older copy of the message lacks: merged in as its wire bytes (field 7, varint 1), kept on writing.
+                info.MergeFromString(b"\x38\x01")
+        value.metadata.plugin_data.content = content.SerializeToString()
+        return experiment
+
     def _write_experiment(self, trial, hparams: dict) -> None:
         """The experiment summary, once per experiment folder (the search's, the confirmation's).
 
@@ -83,7 +98,7 @@ class TrialHparams(TBXLoggerCallback):
 
         from laray.checkpoint import write_atomic
 
-        experiment, _, _ = self._summaries(hparams)
+        experiment = self._searched_first(self._summaries(hparams)[0])
         data = Event(wall_time=time.time(), summary=experiment).SerializeToString()
         header = struct.pack("<Q", len(data))
         # One TFRecord as a SummaryWriter writes it, through a temporary file renamed: a kill leaves no torn file.

@@ -213,6 +213,7 @@ def test_tensorboard_hparams_show_every_search_trials_settings(sweep):
     found = tensorboard_hparams(sweep.experiment)
     assert [run for run, parts in found.items() if "experiment" in parts] == ["."]
     assert set(found["."]["experiment"]) == {*FIVE, "seed"}
+    assert set(found["."]["differs"]) == set(FIVE)  # TensorBoard lists the searched settings first
     trials = {str(Path(t.path).relative_to(sweep.experiment)): t for t in analysis_of(sweep.experiment).trials}
     assert set(found) - {"."} == set(trials)
     for run, trial in trials.items():

@@ -166,20 +166,21 @@ class Dashboards:
     children: list[Child] = field(default_factory=list)
 
     def __enter__(self) -> "Dashboards":
+        optuna_dashboard, tensorboard = tool("optuna-dashboard"), tool("tensorboard")  # both found, or none started
         self._logs = tempfile.mkdtemp(prefix="laray-dashboard-")
         optuna_url, tensorboard_url = f"http://{HOST}:{self.optuna_port}", f"http://{HOST}:{self.tensorboard_port}"
         storage = f"sqlite:///{self.folder / OPTUNA_DB}"
         self.children = [
             Child(
                 "optuna-dashboard",
-                [tool("optuna-dashboard"), storage, "--host", HOST, "--port", str(self.optuna_port)],
+                [optuna_dashboard, storage, "--host", HOST, "--port", str(self.optuna_port)],
                 optuna_url,
                 Path(self._logs) / "optuna-dashboard.log",
             ),
             Child(
                 "TensorBoard",
                 [
-                    tool("tensorboard"),
+                    tensorboard,
                     "--logdir",
                     str(self.folder),
                     "--host",

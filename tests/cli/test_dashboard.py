@@ -43,13 +43,19 @@ def sweep_folder(tmp_path) -> Path:
 
 
 @pytest.fixture
-def tools(tmp_path, monkeypatch) -> Path:
-    """An environment whose Python has no tools beside it and a PATH with none: tests put fakes in the folder."""
-    bin_dir = tmp_path / "bin"
+def tools(tmp_path, monkeypatch):
+    """An environment whose Python has no tools beside it and a PATH with none: tests put fakes in the folder.
+
+    The servers' logs go to a temporary folder of this test's, which must be gone afterwards, however it ended.
+    """
+    bin_dir, temporary = tmp_path / "bin", tmp_path / "tmp"
     bin_dir.mkdir()
+    temporary.mkdir()
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     monkeypatch.setattr(dashboards.shutil, "which", lambda name: None)
-    return bin_dir
+    monkeypatch.setattr(dashboards.tempfile, "tempdir", str(temporary))
+    yield bin_dir
+    assert list(temporary.iterdir()) == []
 
 
 def fake_tool(bin_dir: Path, name: str, script: str) -> None:

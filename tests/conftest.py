@@ -93,3 +93,47 @@ def quick_plan(monkeypatch):
 
     fixed = plan.StepCosts(*[1e-3] * len(plan.StepCosts.__dataclass_fields__))
     monkeypatch.setattr(plan, "measure", lambda *args, **kwargs: fixed)
+
+
+def tensorboard_hparams(logdir: Path) -> dict:
+    """What TensorBoard's HPARAMS tab reads under logdir: {run: {"experiment": [hparam names], "differs": [those
+    marked as differing], "session_start_info": {name: value}, "session_end_info": status}}, a run being an
+    event file's folder relative to logdir. Read with tensorboardX's protobufs (Ray Tune's dependency), no
+    TensorBoard needed."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    found: dict = {}
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "hparams":
+                    continue
+                plugin = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                kind = plugin.WhichOneof("data")
+                content = getattr(plugin, kind)
+                run = found.setdefault(str(path.parent.relative_to(logdir)), {})
+                if kind == "experiment":
+                    run[kind] = [h.name for h in content.hparam_infos]
+                    # HParamInfo.differs (field 7 in TensorBoard's api.proto), unknown to tensorboardX's older copy
+                    run["differs"] = [h.name for h in content.hparam_infos if (7, 1) in _unknown_fields(h)]
+                elif kind == "session_start_info":
+                    run[kind] = {
+                        k: v.number_value if v.WhichOneof("kind") == "number_value" else v.string_value
+                        for k, v in content.hparams.items()
+                    }
+                else:
+                    run[kind] = content.status
+    return found
+
+
+def _unknown_fields(message) -> list[tuple[int, object]]:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    return [(field.field_number, field.data) for field in UnknownFieldSet(message)]

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from laray import __version__
+from laray.cli.dashboard import add_dashboard_command
 from laray.cli.data import add_data_commands, add_weights_commands
 from laray.cli.options import fail
 from laray.cli.results import add_analysis_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_sweep_command(commands)
     add_analysis_commands(commands)
+    add_dashboard_command(commands)
     add_weights_commands(commands)
     _add_debug_option(parser)
     return parser

@@ -137,7 +137,10 @@ def add_sweep_command(commands) -> None:
         help="Ray Tune's own progress table and messages too, besides laray's line per trial event",
     )
     sweep.add_argument(
-        "--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265 (needs the 'dashboard' extra)"
+        "--dashboard",
+        action="store_true",
+        help="start Ray's dashboard on 127.0.0.1 (port 8265, or the next free one; needs the 'dashboard' extra); "
+        "its address and how to log in are printed when Ray starts",
     )
     sweep.set_defaults(run=_sweep)
 
@@ -212,10 +215,14 @@ def _sweep(args) -> int:
     if args.plan:
         return 0
     began = time.monotonic()
-    from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep  # torch: once the arguments hold
-    from laray.sweep.ray_setup import ray_init
+    from laray.results.dashboards import ray_login
+    from laray.sweep.driver import SweepRun, TrialResources, run_sweep  # torch: once the arguments hold
+    from laray.sweep.ray_setup import ray_dashboard, ray_init
 
     ray_init(args.address, dashboard=args.dashboard, quiet=not args.verbose)
+    dashboard = ray_dashboard()
+    if dashboard is not None:  # right after Ray starts: the address, and the token Ray 2.60 asks for by default
+        print(f"Ray dashboard: {dashboard['url']} ({ray_login(dashboard['token'])})", flush=True)
     result = run_sweep(
         data,
         space,
@@ -245,8 +252,7 @@ def _sweep(args) -> int:
     print(f"\nresults in {result.experiment}: best.json, optuna.db, one folder per trial")
     print("next:")
     print(f"  laray analyze {result.experiment}      # report.md, tables and pictures")
-    print(f"  tensorboard --logdir {result.experiment}")
-    print(f"  optuna-dashboard sqlite:///{result.experiment / OPTUNA_DB}")
+    print(f"  laray dashboard {result.experiment}      # optuna-dashboard and TensorBoard on this sweep")
     return 0
 
 

@@ -4,11 +4,14 @@ Ray is imported only in this layer (laray.sweep), and only once a sweep starts: 
 sets the environment Ray reads at import first. What a sweep leaves:
 
     STORAGE/NAME/               Ray Tune's experiment folder (Tuner.restore and ExperimentAnalysis read it)
-    STORAGE/NAME/optuna.db      the Optuna study (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db)
+    STORAGE/NAME/optuna.db      the Optuna study, its objective named, each trial's end in its user attributes
+                                (laray.sweep.study); `laray dashboard STORAGE/NAME` shows it
     STORAGE/NAME/sweep.json     what makes its scores comparable, for --warm-start (laray.sweep.warm_start)
     STORAGE/NAME/asha.json      ASHA's rungs, which Tune does not save (laray.sweep.asha)
     STORAGE/NAME/budget.json    the time budget and the search time spent (laray.sweep.budget)
     STORAGE/NAME/driver.lock    the running driver (laray.sweep.lock)
+    STORAGE/NAME/ray_dashboard.json  where the driver's Ray dashboard is, when it has one (`laray dashboard`)
+    STORAGE/NAME/events.out.tfevents.laray-hparams  TensorBoard's HPARAMS columns (laray.sweep.hparams)
     STORAGE/NAME/autoencoders/  stage 1, trained once per sweep by a Ray task (laray.sweep.stage1)
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
                                 metrics.json, assignments.csv, codes.npy, worker.json
@@ -39,7 +42,7 @@ from laray.settings.config import replace
 from laray.settings.space import SearchSpace
 from laray.sweep.confirmation import confirm_top
 from laray.sweep.lock import LOCK_NAME, SweepLock
-from laray.sweep.ray_setup import check_resources, run_config
+from laray.sweep.ray_setup import check_resources, record_dashboard, run_config
 from laray.sweep.stage1 import sweep_stage1
 from laray.sweep.trainable import REPORTED, train_trial
 from laray.sweep.warm_start import OPTUNA_DB
@@ -63,20 +66,6 @@ class SweepResult:
     confirmed_baselines: dict | None = None  # the same baselines over the confirmation's seeds
     margin: dict | None = (
         None  # the winner minus k-means on raw pixels, paired by seed (laray.scoring.confirm.margin_over)
-    )
-
-
-def _optuna_search(space: SearchSpace, experiment: Path, name: str, seed: int):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
-    return OptunaSearch(
-        metric=space.objective,
-        mode=space.mode,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        study_name=name,
-        storage=storage,
     )
 
 
@@ -178,6 +167,8 @@ def run_sweep(
         experiment.mkdir(parents=True, exist_ok=True)
         if run.plan is not None and not resume:
             write_json(experiment / "plan.json", run.plan)
+        if experiment_local is not None:  # for `laray dashboard STORAGE/NAME`: where this driver's Ray dashboard is
+            record_dashboard(experiment)
         threads = max(1, int(cpus_per_trial))
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
         device = "cuda" if gpus_per_trial > 0 else device
@@ -216,9 +207,11 @@ def run_sweep(
         trainable = tune.with_resources(trainable, resources)
 
         from laray.sweep.budget import budget_parts, budget_s, ended_search, resume_budget
+        from laray.sweep.study import name_stored_objective, optuna_search
 
         if resume:
             _fail_orphaned_optuna_trials(experiment, name)
+            name_stored_objective(f"sqlite:///{experiment / OPTUNA_DB}", name, space.objective)
             resume_budget(space.time_budget_s, experiment)  # the budget's parts come back from Tune's own files
             tuner = tune.Tuner.restore(
                 experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=False
@@ -227,7 +220,9 @@ def run_sweep(
             # The time budget: the searcher asks for no trial once it is spent, the stopper ends running ones at
             # their next epoch end, the clock counts the search's time across resumes (laray.sweep.budget).
             searcher, stopper, clock = budget_parts(
-                space.time_budget_s, experiment, _optuna_search(space, experiment, name, seed)
+                space.time_budget_s,
+                experiment,
+                optuna_search(space, f"sqlite:///{experiment / OPTUNA_DB}", name, seed, str(experiment)),
             )
             tuner = tune.Tuner(
                 trainable,
@@ -256,6 +251,7 @@ def run_sweep(
                     stopper,
                     clock,
                     budget_of=str(experiment),
+                    seed=seed,
                 ),
             )
         with tune_fit_stops_on_signal():  # SIGTERM or Ctrl-C: Tune saves its state, then StopRequested
@@ -307,13 +303,16 @@ def run_sweep(
 def _start_from(
     warm_start: list[str], data: DataRef, space: SearchSpace, seed: int, param_space: dict, experiment: Path, name: str
 ) -> None:
-    """A new sweep records what makes its scores comparable (sweep.json), and takes over earlier sweeps' trials."""
+    """A new sweep records what makes its scores comparable (sweep.json), creates its study, its objective named
+    (so that `laray dashboard` shows it during stage 1 already), and takes over earlier sweeps' trials."""
     from ray.tune.search.optuna import OptunaSearch
 
     from laray.sweep import warm_start as warm
+    from laray.sweep.study import create_study
 
     identity = warm.sweep_identity(data, space, seed)
     warm.write_identity(experiment, identity)
+    create_study(f"sqlite:///{experiment / OPTUNA_DB}", name, space)
     if warm_start:
         # The distributions OptunaSearch samples from: taken-over trials must have the same ones (warm.take_over).
         taken = warm.take_over(warm_start, identity, OptunaSearch.convert_search_space(param_space))

@@ -23,20 +23,23 @@ def run_config(
     stop=None,
     clock=None,
     budget_of: str | None = None,
+    seed: int = 0,
 ):
     """verbose 0: silent; 1: laray's line per trial event (laray.sweep.console); 2: Ray Tune's own table as well.
 
     stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
-    console shows.
+    console shows; seed: the search trials' seed, for TensorBoard's HPARAMS (a confirmation run has its own).
     """
     from ray import tune
 
     from laray.sweep.console import SweepProgress
+    from laray.sweep.hparams import TrialHparams
 
     progress = (
         [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] if verbose else []
     )
-    callbacks = progress + ([clock] if clock is not None else [])
+    # TrialHparams in place of Tune's own TensorBoard logger: the same scalars, HPARAMS filled (laray.sweep.hparams)
+    callbacks = progress + ([clock] if clock is not None else []) + [TrialHparams.of(space, seed)]
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
     return tune.RunConfig(
         name=name,
@@ -82,8 +85,11 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -
 def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) -> None:
     """Start or join Ray; the dashboard, when asked for, binds to 127.0.0.1 only.
 
-    quiet: without Ray's notice that token authentication is on (as it is by default).
+    quiet: without Ray's notice that token authentication is on (as it is by default); `laray sweep` says instead
+    where the dashboard is and which command prints its token (ray_dashboard).
     """
+    if dashboard and not address:
+        _check_dashboard_installed()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # No stack dump from Ray's C++ failure-signal handler when SIGTERM stops the driver or its workers:
     # laray handles stop signals itself (laray.interrupt). Read when ray is imported; workers inherit it.
@@ -99,22 +105,75 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off the console
+        context = ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off
     else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
-    global _ray_started_here
+        context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+    global _ray_started_here, _dashboard_url
     _ray_started_here = True
+    _dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else None
     take_signals_back()  # ray.init makes SIGTERM exit at once
 
 
+def _check_dashboard_installed() -> None:
+    """Ray's dashboard needs ray[default]'s packages; without them ray.init fails with a bare Exception."""
+    import importlib.util
+
+    # The top-level packages of ray.dashboard.optional_deps that ray[tune] alone does not bring
+    for module in ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client"):
+        if importlib.util.find_spec(module) is None:
+            raise LarayError(
+                f"--dashboard: Ray's dashboard needs the package {module}, which is not installed: "
+                'pip install "laray[dashboard]"'
+            )
+
+
 _ray_started_here = False
+_dashboard_url: str | None = None  # the Ray dashboard of the Ray that ray_init started or joined
+
+
+def ray_dashboard() -> dict | None:
+    """The Ray dashboard of this driver's Ray, {"url", "token"}, or None when it has none.
+
+    token: whether its pages ask for Ray's authentication token. Ray 2.60 turns token
+    authentication on for every local Ray it starts (RAY_AUTH_MODE unset) and keeps the token in
+    ~/.ray/auth_token (or $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH), which `ray get-auth-token` prints.
+    laray leaves it on: binding to 127.0.0.1 keeps the dashboard off the network but not from the
+    machine's other users, and its API submits jobs, which run code as the user who started Ray.
+    """
+    if _dashboard_url is None:
+        return None
+    try:  # Ray's own answer; a Ray without it (older, or a change of module) is asked through its setting
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        token = is_token_auth_enabled()
+    except ImportError:
+        token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return {"url": _dashboard_url, "token": token}
+
+
+def record_dashboard(experiment: Path) -> None:
+    """STORAGE/NAME/RAY_DASHBOARD_FILE says where this driver's Ray dashboard is (`laray dashboard` reads it);
+    removed when it has none, so that an earlier driver's is not taken for this one's."""
+    import json
+    import socket
+
+    from laray.checkpoint import write_atomic
+    from laray.results.dashboards import RAY_DASHBOARD_FILE
+
+    path = Path(experiment) / RAY_DASHBOARD_FILE
+    info = ray_dashboard()
+    if info is None:
+        path.unlink(missing_ok=True)
+        return
+    record = {**info, "host": socket.gethostname(), "pid": os.getpid()}
+    write_atomic(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def shutdown_ray() -> None:
     """Shut down (or leave) the Ray that ray_init started or joined; one started by someone else stays."""
-    global _ray_started_here
+    global _ray_started_here, _dashboard_url
     if _ray_started_here:
         import ray
 
         ray.shutdown()
-        _ray_started_here = False
+        _ray_started_here, _dashboard_url = False, None

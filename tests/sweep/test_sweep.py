@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import write_digit_folder, write_vgg_weights
+from conftest import tensorboard_hparams, write_digit_folder, write_vgg_weights
 
 from laray.data.dataset import describe
 from laray.errors import SweepError
@@ -195,6 +195,32 @@ def test_sweep_runs_every_trial_and_records_it(sweep, sub):
     assert sweep.result.best_config == best["best_config"]
 
 
+def test_the_study_names_its_objective_and_how_each_trial_ended(sweep):
+    """optuna-dashboard shows "purity", not "Objective 0", and which trials ASHA stopped (laray.sweep.study)."""
+    from laray.sweep.study import EPOCHS_RUN, STOPPED_BY
+
+    study = only_study(sweep.experiment, "three")
+    assert study.metric_names == ["purity"]
+    epochs_run = {json.dumps(t.config, sort_keys=True): len(rows(t.path)) for t in analysis_of(sweep.experiment).trials}
+    for trial in study.trials:
+        ran = epochs_run[json.dumps(trial.params, sort_keys=True)]
+        assert trial.user_attrs[EPOCHS_RUN] == ran
+        assert trial.user_attrs[STOPPED_BY] == ("none" if ran == LA["epochs"] else "ASHA")  # no time budget here
+
+
+def test_tensorboard_hparams_show_every_search_trials_settings(sweep):
+    """One experiment summary in the sweep's folder names the settings; each trial's session gives all of them."""
+    found = tensorboard_hparams(sweep.experiment)
+    assert [run for run, parts in found.items() if "experiment" in parts] == ["."]
+    assert set(found["."]["experiment"]) == {*FIVE, "seed"}
+    assert set(found["."]["differs"]) == set(FIVE)  # TensorBoard lists the searched settings first
+    trials = {str(Path(t.path).relative_to(sweep.experiment)): t for t in analysis_of(sweep.experiment).trials}
+    assert set(found) - {"."} == set(trials)
+    for run, trial in trials.items():
+        assert found[run]["session_start_info"] == pytest.approx({**trial.config, "seed": SEED})
+        assert "session_end_info" in found[run]
+
+
 def test_stage1_is_trained_once_for_the_whole_sweep(sweep, sub):
     """Two trials at a time, one auto-encoder: a Ray task trains it before the trials, which get it by value."""
     assert sweep.space.max_concurrent == 2
@@ -313,6 +339,16 @@ def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, 
     assert best["ended_by_time_budget"] is True and best["time_budget_s"] == 1
     assert len(result.confirmed) == 1 and result.confirmed[0]["seeds"] == [1]  # the confirmation ran as usual
     assert [len(rows(f)) for f in (experiment / "confirm").glob("*_trial_*") if f.is_dir()] == [3]
+    # the study says who stopped them (laray.sweep.study)
+    assert [
+        (t.user_attrs["stopped_by"], t.user_attrs["epochs_run"]) for t in only_study(experiment, "budget").trials
+    ] == [("time budget", 1)] * len(searched)
+    # TensorBoard's HPARAMS: the confirmation's runs under the search's names, with their own seed
+    found = tensorboard_hparams(experiment)
+    assert found["."]["experiment"] == found["confirm"]["experiment"]  # whichever TensorBoard reads first
+    [confirm_run] = [run for run in found if run.startswith("confirm/")]
+    assert found[confirm_run]["session_start_info"] == pytest.approx({**result.confirmed[0]["config"], "seed": 1})
+    assert {run for run in found if run not in (".", "confirm", confirm_run)} == {f.name for f in searched}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1129,7 +1165,7 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     ):
         assert noise not in console, noise
     experiment = tmp_path / "results" / "console"
-    assert f"laray analyze {experiment}" in done.stdout and f"tensorboard --logdir {experiment}" in done.stdout
+    assert f"laray analyze {experiment}" in done.stdout and f"laray dashboard {experiment}" in done.stdout
     # The plan came first, before stage 1, and the end says how far off it was.
     assert lines[1].startswith("plan: timing each kind of step on cpu") and "expected wall time" in console
     plan = json.loads((experiment / "plan.json").read_text())

@@ -215,16 +215,10 @@ def test_seeding_twice_adds_nothing_the_second_time(data, tmp_path):
 
 
 def _optuna_search(storage: str, name: str, space, seed: int = 0):
-    """As laray.sweep.driver._optuna_search makes it, set up as Tune sets it up (which creates or loads the study)."""
-    from ray.tune.search.optuna import OptunaSearch
+    """The sweep's searcher (laray.sweep.study.optuna_search), set up as Tune sets it up (which loads the study)."""
+    from laray.sweep.study import optuna_search
 
-    search = OptunaSearch(
-        metric=space.objective,
-        mode=space.mode,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        study_name=name,
-        storage=optuna.storages.RDBStorage(storage),
-    )
+    search = optuna_search(space, storage, name, seed, experiment=str(Path(storage.removeprefix("sqlite:///")).parent))
     assert search.set_search_properties(None, None, tune_space(space, N))
     return search
 

@@ -334,6 +334,8 @@ def train_plan_lines(work: RunWork, costs: StepCosts, ae: AutoEncoderConfig, la:
         f"{work.ae_epochs} epochs of {ae.arch} (width {ae.width:g}, {ae.image_size} px) and its baselines: "
         f"{duration(stage1)}"
         if work.ae_epochs
+        else f"no epochs, its baselines: {duration(stage1)}"
+        if work.baselines
         else "from the store: 0 s"
     )
     lines = [

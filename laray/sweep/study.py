@@ -111,6 +111,11 @@ class ReportingOptunaSearch(OptunaSearch):
         ):
             epochs_run = int(result["epoch"])
             ended = stopped_by(epochs_run, self._laray_epochs, stopped_by_budget(self._laray_experiment, trial_id))
-            ot_trial.set_user_attr(STOPPED_BY, ended)
-            ot_trial.set_user_attr(EPOCHS_RUN, epochs_run)
+            try:
+                ot_trial.set_user_attr(STOPPED_BY, ended)
+                ot_trial.set_user_attr(EPOCHS_RUN, epochs_run)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Told already by a driver killed before Tune saved that the trial had ended: on resume Tune ends
+                # it again; Optuna keeps what was recorded (OptunaSearch's own tell logs this case and goes on).
+                pass
         super().on_trial_complete(trial_id, result=result, error=error)

@@ -296,6 +296,7 @@ def test_train_throughput_benchmark_quick_mode_prints_measured_figures():
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # images/s and FLOPs per image measured
 
 
+@pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)
 def test_sweep_overhead_benchmark_quick_mode_prints_measured_figures(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["LARAY_CACHE_DIR"] = str(tmp_path / "cache")

@@ -325,6 +325,7 @@ def test_warm_start_hands_the_earlier_trials_to_tpe_and_runs_new_ones_on_top(swe
         )
 
 
+@pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)
 def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, sub, tmp_path):
     """A budget of 1 s is spent while the first two trials start: each stops at its first epoch's end."""
     raw = raw_space(num_samples=4, max_concurrent=2, la_epochs=3, confirm_top=1, confirm_seeds=1)
@@ -460,6 +461,7 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
     return study
 
 
+@pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)
 def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, sub, tmp_path):
     """Two drivers on one sweep once ran side by side into one Optuna study: now the second is refused."""
     from ray import tune
@@ -548,6 +550,7 @@ def test_killed_sweep_leaves_no_orphan_optuna_trial(killed_sweep):
     assert set(states) <= {"COMPLETE", "FAIL"} and states.count("COMPLETE") == result.n_trials == 3
 
 
+@pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)
 def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session, sub, tmp_path):
     """Search, then the 2 best configurations x 2 fresh seeds; the driver is killed during the
     confirmation and resumed: the finished runs are kept, the rest run, one answer."""

@@ -262,7 +262,7 @@ def _plan(args, space, data) -> dict:
 
     import torch
 
-    from laray.data.cache import default_cache_dir
+    from laray.data.cache import has_entry
     from laray.sweep.plan import plan_lines, plan_sweep, typical_la
     from laray.training.plan import DECODE_SAMPLE, measure
 
@@ -277,8 +277,7 @@ def _plan(args, space, data) -> dict:
         slots = (os.cpu_count() or 1) // threads
     # Trials sharing this machine's CPU slow each other down: the LA step is timed with as many copies at once.
     together = 1 if cuda or args.address else max(1, min(space.max_concurrent, slots))
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    decoded = not data.paths or (cache / f"{data.key}.npy").exists()
+    decoded = not data.paths or has_entry(data.key, args.cache_dir)
     print(
         f"plan: timing each kind of step on {device} ({threads} thread(s) a trial, {together} at once)...", flush=True
     )

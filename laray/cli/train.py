@@ -262,16 +262,14 @@ def _train(args) -> int:
 
 def _plan(args, ref, ae_cfg, la_cfg, device) -> float:
     """Print `laray train`'s plan (stage 1 counted only when the store lacks it); its expected seconds."""
-    from pathlib import Path
-
-    from laray.data.cache import default_cache_dir
+    from laray.data.cache import has_entry
     from laray.training.plan import DECODE_SAMPLE, count_run, measure, train_plan_lines
-    from laray.training.store import store_key
+    from laray.training.run import store_folder
+    from laray.training.store import WEIGHTS, store_key
 
-    store = Path(args.store).expanduser() if args.store else default_cache_dir() / "autoencoders"
-    stored = (store / store_key(ref.key, ae_cfg, args.seed) / "autoencoder.pt").exists()
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    decoded = not ref.paths or (cache / f"{ref.key}.npy").exists()
+    # Where train_run will look: the same folders, the same names.
+    stored = (store_folder(args.store) / store_key(ref.key, ae_cfg, args.seed) / WEIGHTS).exists()
+    decoded = not ref.paths or has_entry(ref.key, args.cache_dir)
     print(f"plan: timing each kind of step on {device}...", flush=True)
     costs = measure(
         ae_cfg,

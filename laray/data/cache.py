@@ -204,6 +204,16 @@ def _read_entry(array_path: Path, meta_path: Path, key: str, size: int, n_paths:
     )
 
 
+def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The decode cache's folder: the one given, else this node's default."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def has_entry(key: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the cache holds a complete entry `key`: its meta file is written last (_decode_entry)."""
+    return (cache_folder(cache_dir) / f"{key}.json").exists()
+
+
 def decode_cached(
     paths: list[str],
     size: int,
@@ -217,7 +227,7 @@ def decode_cached(
     key: the entry's name when the caller has it already (a trial gets the driver's fingerprint),
     else the fingerprint of the files as they are now.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = cache_folder(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = key or fingerprint(paths, size)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"

@@ -173,10 +173,6 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
     def images(b: int) -> torch.Tensor:
         return torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     model = AutoEncoderVGG(ae.arch, None, ae.width).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
@@ -214,7 +210,6 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
     la_image = _per_image(make_la_step(0), la.batch_size)
     # Concurrent trials share this machine's cores and memory: the step timed sharing it too.
     la_together = _at_once(make_la_step, together, la.batch_size, la_image) if together > 1 else la_image
-    sync()
     labels = np.arange(n_species).repeat(math.ceil(SAMPLE_POINTS / n_species))
 
     def evaluation(x: torch.Tensor) -> None:

@@ -240,6 +240,11 @@ def stored_stage1(
     return Stage1(key, encoder_state, history, baselines, trained, "trained" if trained else "store")
 
 
+def store_folder(store_dir: str | os.PathLike | None = None) -> Path:
+    """Where trained auto-encoders are kept: the folder given, else beside the decode cache."""
+    return Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
+
+
 def train_run(
     dataset: ImageDataset,
     out: str | os.PathLike,
@@ -259,7 +264,7 @@ def train_run(
         raise ConfigError(f"image_size {ae_cfg.image_size}: the data set was decoded at {dataset.image_size} px")
     la_cfg.check_data_size(len(dataset))
     if stage1 is None:
-        store_dir = Path(store_dir) if store_dir is not None else default_cache_dir() / "autoencoders"
+        store_dir = store_folder(store_dir)
         stage1 = stored_stage1(
             dataset,
             ae_cfg,

@@ -18,7 +18,7 @@ from laray.cli.options import (
     fraction,
     positive_int,
 )
-from laray.cli.tables import print_confirmed, print_search_best
+from laray.cli.tables import print_confirmed, print_search_best, print_verdict
 from laray.errors import LarayError, SweepError
 from laray.settings.duration import duration as readable
 
@@ -253,6 +253,7 @@ def _sweep(args) -> int:
     print("next:")
     print(f"  laray analyze {result.experiment}      # report.md, tables and pictures")
     print(f"  laray dashboard {result.experiment}      # optuna-dashboard and TensorBoard on this sweep")
+    print_verdict(result)
     return 0
 
 

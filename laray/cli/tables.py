@@ -61,6 +61,8 @@ def print_confirmed(result, space) -> None:
         )
         for i, entry in enumerate(result.confirmed)
     ]
+    if result.recipe is not None:  # what `laray train` runs, over the same seeds
+        rows.append(("the recipe (laray train's settings)", result.recipe))
     names = baseline_names(space.ae.epochs, space.ae.pretrained)
     rows += [(names.get(name, name), summary) for name, summary in result.confirmed_baselines.items()]
     print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
@@ -86,3 +88,9 @@ def print_confirmed(result, space) -> None:
         from laray.scoring.confirm import describe_margin
 
         print(describe_margin(result.margin, objective))
+
+
+def print_verdict(result) -> None:
+    """The console's last line: whether the search beat the recipe, in words, with the paired margin."""
+    if result.verdict:
+        print(f"\nverdict: {result.verdict}")

@@ -122,7 +122,8 @@ def plot_objective_vs_params(trials: pd.DataFrame, params: list[str], objective:
 
 def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) -> Path:
     """Each confirmed configuration's objective over its seeds, with its mean and 95 % interval,
-    beside the baselines' means over the same seeds.
+    beside the recipe's (`laray train`'s settings, rows whose `recipe` is true) and the baselines' means over
+    the same seeds.
 
     runs: one row per configuration and seed with `rank` (1 = the winner) and the objective
     (and heldout_<objective> where scored); baselines: {label: {"<objective>_mean": ...}}.
@@ -134,15 +135,17 @@ def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) ->
     fig = _figure(max(5.0, 1.4 * runs["rank"].nunique() + 3), 4)
     ax = fig.subplots()
     held = f"heldout_{objective}"
+    recipe_ranks = set(runs.loc[runs["recipe"], "rank"]) if "recipe" in runs else set()
     for rank, group in runs.groupby("rank"):
         values = group[objective].to_numpy(dtype=float)
+        colour = "C1" if rank in recipe_ranks else "C0"  # the recipe, laray train's settings: the yardstick
         ax.scatter(
             np.full(len(values), rank - 0.08),
             values,
             s=22,
-            color="C0",
+            color=colour,
             alpha=0.8,
-            label="selection part, one seed" if rank == 1 else None,
+            label="selection part, one seed" if rank == 1 else "the recipe, one seed" if rank in recipe_ranks else None,
         )
         interval = interval95(values)
         if interval is not None:
@@ -150,7 +153,7 @@ def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) ->
                 rank - 0.08,
                 values.mean(),
                 yerr=[[values.mean() - interval[0]], [interval[1] - values.mean()]],
-                color="C0",
+                color=colour,
                 capsize=4,
                 fmt="_",
                 markersize=14,
@@ -170,7 +173,7 @@ def plot_confirmed(runs: pd.DataFrame, baselines: dict, objective: str, path) ->
         if value is not None:
             ax.axhline(value, color=f"C{3 + i}", linestyle="--", linewidth=1, label=label)
     ax.set_xticks(sorted(runs["rank"].unique()))
-    ax.set_xticklabels([f"#{r}" for r in sorted(runs["rank"].unique())])
+    ax.set_xticklabels([("recipe" if r in recipe_ranks else f"#{r}") for r in sorted(runs["rank"].unique())])
     ax.set_xlabel("confirmed configuration (by mean)")
     ax.set_ylabel(objective)
     ax.grid(alpha=0.3)

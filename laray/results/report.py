@@ -27,6 +27,7 @@ import pandas as pd
 
 from laray.results import plots
 from laray.results import scores as analysis
+from laray.scoring.holdout import PREFIX
 
 BASELINE_NAMES = {
     "raw_pixels": "k-means on raw pixels",
@@ -241,6 +242,18 @@ def _confirmed_baselines(scored: Scored) -> dict:
     return out
 
 
+def _paired(winner_runs: pd.DataFrame, recipe_runs: pd.DataFrame) -> dict:
+    """confirm.margin_over of the winner's confirmation runs over the recipe's, paired by seed."""
+    from laray.scoring.confirm import SCORES, margin_over
+
+    def entry(rows: pd.DataFrame) -> dict:
+        rows = rows.sort_values("seed")
+        names = [n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if n in rows and rows[n].notna().all()]
+        return {"seeds": rows["seed"].tolist(), **{n: rows[n].tolist() for n in names}}
+
+    return margin_over(entry(winner_runs), entry(recipe_runs))
+
+
 def _margin_over_raw_pixels(winner_runs: pd.DataFrame) -> dict:
     """confirm.margin_over of the winner's confirmation runs (one row per seed) over their raw-pixel baselines."""
     from laray.scoring.confirm import margin_over
@@ -412,7 +425,11 @@ def _confirmed_section(scored: Scored) -> list[str]:
     if not len(runs):
         return []
     held = f"heldout_{objective}"
-    entries = [(rank, group, summarize(group.to_dict("records"))) for rank, group in runs.groupby("rank")]
+    is_recipe = runs["recipe"] if "recipe" in runs else pd.Series(False, index=runs.index)
+    entries = [(rank, group, summarize(group.to_dict("records"))) for rank, group in runs[~is_recipe].groupby("rank")]
+    recipe = runs[is_recipe]
+    if not entries:
+        return []
     seeds = sorted(runs["seed"].unique().tolist())
 
     def interval(summary) -> str:
@@ -450,6 +467,8 @@ def _confirmed_section(scored: Scored) -> list[str]:
         )
 
     lines.append(line("**LA, confirmed winner**", winner))
+    if len(recipe):
+        lines.append(line("the recipe (`laray train`'s settings, same seeds)", summarize(recipe.to_dict("records"))))
     for name, base in _confirmed_baselines(scored).items():
         if f"{objective}_mean" in base:
             lines.append(line(name + " (same seeds)", base))
@@ -465,6 +484,15 @@ def _confirmed_section(scored: Scored) -> list[str]:
 
         text = describe_margin(margin, objective)
         lines += ["", text[0].upper() + text[1:] + "."]
+    if len(recipe):
+        from laray.scoring.confirm import verdict
+
+        _, text = verdict(
+            {"config": {p: config[p] for p in analysis.PARAMS if p in config and not pd.isna(config[p])}},
+            _paired(group, recipe),
+            objective,
+        )
+        lines += ["", "**Verdict**: " + text[0].upper() + text[1:] + "."]
     lines += [
         "",
         "All confirmed configurations:",
@@ -472,6 +500,8 @@ def _confirmed_section(scored: Scored) -> list[str]:
         "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
         "|" + " --- |" * (len(analysis.PARAMS) + 5),
     ]
+    if len(recipe):
+        entries.append(("recipe", recipe, summarize(recipe.to_dict("records"))))
     for rank, group, summary in entries:
         first = group.iloc[0]
         values = " | ".join(

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from laray.score_names import LABEL_SCORES
-from laray.scoring.confirm import CONFIRM_DIR
+from laray.scoring.confirm import CONFIRM_DIR, RECIPE_MARK
 from laray.scoring.evaluate import score_codes
 from laray.scoring.holdout import PREFIX
 from laray.scoring.metrics import cluster_scores, contingency
@@ -203,8 +203,9 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
 
 
 def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "max") -> pd.DataFrame:
-    """One row per confirmation run (STORAGE/NAME/confirm/): rank of its configuration by mean objective,
-    the hyperparameters, the seed, its scores (from assignments.csv) and the baselines of its seed."""
+    """One row per confirmation run (STORAGE/NAME/confirm/): rank of its configuration by mean objective (the
+    recipe last, its `recipe` column true), the hyperparameters, the seed, its scores (from assignments.csv) and
+    the baselines of its seed."""
     folder = Path(experiment) / CONFIRM_DIR
     if not folder.is_dir() or not any(folder.glob("*/params.json")):
         return pd.DataFrame()
@@ -215,6 +216,7 @@ def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "ma
         config = t.params["la"]
         row = {
             "config": json.dumps(config, sort_keys=True),
+            "recipe": bool(config.get(RECIPE_MARK)),  # laray train's settings, re-run beside the search's best
             **{p: config.get(p) for p in PARAMS},
             "seed": t.params.get("seed"),
             "status": t.status,
@@ -226,8 +228,10 @@ def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "ma
     frame = pd.DataFrame(rows)
     if frame.empty or objective not in frame:
         return frame
-    means = frame.groupby("config")[objective].mean().sort_values(ascending=mode == "min")
-    frame["rank"] = frame["config"].map({c: i + 1 for i, c in enumerate(means.index)})
+    # The search's configurations ranked by their mean; the recipe after them, as the yardstick, not a contender.
+    means = frame.groupby(["recipe", "config"])[objective].mean().reset_index()
+    means = means.sort_values(["recipe", objective], ascending=[True, mode == "min"])
+    frame["rank"] = frame["config"].map({c: i + 1 for i, c in enumerate(means["config"])})
     frame = frame.sort_values(["rank", "seed"], ignore_index=True)
     return frame[["rank", *[c for c in frame.columns if c not in ("rank", "config")]]]
 

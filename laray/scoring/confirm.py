@@ -21,6 +21,41 @@ from laray.scoring.holdout import PREFIX
 
 SCORES = LABEL_SCORES  # what the confirmation summarises over seeds
 CONFIRM_DIR = "confirm"  # STORAGE/NAME/confirm/: the confirmation's Tune experiment
+# In a confirmation run's LA settings, marks the recipe (what `laray train` runs), re-run beside the search's best
+# over the same seeds; taken out before the settings reach LAConfig (laray.sweep.trainable.confirm_trial).
+RECIPE_MARK = "is_recipe"
+
+
+def same_config(a: dict, b: dict) -> bool:
+    """Two configurations alike, floats to 9 significant digits (a value may have passed through Optuna's storage)."""
+    a, b = without_mark(a), without_mark(b)
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=1e-9) if isinstance(a[k], float) or isinstance(b[k], float) else a[k] == b[k]
+        for k in a
+    )
+
+
+def without_mark(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != RECIPE_MARK}
+
+
+def contenders(trials: list[tuple[dict, dict]], recipe: dict | None, objective: str, mode: str, epochs: int, top: int):
+    """What the confirmation re-runs: the search's `top` best configurations other than the recipe, then the
+    recipe itself (marked with RECIPE_MARK), so that the search's best is always measured against it."""
+    searched = [(c, m) for c, m in trials if recipe is None or not same_config(c, recipe)]
+    chosen = pick_top(searched, objective, mode, epochs, top)
+    return chosen + ([{**recipe, RECIPE_MARK: True}] if recipe is not None else [])
+
+
+def split_recipe(entries: list[dict]) -> tuple[list[dict], dict | None]:
+    """`confirmed` entries -> (the searched configurations' entries, the recipe's entry or None), marks removed."""
+    searched, recipe = [], None
+    for entry in entries:
+        if entry["config"].get(RECIPE_MARK):
+            recipe = {**entry, "config": without_mark(entry["config"])}
+        else:
+            searched.append(entry)
+    return searched, recipe
 
 
 def confirmation_seeds(seed: int, count: int) -> list[int]:
@@ -156,3 +191,38 @@ def describe_margin(margin: dict, objective: str) -> str:
     else:
         verdict = "not shown to beat raw pixels: the interval includes 0"
     return f"winner minus k-means on raw pixels, paired by seed: {text} (95 % intervals); {verdict}"
+
+
+def verdict(winner: dict, margin: dict | None, objective: str) -> tuple[bool, str]:
+    """Whether the search's confirmed best beat the recipe, and the sentence that says so.
+
+    Better means: its mean minus the recipe's, paired by seed, has a 95 % interval above 0, and the held-out
+    half (when there is one) agrees in sign. Anything less and `laray train` with the recipe is the answer:
+    a winner within the seeds' spread of the recipe is no winner.
+    """
+    if margin is None or not margin.get("seeds"):
+        return False, "the recipe was not re-run with the search's best: no verdict"
+
+    def part(name: str) -> str:
+        ci = margin.get(f"{name}_ci95")
+        return f"{margin[f'{name}_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+    text = f"{objective} {part(objective)}"
+    held = margin.get(f"{PREFIX}{objective}_mean")
+    if held is not None:
+        text += f", held-out {part(PREFIX + objective)}"
+    count = len(margin["seeds"])
+    over = f"over the recipe, paired by seed ({count} seed{'s' if count > 1 else ''}): {text}"
+    ci = margin.get(f"{objective}_ci95")
+    if ci is not None and ci[0] > 0 and (held is None or held > 0):
+        settings = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in winner["config"].items())
+        return True, f"the search found settings better than the recipe ({settings}): {over}"
+    if ci is None:
+        why = "one seed: no interval"
+    elif ci[1] < 0:
+        why = "the recipe did better"
+    elif ci[0] > 0:
+        why = "the held-out half does not agree"
+    else:
+        why = "the interval includes 0"
+    return False, f"the search's best is no better than the recipe ({why}): `laray train` with it is the answer; {over}"

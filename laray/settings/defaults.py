@@ -76,6 +76,24 @@ def train_configs(space: SearchSpace) -> tuple[AutoEncoderConfig, LAConfig]:
     return space.ae, dataclasses.replace(space.la, **space.recipe, **unsplit)
 
 
+def recipe_point(space: SearchSpace, n_images: int) -> dict:
+    """The recipe as a point of the searched space: what `laray train` would run, one value per searched setting.
+
+    Each searched setting takes the space's `recipe:` value, else its fixed (or default) LA value, as
+    train_configs does; k_neighbours and n_centroids clipped to what n_images allows, as the sweep's ranges are.
+    The sweep runs it as its first trial and re-runs it beside the search's best in the confirmation.
+    """
+    _, la = train_configs(space)
+    point = {}
+    for name in space.search:
+        value = getattr(la, name)
+        if name in SIZE_LIMITS:
+            low, high = SIZE_LIMITS[name](n_images)
+            value = min(max(value, low), high)
+        point[name] = value
+    return point
+
+
 def fit_to_size(la: LAConfig, defaults: LAConfig, n_images: int) -> LAConfig:
     """k_neighbours and n_centroids still at the bundled values, clipped to what n_images allows.
 

@@ -16,7 +16,7 @@ from laray.scoring.confirm import (
     baselines_over_seeds,
     confirmation_seeds,
     confirmed,
-    pick_top,
+    contenders,
 )
 from laray.settings.space import SearchSpace
 from laray.sweep.ray_setup import run_config
@@ -37,12 +37,14 @@ def confirm_top(
     resources: dict,
     verbose: int,
     max_failures: int,
+    recipe: dict | None = None,
 ):
     """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
 
-    A second Tune experiment, run like the search (same resources, concurrency and failure
-    handling) and resumed like it. Stage 1 is trained once per seed (the seeds' tasks at once),
-    each kept in the store.
+    recipe: what `laray train` would run (laray.settings.defaults.recipe_point), re-run over the same seeds
+    beside them, marked (laray.scoring.confirm.RECIPE_MARK) in its runs' settings. A second Tune experiment,
+    run like the search (same resources, concurrency and failure handling) and resumed like it. Stage 1 is
+    trained once per seed (the seeds' tasks at once), each kept in the store.
     """
     from ray import tune
 
@@ -75,7 +77,7 @@ def confirm_top(
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        top = pick_top(searched, space.objective, space.mode, space.la.epochs, space.confirm_top)
+        top = contenders(searched, recipe, space.objective, space.mode, space.la.epochs, space.confirm_top)
         log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
         tuner = tune.Tuner(
             trainable,

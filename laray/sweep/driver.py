@@ -19,7 +19,8 @@ sets the environment Ray reads at import first. What a sweep leaves:
                                 seeds, a second Tune experiment whose trials have the same files
     STORAGE/NAME/plan.json      the plan printed before it started: the expected wall time and its parts
     STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines,
-                                the winner's margin over k-means on raw pixels
+                                the winner's margin over k-means on raw pixels and over the recipe (its first
+                                trial, re-run in the confirmation), and the verdict in words
 
 How a trial runs: laray.sweep.trainable; the confirmation: laray.sweep.confirmation.
 """
@@ -35,13 +36,13 @@ from pathlib import Path
 from laray.data.dataset import DataRef
 from laray.errors import SweepError
 from laray.interrupt import tune_fit_stops_on_signal
-from laray.scoring.confirm import (
-    margin_over,
-)
+from laray.scoring.confirm import margin_over, split_recipe, verdict
 from laray.settings.config import replace
+from laray.settings.defaults import recipe_point
 from laray.settings.space import SearchSpace
 from laray.sweep.confirmation import confirm_top
 from laray.sweep.lock import LOCK_NAME, SweepLock
+from laray.sweep.plan import reduction_factor
 from laray.sweep.ray_setup import check_resources, record_dashboard, run_config
 from laray.sweep.stage1 import sweep_stage1
 from laray.sweep.trainable import REPORTED, train_trial
@@ -67,6 +68,10 @@ class SweepResult:
     margin: dict | None = (
         None  # the winner minus k-means on raw pixels, paired by seed (laray.scoring.confirm.margin_over)
     )
+    recipe: dict | None = None  # the recipe's confirmation entry: what `laray train` runs, over the same seeds
+    margin_over_recipe: dict | None = None  # the winner minus the recipe, paired by seed
+    verdict: str | None = None  # in words: did the search beat the recipe (laray.scoring.confirm.verdict)
+    beat_recipe: bool = False
 
 
 def _fail_orphaned_optuna_trials(experiment: Path, name: str, sweep_over: bool = False) -> None:
@@ -178,6 +183,8 @@ def run_sweep(
         # The in-epoch lines' interval as this driver's environment says: the workers', on other nodes, may not.
         progress_s = progress_interval_s()
         param_space = tune_space(space, len(data))
+        # What the user would otherwise run: the search's first trial and a contender in the confirmation.
+        recipe = recipe_point(space, len(data))
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
@@ -222,7 +229,15 @@ def run_sweep(
             searcher, stopper, clock = budget_parts(
                 space.time_budget_s,
                 experiment,
-                optuna_search(space, f"sqlite:///{experiment / OPTUNA_DB}", name, seed, str(experiment)),
+                optuna_search(
+                    space,
+                    f"sqlite:///{experiment / OPTUNA_DB}",
+                    name,
+                    seed,
+                    str(experiment),
+                    num_samples or space.num_samples,
+                    first=recipe,
+                ),
             )
             tuner = tune.Tuner(
                 trainable,
@@ -232,6 +247,7 @@ def run_sweep(
                     # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
                     scheduler=ResumableASHA(
                         experiment,
+                        reduction_factor=reduction_factor(num_samples or space.num_samples, space.confirm_top),
                         time_attr="epoch",
                         max_t=max(1, space.la.epochs),
                         grace_period=min(space.grace_period, max(1, space.la.epochs)),
@@ -265,13 +281,28 @@ def run_sweep(
             best_config = best_metrics = None
         baselines = stage1_baselines[(best_config or {}).get("merger", space.la.merger)]
         confirmed, confirmed_baselines, margin = [], None, None
+        recipe_entry, over_recipe, beat, said = None, None, False, None
         if space.confirms and best_config is not None:
             searched = [(dict(r.config), dict(r.metrics or {})) for r in results if r.error is None]
-            confirmed, confirmed_baselines = confirm_top(
-                data, searched, space, shared, experiment, experiment_path, seed, resources, verbose, max_failures
+            entries, confirmed_baselines = confirm_top(
+                data,
+                searched,
+                space,
+                shared,
+                experiment,
+                experiment_path,
+                seed,
+                resources,
+                verbose,
+                max_failures,
+                recipe=recipe,
             )
+            confirmed, recipe_entry = split_recipe(entries)
             if confirmed:
                 margin = margin_over(confirmed[0], confirmed_baselines["raw_pixels"])
+                if recipe_entry is not None:
+                    over_recipe = margin_over(confirmed[0], recipe_entry)
+                beat, said = verdict(confirmed[0], over_recipe, space.objective)
         summary = {
             "best_config": best_config,
             "best_metrics": {k: best_metrics.get(k) for k in REPORTED} if best_metrics else None,
@@ -282,6 +313,10 @@ def run_sweep(
             "confirmed": confirmed,
             "confirmed_baselines": confirmed_baselines,
             "margin_over_raw_pixels": margin,
+            "recipe": recipe_entry,
+            "margin_over_recipe": over_recipe,
+            "beat_recipe": beat,
+            "verdict": said,
             "warm_start": warm_start_record(f"sqlite:///{experiment / OPTUNA_DB}", name),
             "time_budget_s": budget_s(experiment),
             "ended_by_time_budget": ended_search(experiment),
@@ -297,6 +332,10 @@ def run_sweep(
             confirmed,
             confirmed_baselines,
             margin,
+            recipe_entry,
+            over_recipe,
+            said,
+            beat,
         )
 
 

@@ -21,7 +21,6 @@ from laray.settings.duration import duration
 from laray.settings.space import SearchSpace
 from laray.training.plan import StepCosts, count_run, la_seconds, stage1_seconds
 
-REDUCTION_FACTOR = 4  # ASHA's (laray.sweep.asha keeps Tune's default)
 SIMULATIONS = 400
 SLOW_WITHOUT_CUDA_S = 3600  # a plan longer than this on a machine without CUDA says how to get a smaller one
 
@@ -42,7 +41,22 @@ def typical_la(space: SearchSpace, n_images: int):
     return replace(space.la, **values)
 
 
-def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0) -> list[float]:
+def reduction_factor(trials: int, confirm_top: int) -> int:
+    """ASHA's reduction factor for a search of `trials`: about `confirm_top` of them expected to run every epoch.
+
+    At each rung ASHA lets about 1/rf of the trials go on. Tune's default, 4, left 1 of the demo's 6
+    trials to run its 10 epochs, so the confirmation's second contender was judged after 3 (docs/sweeps.md).
+    Between 2 and 4: halving at most, and Tune's default for searches of 4 x confirm_top trials and more.
+    """
+    return max(2, min(4, trials // max(1, confirm_top)))
+
+
+def confirm_configurations(space: SearchSpace, trials: int) -> int:
+    """Configurations the confirmation re-runs: the search's best (other than the recipe) and the recipe."""
+    return min(space.confirm_top, max(0, trials - 1)) + 1
+
+
+def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0, rf: int = 4) -> list[float]:
     """Mean LA epochs each trial runs (in the order trials start) under ASHA, over simulated searches.
 
     Tune's rule (ray.tune.schedulers.async_hyperband): at each rung a trial goes on when its score is at
@@ -52,8 +66,8 @@ def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0) -> list[floa
     rungs = []
     grace = max(1, min(grace, max_t))
     k = 0
-    while grace * REDUCTION_FACTOR**k < max_t:
-        rungs.append(grace * REDUCTION_FACTOR**k)
+    while grace * rf**k < max_t:
+        rungs.append(grace * rf**k)
         k += 1
     rng = np.random.default_rng(seed)
     total = np.zeros(trials)
@@ -63,7 +77,7 @@ def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0) -> list[floa
             epochs = max_t
             for rung in rungs:
                 seen = recorded[rung]
-                stop = bool(seen) and score < _quantile(seen, 1 - 1 / REDUCTION_FACTOR)
+                stop = bool(seen) and score < _quantile(seen, 1 - 1 / rf)
                 bisect.insort(seen, score)
                 if stop:
                     epochs = rung
@@ -149,15 +163,19 @@ def plan_sweep(
     work = count_run(n_images, space.ae, la, mergers=mergers)
     decode = 0.0 if decoded else n_images * costs.decode_image
     stage1 = costs.worker_start + decode + stage1_seconds(work, costs)
-    epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period)
+    rf = reduction_factor(trials, space.confirm_top)
+    epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period, rf=rf)
     trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
     slowdown = costs.la_image_together / costs.la_image if costs.la_image else 1.0
     search = wall_of(trial_s, slots, slowdown)
+    affords = None
     if space.time_budget_s is not None:  # no trial starts once it is spent; running ones end at their epoch's end
         search = min(search, space.time_budget_s + max(trial_s) / max(1, la.epochs))
+        # the trials of a middling length (under ASHA) that the budget's slots hold, each slowed by its neighbours
+        affords = math.floor(space.time_budget_s * slots / (float(np.mean(trial_s)) * max(1.0, slowdown)))
     confirm = 0.0
     if space.confirms:
-        runs = min(space.confirm_top, trials) * space.confirm_seeds
+        runs = confirm_configurations(space, trials) * space.confirm_seeds
         seeds = wall_of([costs.worker_start + stage1_seconds(work, costs)] * space.confirm_seeds, slots, slowdown)
         confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots, slowdown)
     return SweepPlan(
@@ -172,7 +190,9 @@ def plan_sweep(
             "la_per_trial": la.epochs,
             "la_search_mean": round(float(sum(epochs)), 1),
             "la_search_at_most": trials * la.epochs,
-            "confirm_runs": min(space.confirm_top, trials) * space.confirm_seeds if space.confirms else 0,
+            "confirm_runs": confirm_configurations(space, trials) * space.confirm_seeds if space.confirms else 0,
+            "asha_reduction_factor": rf,
+            "time_budget_affords_trials": affords,
         },
         {"start": 2 * costs.worker_start, "stage1": stage1, "search": search, "confirmation": confirm},
         costs,
@@ -193,10 +213,16 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
         f"  search: {plan.trials} trials of up to {e['la_per_trial']} LA epochs, about {e['la_search_mean']:g} of "
         f"{e['la_search_at_most']} epochs run under ASHA: {duration(s['search'])}",
     ]
+    if e.get("time_budget_affords_trials") is not None:
+        lines.append(
+            f"  the time budget ({duration(space.time_budget_s)}) affords about {e['time_budget_affords_trials']} "
+            f"trials of this length, {plan.trials} asked"
+        )
     if e["confirm_runs"]:
         lines.append(
-            f"  confirmation: {e['confirm_runs']} runs ({space.confirm_top} configurations x {space.confirm_seeds} "
-            f"seeds), stage 1 once per seed: {duration(s['confirmation'])}"
+            f"  confirmation: {e['confirm_runs']} runs ({e['confirm_runs'] // space.confirm_seeds} configurations, "
+            f"the recipe among them, x {space.confirm_seeds} seeds), stage 1 once per seed: "
+            f"{duration(s['confirmation'])}"
         )
     c = plan.costs
     lines.append(

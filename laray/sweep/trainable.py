@@ -183,5 +183,7 @@ def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
     """One confirmation run: a search trial's LA settings (config["la"]) with a fresh seed (config["seed"])."""
     import ray
 
+    from laray.scoring.confirm import without_mark
+
     seed = config["seed"]
-    train_trial(config["la"], stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)
+    train_trial(without_mark(config["la"]), stage1=ray.get(stage1s[seed]), seed=seed, **kwargs)

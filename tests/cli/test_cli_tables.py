@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from laray.cli.tables import print_confirmed, print_search_best
+from laray.cli.tables import print_confirmed, print_search_best, print_verdict
 from laray.scoring.confirm import baselines_over_seeds, confirmed, margin_over
 
 RAW = {"purity": 0.41, "heldout_purity": 0.40}
@@ -33,6 +33,8 @@ def result(baselines: dict):
         confirmed=entries,
         confirmed_baselines=over_seeds,
         margin=margin_over(entries[0], over_seeds["raw_pixels"]),
+        recipe=None,
+        verdict=None,
     )
 
 
@@ -85,3 +87,21 @@ def test_a_stage_1_of_no_epochs_names_the_codes_baseline_for_what_it_scored(caps
     print_search_best(result(baselines), space(pretrained, ae_epochs=0))
     header, _ = search_table(capsys.readouterr().out)
     assert label in header
+
+
+def test_the_recipe_has_its_row_and_the_verdict_is_the_last_line(capsys):
+    shown = result({"raw_pixels": RAW, "autoencoder": CODES})
+    recipe_runs = [
+        ({"temperature": 0.07}, seed, {"purity": p, "heldout_purity": p}) for seed, p in ((1, 0.6), (2, 0.7))
+    ]
+    shown.recipe = confirmed(recipe_runs, "purity", "max")[0]
+    shown.verdict = "the search found settings better than the recipe (temperature=0.1): ..."
+    print_confirmed(shown, space(None))
+    print_verdict(shown)
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.strip().startswith("the recipe (laray train's settings)"))
+    assert row.split(")")[1].split()[:2] == ["0.650", "0.071"]  # mean and sd over seeds 1 and 2
+    assert printed.rstrip().splitlines()[-1] == f"verdict: {shown.verdict}"
+    shown.verdict = None  # no confirmation: nothing to say
+    print_verdict(shown)
+    assert capsys.readouterr().out == ""

@@ -886,3 +886,31 @@ def test_the_codes_baseline_is_named_for_what_stage_1_was():
     assert {k: v for k, v in untrained.items() if k != "autoencoder"} == {
         k: v for k, v in BASELINE_NAMES.items() if k != "autoencoder"
     }
+
+
+def test_the_report_and_picture_set_the_recipe_beside_the_confirmed_winner(tmp_path):
+    """A confirmation with the recipe re-run over the same seeds (as laray.results.scores.confirmed_table
+    gives it): its row, the verdict from the runs paired by seed, and the picture's own column."""
+    winner = dict(zip(PARAM_NAMES, (0.1, 0.2, 30, 5, 20)))
+    recipe = dict(zip(PARAM_NAMES, (0.07, 0.5, 40, 6, 10)))
+    won, base = {1: 0.80, 2: 0.86, 3: 0.83}, {1: 0.76, 2: 0.81, 3: 0.80}  # winner - recipe: 0.04, 0.05, 0.03
+    rows = [
+        {"rank": rank, "recipe": rank == 2, **params, "seed": s, "purity": p, "heldout_purity": p - 0.01}
+        | {"raw_pixels_purity": 0.5, "raw_pixels_heldout_purity": 0.5}
+        for rank, params, values in ((1, winner, won), (2, recipe, base))
+        for s, p in values.items()
+    ]
+    scored = SimpleNamespace(
+        confirmed=pd.DataFrame(rows), objective="purity", baseline_names={"raw_pixels": "k-means on raw pixels"}
+    )
+    text = "\n".join(report._confirmed_section(scored))
+    half = 4.302652729911275 * np.std([0.04, 0.05, 0.03], ddof=1) / math.sqrt(3)
+    assert "| the recipe (`laray train`'s settings, same seeds) | 0.790 |" in text
+    assert (
+        "**Verdict**: The search found settings better than the recipe (temperature=0.1 mixing_rate=0.2 "
+        "k_neighbours=30 clustering_repeats=5 n_centroids=20): over the recipe, paired by seed (3 seeds): "
+        f"purity +0.040 [{0.04 - half:+.3f}, {0.04 + half:+.3f}], held-out +0.040" in text
+    )
+    assert "| recipe | 0.07 | 0.5 | 40 | 6 | 10 | 0.790 |" in text  # last in the table of all confirmed
+    png = plots.plot_confirmed(scored.confirmed, {}, "purity", tmp_path / "confirmed.png")
+    assert png.stat().st_size > 0

@@ -147,3 +147,75 @@ def test_describe_margin_says_whether_la_beat_raw_pixels(interval, verdict):
         f"[{interval[0]:+.3f}, {interval[1]:+.3f}], held-out +0.090 [+0.010, +0.170]"
     )
     assert verdict in line and "\n" not in line
+
+
+def test_the_recipe_joins_the_top_configurations_once_and_marked():
+    from laray.scoring.confirm import RECIPE_MARK, contenders
+
+    recipe, a, b = {"temperature": 0.07}, {"temperature": 0.1}, {"temperature": 0.2}
+    trials = [
+        (dict(recipe), {"purity": 0.99, "epoch": 8}),  # the recipe's own search trial: not counted in the top
+        (a, {"purity": 0.9, "epoch": 8}),
+        (b, {"purity": 0.8, "epoch": 8}),
+    ]
+    assert contenders(trials, recipe, "purity", "max", 8, 2) == [a, b, {"temperature": 0.07, RECIPE_MARK: True}]
+    assert contenders(trials, {"temperature": 0.07 + 1e-12}, "purity", "max", 8, 1)[0] == a  # alike to 9 digits
+    assert contenders(trials, None, "purity", "max", 8, 1) == [recipe]
+
+
+def _recipe_runs():
+    from laray.scoring.confirm import RECIPE_MARK
+
+    winner, recipe = {"temperature": 0.1}, {"temperature": 0.07, RECIPE_MARK: True}
+    won = {1: (0.80, 0.78), 2: (0.86, 0.83), 3: (0.83, 0.84)}  # seed: (purity, held-out purity)
+    base = {1: (0.76, 0.75), 2: (0.81, 0.80), 3: (0.80, 0.79)}
+    runs = [(winner, s, {"purity": p, "heldout_purity": h}) for s, (p, h) in won.items()]
+    runs += [(recipe, s, {"purity": p, "heldout_purity": h}) for s, (p, h) in base.items()]
+    return runs, won, base
+
+
+def test_margin_over_the_recipe_by_hand_and_the_verdict_both_ways():
+    from laray.scoring.confirm import split_recipe, verdict
+
+    runs, won, base = _recipe_runs()
+    searched, recipe = split_recipe(confirmed(runs, "purity", "max"))
+    assert [e["config"] for e in searched] == [{"temperature": 0.1}] and recipe["config"] == {"temperature": 0.07}
+    margin = margin_over(searched[0], recipe)
+    diffs = [won[s][0] - base[s][0] for s in (1, 2, 3)]  # 0.04, 0.05, 0.03
+    held = [won[s][1] - base[s][1] for s in (1, 2, 3)]  # 0.03, 0.03, 0.05
+    half = T_975_DF2 * np.std(diffs, ddof=1) / math.sqrt(3)  # 2.484 * 0.01 = 0.0248
+    assert margin["seeds"] == [1, 2, 3] and margin["purity"] == pytest.approx(diffs)
+    assert margin["purity_mean"] == pytest.approx(0.04)
+    assert margin["purity_ci95"] == pytest.approx([0.04 - half, 0.04 + half])
+    assert margin["heldout_purity_mean"] == pytest.approx(np.mean(held))
+    beat, text = verdict(searched[0], margin, "purity")
+    assert beat and text.startswith("the search found settings better than the recipe (temperature=0.1)")
+    assert f"paired by seed (3 seeds): purity +0.040 [{0.04 - half:+.3f}, {0.04 + half:+.3f}], held-out +0.037" in text
+
+    # the same runs, the recipe now the better one by 0.04 on every seed: no winner
+    swapped = [({"temperature": 0.1} if c.get("is_recipe") else {**c, "is_recipe": True}, s, m) for c, s, m in runs]
+    searched, recipe = split_recipe(confirmed(swapped, "purity", "max"))
+    beat, text = verdict(searched[0], margin_over(searched[0], recipe), "purity")
+    assert not beat and "no better than the recipe (the recipe did better): `laray train` with it is the answer" in text
+    assert "purity -0.040" in text
+
+
+@pytest.mark.parametrize(
+    "purity, ci, held, why",
+    [
+        ([0.05], None, 0.05, "one seed: no interval"),
+        ([0.01, 0.02], [-0.05, 0.08], 0.02, "the interval includes 0"),
+        ([0.05, 0.06], [0.01, 0.1], -0.01, "the held-out half does not agree"),
+    ],
+)
+def test_no_winner_within_the_seeds_spread(purity, ci, held, why):
+    from laray.scoring.confirm import verdict
+
+    margin = {"seeds": list(range(len(purity))), "purity_mean": float(np.mean(purity)), "purity_ci95": ci}
+    margin |= {"heldout_purity_mean": held, "heldout_purity_ci95": None}
+    beat, text = verdict({"config": {"temperature": 0.1}}, margin, "purity")
+    assert not beat and f"no better than the recipe ({why})" in text
+    assert verdict({"config": {}}, None, "purity") == (
+        False,
+        "the recipe was not re-run with the search's best: no verdict",
+    )

@@ -208,3 +208,17 @@ def test_cuda_available_is_false_without_a_driver_or_when_it_fails_to_start(monk
         laray.settings.defaults.ctypes, "CDLL", lambda name: FakeNVML(2, init_status=9)
     )  # driver not loaded
     assert laray.settings.defaults.cuda_available() is False
+
+
+def test_the_recipe_point_is_what_laray_train_runs_clipped_to_the_data():
+    from laray.settings.defaults import recipe_point
+
+    space = load_space("demo")
+    point = recipe_point(space, 1797)
+    assert point == dict(space.recipe) and set(point) == set(space.search)
+    _, la = train_configs(space)
+    assert all(getattr(la, name) == value for name, value in point.items())
+    small = recipe_point(space, 200)  # C 240 and k 300 cannot be asked of 200 images
+    assert small["n_centroids"] == 200 and small["k_neighbours"] == 199
+    partial = dataclasses.replace(space, recipe={"temperature": 0.05})  # the rest from the fixed settings
+    assert recipe_point(partial, 1797) == {**{n: getattr(space.la, n) for n in space.search}, "temperature": 0.05}

@@ -93,3 +93,40 @@ def test_the_study_is_created_in_the_spaces_direction(tmp_path, mode):
     raw = {"mode": mode, "confirm_top": 0, "fixed": {"la": {"epochs": EPOCHS}}, "search": SEARCH}
     study = create_study(f"sqlite:///{tmp_path / 'optuna.db'}", "sweep", parse_space(raw))
     assert study.direction.name == {"max": "MAXIMIZE", "min": "MINIMIZE"}[mode]
+
+
+@pytest.mark.parametrize(
+    "num_samples, concurrent, startup, liar",
+    [(6, 2, 2, True), (12, 2, 4, True), (40, 4, 10, True), (100, 1, 10, False), (1, 1, 2, False)],
+)
+def test_the_sampler_is_sized_for_the_trials_it_has(num_samples, concurrent, startup, liar):
+    from laray.sweep.study import sampler_settings
+
+    settings = sampler_settings(num_samples, concurrent)
+    assert settings == {"n_startup_trials": startup, "multivariate": True, "constant_liar": liar}
+    assert settings["n_startup_trials"] < max(3, num_samples)  # TPE models something before the budget ends
+
+
+def test_the_recipe_is_the_first_trial_and_the_sampler_is_configured(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = space_of()
+    recipe = {"temperature": 0.07, "mixing_rate": 0.5}
+    search = optuna_search(space, storage, "sweep", seed=0, experiment=str(tmp_path), num_samples=9, first=recipe)
+    assert search.set_search_properties(None, None, tune_space(space, N))
+    first, second = search.suggest("trial_0"), search.suggest("trial_1")
+    assert first == recipe and second != recipe
+    sampler = search._sampler
+    assert sampler._n_startup_trials == 3 and sampler._multivariate and sampler._constant_liar
+
+
+def test_a_recipe_a_categorical_does_not_offer_is_not_enqueued(tmp_path):
+    raw = {
+        "confirm_top": 0,
+        "fixed": {"autoencoder": {"arch": "vgg11_bn", "width": 0.125}, "la": {"epochs": EPOCHS}},
+        "search": {**SEARCH, "merger": {"categorical": ["flatten"]}},
+    }
+    space = parse_space(raw)
+    recipe = {"temperature": 0.07, "mixing_rate": 0.5, "merger": "mean"}
+    search = optuna_search(space, f"sqlite:///{tmp_path / 'o.db'}", "s", seed=0, experiment=str(tmp_path), first=recipe)
+    assert search.set_search_properties(None, None, tune_space(space, N))
+    assert search.suggest("trial_0")["merger"] == "flatten"

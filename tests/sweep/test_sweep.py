@@ -25,7 +25,7 @@ from conftest import tensorboard_hparams, write_digit_folder, write_vgg_weights
 
 from laray.data.dataset import describe
 from laray.errors import SweepError
-from laray.scoring.confirm import pick_top
+from laray.scoring.confirm import contenders, verdict
 from laray.scoring.metrics import purity
 from laray.settings.config import LAConfig, replace
 from laray.settings.space import SEARCHABLE, SpaceError, load_space, parse_space
@@ -49,6 +49,14 @@ SEARCH = {
 FIVE = tuple(SEARCH)
 RANGES = {"k_neighbours": (5, 50), "clustering_repeats": (1, 3), "n_centroids": (6, 24)}
 ROOT = Path(__file__).resolve().parents[2]
+# What `laray train` would run with raw_space (no `recipe:`): LAConfig's defaults, k (500) clipped to N - 1
+DEFAULT_RECIPE = {
+    "temperature": 0.07,
+    "mixing_rate": 0.5,
+    "k_neighbours": N - 1,
+    "clustering_repeats": 6,
+    "n_centroids": N,
+}
 
 
 def raw_space(
@@ -339,7 +347,7 @@ def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, 
     best = json.loads((experiment / "best.json").read_text())
     assert best["ended_by_time_budget"] is True and best["time_budget_s"] == 1
     assert len(result.confirmed) == 1 and result.confirmed[0]["seeds"] == [1]  # the confirmation ran as usual
-    assert [len(rows(f)) for f in (experiment / "confirm").glob("*_trial_*") if f.is_dir()] == [3]
+    assert [len(rows(f)) for f in (experiment / "confirm").glob("*_trial_*") if f.is_dir()] == [3, 3]  # and the recipe
     # the study says who stopped them (laray.sweep.study)
     assert [
         (t.user_attrs["stopped_by"], t.user_attrs["epochs_run"]) for t in only_study(experiment, "budget").trials
@@ -347,9 +355,10 @@ def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, 
     # TensorBoard's HPARAMS: the confirmation's runs under the search's names, with their own seed
     found = tensorboard_hparams(experiment)
     assert found["."]["experiment"] == found["confirm"]["experiment"]  # whichever TensorBoard reads first
-    [confirm_run] = [run for run in found if run.startswith("confirm/")]
-    assert found[confirm_run]["session_start_info"] == pytest.approx({**result.confirmed[0]["config"], "seed": 1})
-    assert {run for run in found if run not in (".", "confirm", confirm_run)} == {f.name for f in searched}
+    confirm_runs = [found[run]["session_start_info"] for run in found if run.startswith("confirm/")]
+    assert pytest.approx({**result.confirmed[0]["config"], "seed": 1}) in confirm_runs and len(confirm_runs) == 2
+    searched_runs = {run for run in found if run not in (".", "confirm") and not run.startswith("confirm/")}
+    assert searched_runs == {f.name for f in searched}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +574,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
         _stop(proc)
     first = _finished_trial(exp / "confirm", LA["epochs"])
     first_progress = (first / "progress.csv").read_text()
-    assert len(list((exp / "confirm").glob("*/metrics.json"))) < 4  # killed before the confirmation ended
+    assert len(list((exp / "confirm").glob("*/metrics.json"))) < 6  # killed before the confirmation ended
     result = run_sweep(sub, space, run=SweepRun(str(storage), "confirmed", seed=SEED, resume=True, verbose=0))
     assert (first / "progress.csv").read_text() == first_progress  # not run again
     best = json.loads((exp / "best.json").read_text())
@@ -577,12 +586,12 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
         for f in exp.glob("train_trial_*")
         if f.is_dir()
     ]
-    top = pick_top(searched, "purity", "max", LA["epochs"], 2)
+    top = contenders(searched, DEFAULT_RECIPE, "purity", "max", LA["epochs"], 2)[:2]  # the recipe's own trial aside
     assert sorted(json.dumps(e["config"], sort_keys=True) for e in result.confirmed) == sorted(
         json.dumps(c, sort_keys=True) for c in top
     )
     runs = [json.loads(f.read_text()) for f in (exp / "confirm").glob("*/metrics.json")]
-    assert len(runs) == 4 and sorted(m["seed"] for m in runs) == [1, 1, 2, 2]
+    assert len(runs) == 6 and sorted(m["seed"] for m in runs) == [1, 1, 1, 2, 2, 2]  # the recipe beside the two
     # every run that reported ran every epoch: no ASHA here (a run the kill cut off before its first
     # report restarts in a new folder and leaves an empty one)
     assert all(len(rows(f.parent)) == LA["epochs"] for f in (exp / "confirm").glob("*/metrics.json"))
@@ -630,12 +639,25 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert margin["purity_ci95"] == pytest.approx([np.mean(differences) - half, np.mean(differences) + half], rel=1e-3)
     assert margin["heldout_purity_mean"] == pytest.approx(np.mean(held_differences))
 
+    # the winner's margin over the recipe, by hand: each seed's run minus the recipe's run on that seed
+    recipe_runs = sorted(
+        (m for m in runs if all(m["config"]["la"][k] == v for k, v in DEFAULT_RECIPE.items())), key=lambda m: m["seed"]
+    )
+    assert best["recipe"]["seeds"] == [1, 2] and best["recipe"]["purity"] == [m["purity"] for m in recipe_runs]
+    over = [w["purity"] - r["purity"] for w, r in zip(winner_runs, recipe_runs)]
+    assert best["margin_over_recipe"]["purity"] == pytest.approx(over)
+    assert best["margin_over_recipe"]["heldout_purity_mean"] == pytest.approx(
+        np.mean([w["heldout_purity"] - r["heldout_purity"] for w, r in zip(winner_runs, recipe_runs)])
+    )
+    assert best["verdict"] == verdict(result.confirmed[0], result.margin_over_recipe, "purity")[1]
+
     # laray analyze: confirmed.csv (one row per configuration and seed), its picture, the report's lead
     from laray.results.report import analyze
 
     text = analyze(exp, tmp_path / "analysis").read_text()
     table = pd.read_csv(tmp_path / "analysis" / "confirmed.csv")
-    assert len(table) == 4 and sorted(table["rank"]) == [1, 1, 2, 2]
+    assert len(table) == 6 and sorted(table["rank"]) == [1, 1, 2, 2, 3, 3]
+    assert table[table["recipe"]]["rank"].tolist() == [3, 3]  # the recipe after the search's configurations
     for entry, rank in zip(result.confirmed, (1, 2)):
         assert table[table["rank"] == rank]["purity"].tolist() == pytest.approx(entry["purity"])
     assert {"seed", "heldout_purity", "raw_pixels_purity", "autoencoder_heldout_purity"} <= set(table.columns)
@@ -643,6 +665,8 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
     assert text.index("## Confirmed winner") < text.index("## Best trial of the search")
     assert "k-means on raw pixels (same seeds)" in text and f"{result.confirmed[0]['purity_mean']:.3f}" in text
     assert f"Winner minus k-means on raw pixels, paired by seed: purity {np.mean(differences):+.3f}" in text
+    assert "the recipe (`laray train`'s settings, same seeds)" in text
+    assert f"**Verdict**: {best['verdict'][0].upper()}{best['verdict'][1:]}." in text
 
 
 @pytest.mark.slow
@@ -1153,7 +1177,8 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
         sum(re.match(r"\[search [^]]+\] trial \w+ epoch \d/2  purity \d\.\d{3}", line) is not None for line in lines)
         >= 2
     )
-    assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 1/1 trials ended \(1 done\)", line) for line in lines)
+    # the confirmation: the search's best and the recipe, one seed each
+    assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 2/2 trials ended \(2 done\)", line) for line in lines)
     assert any("up to ~" in line and "left" in line for line in lines)
     for noise in (
         "Checkpoint successfully created",
@@ -1182,6 +1207,18 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     assert (
         f"winner minus k-means on raw pixels, paired by seed: purity {margin:+.3f}, held-out " in done.stdout
     ) and "one seed: no interval" in done.stdout
+    # the recipe (no `recipe:` in this space: the fixed and default LA values, clipped to N) was the first trial
+    recipe = DEFAULT_RECIPE
+    first = next(p for p in experiment.glob("train_trial_*_1_*") if p.is_dir())  # Tune numbers them from 1
+    assert json.loads((first / "params.json").read_text()) == pytest.approx(recipe)
+    # ... and was re-run beside the search's best over the same seed, its margin and the verdict recorded
+    assert best["recipe"]["config"] == pytest.approx(recipe) and best["recipe"]["seeds"] == [1]
+    over = best["margin_over_recipe"]
+    assert over["purity"] == pytest.approx([best["confirmed"][0]["purity"][0] - best["recipe"]["purity"][0]])
+    assert best["beat_recipe"] is False  # one seed: no interval, so no winner
+    assert "the recipe (laray train's settings)" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1] == f"verdict: {best['verdict']}"
+    assert best["verdict"].startswith("the search's best is no better than the recipe (one seed: no interval)")
 
 
 def test_cli_sweep_help():

@@ -1,6 +1,7 @@
 """The plan: the work counted against a hand count, ASHA's expected epochs, wall time on slots, --plan writing
 nothing, and the measured costs."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -74,9 +75,14 @@ def test_a_sweep_plan_adds_stage1_trials_and_the_confirmation():
     trial = 256 + la_seconds(work, COSTS)  # grace period 4 = max_t 4: ASHA stops no one
     assert plan.seconds["search"] == pytest.approx(2 * trial)  # 4 trials on 2 slots
     assert plan.seconds["stage1"] == pytest.approx(256 + stage1_seconds(work, COSTS))
-    assert plan.seconds["confirmation"] == pytest.approx((256 + stage1_seconds(work, COSTS)) + trial)
+    # the search's best and the recipe, x 2 seeds: 4 runs on 2 slots, after each seed's stage 1 (at once)
+    assert plan.seconds["confirmation"] == pytest.approx((256 + stage1_seconds(work, COSTS)) + 2 * trial)
     assert plan.estimated_s == pytest.approx(sum(plan.seconds.values()))
-    assert plan.to_json()["epochs"]["la_search_at_most"] == 16
+    assert plan.to_json()["epochs"]["la_search_at_most"] == 16 and plan.to_json()["epochs"]["confirm_runs"] == 4
+    assert plan.to_json()["epochs"]["time_budget_affords_trials"] is None
+    budgeted = plan_sweep(dataclasses.replace(space, time_budget_s=10 * trial), 100, 10, COSTS, "cpu", 1, slots=2)
+    # 10 trials' time on 2 slots, each trial no slower beside another (COSTS times both alike): 20 trials
+    assert budgeted.to_json()["epochs"]["time_budget_affords_trials"] == 20
 
 
 def test_measured_costs_are_positive_and_quick(one_torch_thread):
@@ -115,3 +121,13 @@ def test_the_simulation_quantile_is_numpys():
     for m in range(1, 12):
         values = sorted(rng.random(m))
         assert _quantile(values, 0.75) == pytest.approx(np.percentile(values, 75))
+
+
+def test_ashas_reduction_factor_leaves_about_confirm_top_trials_their_every_epoch():
+    from laray.sweep.plan import reduction_factor
+
+    assert reduction_factor(6, 2) == 3 and reduction_factor(12, 2) == 4 and reduction_factor(40, 3) == 4
+    assert reduction_factor(3, 2) == 2 and reduction_factor(6, 0) == 4  # halving at most; Tune's default at most
+    # the demo's 6 trials, 10 epochs, grace 3: with rf 3 about two run all 10 epochs, with Tune's 4 about one
+    full = [sum(e == 10 for e in asha_epochs(6, 10, 3, rf=rf, seed=s)) for rf in (3, 4) for s in (0,)]
+    assert asha_epochs(6, 10, 3, rf=3)[0] == 10 and full[0] >= full[1]

@@ -1,0 +1,94 @@
+"""benchmarks/sampler_sim.py --small on a synthetic landscape (nothing trained): its table's rows, finite."""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLERS = ("random", "qmc", "tpe", "tpe-scaled", "tpe-scaled-indep")  # GPSampler apart: a second a trial
+SETTINGS = {
+    "la.temperature": {"kind": "log", "low": 0.02, "high": 0.5},
+    "la.jitter": {"kind": "lin", "low": 0.0, "high": 0.6},
+    "la.clustering_repeats": {"kind": "int", "low": 1, "high": 12},
+    "la.k_neighbours": {"kind": "logint", "low": 18, "high": 898},
+    "la.merger": {"kind": "choice", "choices": ["mean", "flatten"]},
+}
+
+
+def synthetic_landscape(configs: int = 10, seeds=(0, 1)) -> dict:
+    """A landscape in landscape.py's format: purity peaks at a temperature of 0.1, plus seed noise of sd 0.01."""
+    rng = np.random.default_rng(0)
+    points = [{"la.temperature": 0.04, "la.jitter": 0.4, "la.clustering_repeats": 7, "la.k_neighbours": 300}]
+    points[0]["la.merger"] = "mean"
+    for _ in range(configs - 1):
+        points.append(
+            {
+                "la.temperature": float(math.exp(rng.uniform(math.log(0.02), math.log(0.5)))),
+                "la.jitter": float(rng.uniform(0.0, 0.6)),
+                "la.clustering_repeats": int(rng.integers(1, 13)),
+                "la.k_neighbours": int(round(math.exp(rng.uniform(math.log(18), math.log(898))))),
+                "la.merger": str(rng.choice(["mean", "flatten"])),
+            }
+        )
+    runs = []
+    for cid, point in enumerate(points):
+        truth = 0.9 - 0.05 * math.log(point["la.temperature"] / 0.1) ** 2 - 0.02 * (point["la.merger"] == "flatten")
+        for seed in seeds:
+            purity = truth + rng.normal(0.0, 0.01)
+            runs.append({"config_id": cid, "seed": seed, "purity": purity, "heldout_purity": purity - 0.005})
+    return {
+        "data": "synthetic",
+        "n_images": 1000,
+        "seeds": list(seeds),
+        "settings": SETTINGS,
+        "configs": [{"config_id": i, "config": c} for i, c in enumerate(points)],
+        "runs": runs,
+    }
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sampler_sim", ROOT / "benchmarks" / "sampler_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(out: str, name: str, sizes, repeats: int) -> None:
+    """Each (num_samples, recipe first or not) has its row, with finite numbers in range."""
+    for n in sizes:
+        for enqueue in ("no", "yes"):
+            row = re.search(rf"^\| {name} \| {enqueue} \| {n} \| {repeats} \|(.*)\|\s*$", out, re.M)
+            assert row, f"no row for {name}, recipe first {enqueue}, {n} samples in:\n{out}"
+            values = [float(v) for v in row.group(1).split("|")]
+            assert len(values) == 6 and all(math.isfinite(v) for v in values), row.group(0)
+            pick, margin, _, win, loss, _ = values
+            assert 0.5 < pick < 1.1 and -0.5 < margin < 0.5 and 0 <= win <= 1 and 0 <= loss <= 1, row.group(0)
+
+
+def test_sampler_sim_small_prints_finite_rows(tmp_path, capsys):
+    path = tmp_path / "landscape.json"
+    path.write_text(json.dumps(synthetic_landscape()))
+    assert load_script().main([str(path), "--small", "--samplers", *SAMPLERS]) == 0
+    out = capsys.readouterr().out
+    for kernel in ("isotropic", "ARD"):
+        loo = re.search(
+            rf"^leave-one-out, {kernel}.*: RMSE (\S+), MAE (\S+), Spearman (\S+); .* mean: RMSE (\S+);", out, re.M
+        )
+        assert loo and all(math.isfinite(float(v.rstrip(",;"))) for v in loo.groups()), out
+    assert "(used)" in out, out
+    assert re.search(r"^seed noise \(pooled between-seed sd of one run\): 0\.0\d+;", out, re.M), out
+    for name in SAMPLERS:
+        rows(out, name, (4, 6), 3)
+    assert re.search(r"^load average \(1, 5, 15 min\): [\d., ]+; wall time \d+ s$", out, re.M), out
+
+
+def test_sampler_sim_gp_row(tmp_path, capsys):
+    path = tmp_path / "landscape.json"
+    path.write_text(json.dumps(synthetic_landscape()))
+    argv = [str(path), "--samplers", "gp-scaled", "--num-samples", "3", "--repeats", "2"]
+    assert load_script().main(argv) == 0
+    rows(capsys.readouterr().out, "gp-scaled", (3,), 2)

@@ -34,3 +34,32 @@ def test_sweep_scale_quick_prints_rows_and_verdicts():
     )
     assert re.search(r"^worker memory: (within|ABOVE) the target: peak RSS grew", done.stdout, re.M), done.stdout
     assert re.search(r"^evaluation vs LA epoch at N=600: ", done.stdout, re.M), done.stdout
+
+
+def test_sweep_overhead_quick_compares_laray_with_a_bare_tune_trainable():
+    """benchmarks/sweep_overhead.py --quick --reuse on: 3 tiny trials each of a bare trainable and of laray's, reused
+    workers (about a minute on 2 cores; --reuse both, the default, adds fresh workers)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep_overhead.py"), "--quick", "--reuse", "on"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    signed = r"(-?\d+(?:\.\d+)?)"
+    load = rf"load average \(1, 5, 15 min\) at the (start|end): {NUMBER} {NUMBER} {NUMBER}"
+    assert len(re.findall(load, done.stdout)) == 2, done.stdout
+    assert re.search(rf"^direct run \(train_run, 1 LA epochs\): {NUMBER} s before", done.stdout, re.M), done.stdout
+    assert re.search(rf"^stage 1's ray.get in a worker, as each trial pays it: {NUMBER} s$", done.stdout, re.M)
+    # experiment, wall s, before the first trial s, fixed s per trial, the same after the first (, laray's parts)
+    bare = re.search(rf"^bare Tune, reused workers\s+{NUMBER}\s+{NUMBER}\s+{signed}\s+{signed}\s*$", done.stdout, re.M)
+    laray = re.search(
+        rf"^laray, reused workers\s+{NUMBER}\s+{NUMBER}\s+{signed}\s+{signed}\s+{NUMBER}\s+{NUMBER}\s*$",
+        done.stdout,
+        re.M,
+    )
+    assert bare and laray, done.stdout
+    assert "fresh workers" not in done.stdout
+    wall, before_first, per_trial = (float(v) for v in laray.groups()[:3])
+    assert wall > before_first > 0 and per_trial < wall / 3

@@ -279,12 +279,14 @@ def main(argv=None) -> int:
 
     from laray.data.dataset import describe, open_dataset
     from laray.settings.config import replace
+    from laray.settings.defaults import fit_to_size
 
     ae, la = settings(args.data, None, [])
     if args.small:
         ae, la = replace(ae, epochs=1), replace(la, epochs=2)
         args.configs = min(args.configs, 2)
     n_images = len(open_dataset(describe(args.data, ae.image_size), args.cache_dir))
+    la = fit_to_size(la, la, n_images)  # the recipe's k and C clipped to the data set, as laray train does
     names = sorted(args.settings)
     space = {k: v for k, v in ranges(names, n_images, ae, la).items() if len(v.get("choices", (0, 1))) > 1}
     if args.small:  # one LA epoch at most: ranges that keep the runs tiny

@@ -82,7 +82,7 @@ def confirm_top(
         tuner = tune.Tuner(
             trainable,
             param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent),
+            tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent, reuse_actors=True),
             run_config=run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space),
         )
     with tune_fit_stops_on_signal():

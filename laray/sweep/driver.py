@@ -256,6 +256,8 @@ def run_sweep(
                     mode=space.mode,
                     num_samples=num_samples or space.num_samples,
                     max_concurrent_trials=space.max_concurrent,
+                    # a worker runs trial after trial: its start and imports once (benchmarks/sweep_overhead.py)
+                    reuse_actors=True,
                 ),
                 run_config=run_config(
                     name,

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLERS = ("random", "qmc", "tpe", "tpe-scaled", "tpe-scaled-indep")  # GPSampler apart: a second a trial
@@ -92,3 +93,52 @@ def test_sampler_sim_gp_row(tmp_path, capsys):
     argv = [str(path), "--samplers", "gp-scaled", "--num-samples", "3", "--repeats", "2"]
     assert load_script().main(argv) == 0
     rows(capsys.readouterr().out, "gp-scaled", (3,), 2)
+
+
+def load_landscape():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # landscape.py imports photo_recipe beside it
+    spec = importlib.util.spec_from_file_location("landscape", ROOT / "benchmarks" / "landscape.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_landscape_report_by_hand():
+    """The seed spread, the per-setting split and the best configuration against the recipe, on a made-up record."""
+    landscape = load_landscape()
+    record = synthetic_landscape(configs=10)
+    means = landscape.config_means(record)
+    by_hand = {cid: np.mean([r["purity"] for r in record["runs"] if r["config_id"] == cid]) for cid in range(10)}
+    assert means == pytest.approx(by_hand)
+    within = [[r["purity"] for r in record["runs"] if r["config_id"] == cid] for cid in range(10)]
+    pooled = math.sqrt(sum(np.var(v, ddof=1) for v in within) / 10)  # 2 seeds each: one degree of freedom each
+    assert landscape.seed_sd(record) == pytest.approx(pooled)
+    best = landscape.best_against_recipe(record)
+    top = max(range(1, 10), key=lambda cid: by_hand[cid])
+    assert best["best_id"] == top and best["purity"]["recipe"] == pytest.approx(by_hand[0])
+    pairs = {(r["config_id"], r["seed"]): r["purity"] for r in record["runs"]}
+    assert best["purity"]["paired_diffs"] == pytest.approx([pairs[(top, s)] - pairs[(0, s)] for s in (0, 1)])
+    rows = {row["setting"]: row for row in landscape.effects(record)}
+    assert set(rows) == set(SETTINGS) and sum(r["fanova"] for r in rows.values()) == pytest.approx(1.0)
+    # the made-up purity falls with the merger "flatten" (by 0.02) and peaks at temperature 0.1
+    assert rows["la.merger"]["upper_minus_lower"] < 0
+    text = landscape.report(record)
+    assert "| la.temperature | 0.02–0.5 (log) |" in text and "best sampled configuration" in text
+
+
+def test_landscape_small_trains_and_records(tmp_path, capsys):
+    """--small: the recipe and one sampled configuration, one seed, on 120 digits: two real runs, recorded."""
+    from conftest import write_digit_folder
+
+    folder = write_digit_folder(tmp_path / "digits", 120)
+    out = tmp_path / "landscape.json"
+    argv = ["--small", "--data", str(folder), "--configs", "1", "--seeds", "0", "--jobs", "1"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
+    assert load_landscape().main(argv) == 0
+    record = json.loads(out.read_text())
+    assert [(r["config_id"], r["seed"]) for r in record["runs"]] == [(0, 0), (1, 0)]
+    assert all(0 < r["purity"] <= 1 and 0 < r["heldout_purity"] <= 1 for r in record["runs"])
+    assert record["configs"][0]["config"]["la.temperature"] == record["base"]["la"]["temperature"]  # the recipe
+    assert "configuration 1 seed 0: purity" in capsys.readouterr().out

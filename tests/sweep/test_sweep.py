@@ -49,14 +49,8 @@ SEARCH = {
 FIVE = tuple(SEARCH)
 RANGES = {"k_neighbours": (5, 50), "clustering_repeats": (1, 3), "n_centroids": (6, 24)}
 ROOT = Path(__file__).resolve().parents[2]
-# What `laray train` would run with raw_space (no `recipe:`): LAConfig's defaults, k (500) clipped to N - 1
-DEFAULT_RECIPE = {
-    "temperature": 0.07,
-    "mixing_rate": 0.5,
-    "k_neighbours": N - 1,
-    "clustering_repeats": 6,
-    "n_centroids": N,
-}
+# What `laray train` would run with raw_space: the sweeps' first trial, inside SEARCH's ranges
+RECIPE = {"temperature": 0.1, "mixing_rate": 0.5, "k_neighbours": 20, "clustering_repeats": 2, "n_centroids": 12}
 
 
 def raw_space(
@@ -71,6 +65,7 @@ def raw_space(
         "confirm_seeds": confirm_seeds,
         "fixed": {"autoencoder": dict(AE), "la": {**LA, "epochs": la_epochs}},
         "search": {**SEARCH, **(search or {})},
+        "recipe": dict(RECIPE),
     }
 
 
@@ -586,7 +581,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
         for f in exp.glob("train_trial_*")
         if f.is_dir()
     ]
-    top = contenders(searched, DEFAULT_RECIPE, "purity", "max", LA["epochs"], 2)[:2]  # the recipe's own trial aside
+    top = contenders(searched, RECIPE, "purity", "max", LA["epochs"], 2)[:2]  # the recipe's own trial aside
     assert sorted(json.dumps(e["config"], sort_keys=True) for e in result.confirmed) == sorted(
         json.dumps(c, sort_keys=True) for c in top
     )
@@ -641,7 +636,7 @@ def test_confirmation_reruns_the_top_configurations_with_fresh_seeds(ray_session
 
     # the winner's margin over the recipe, by hand: each seed's run minus the recipe's run on that seed
     recipe_runs = sorted(
-        (m for m in runs if all(m["config"]["la"][k] == v for k, v in DEFAULT_RECIPE.items())), key=lambda m: m["seed"]
+        (m for m in runs if all(m["config"]["la"][k] == v for k, v in RECIPE.items())), key=lambda m: m["seed"]
     )
     assert best["recipe"]["seeds"] == [1, 2] and best["recipe"]["purity"] == [m["purity"] for m in recipe_runs]
     over = [w["purity"] - r["purity"] for w, r in zip(winner_runs, recipe_runs)]
@@ -1207,8 +1202,8 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     assert (
         f"winner minus k-means on raw pixels, paired by seed: purity {margin:+.3f}, held-out " in done.stdout
     ) and "one seed: no interval" in done.stdout
-    # the recipe (no `recipe:` in this space: the fixed and default LA values, clipped to N) was the first trial
-    recipe = DEFAULT_RECIPE
+    # the recipe was the first trial
+    recipe = RECIPE
     first = next(p for p in experiment.glob("train_trial_*_1_*") if p.is_dir())  # Tune numbers them from 1
     assert json.loads((first / "params.json").read_text()) == pytest.approx(recipe)
     # ... and was re-run beside the search's best over the same seed, its margin and the verdict recorded

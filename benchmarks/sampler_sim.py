@@ -54,6 +54,12 @@ SAMPLERS = {
             seed=seed, n_startup_trials=scaled(n), multivariate=True, constant_liar=True
         ),
     ),
+    "tpe-half": (
+        "TPESampler(n_startup_trials=max(2, n // 2), multivariate=True, constant_liar=True)",
+        lambda seed, n: _samplers().TPESampler(
+            seed=seed, n_startup_trials=max(2, n // 2), multivariate=True, constant_liar=True
+        ),
+    ),
     "tpe-scaled-indep": (
         "TPESampler(n_startup_trials=max(2, n // 3), multivariate=False, constant_liar=False)",
         lambda seed, n: _samplers().TPESampler(

@@ -218,7 +218,11 @@ def test_the_recipe_point_is_what_laray_train_runs_clipped_to_the_data():
     assert point == dict(space.recipe) and set(point) == set(space.search)
     _, la = train_configs(space)
     assert all(getattr(la, name) == value for name, value in point.items())
-    small = recipe_point(space, 200)  # C 240 and k 300 cannot be asked of 200 images
-    assert small["n_centroids"] == 200 and small["k_neighbours"] == 199
-    partial = dataclasses.replace(space, recipe={"temperature": 0.05})  # the rest from the fixed settings
-    assert recipe_point(partial, 1797) == {**{n: getattr(space.la, n) for n in space.search}, "temperature": 0.05}
+    raw = {
+        "fixed": {"la": {"n_centroids": 240}},
+        "search": {"k_neighbours": {"int": [10, 500]}, "n_centroids": {"fraction": [0.1, 0.5]}},
+        "recipe": {"k_neighbours": 300},
+    }
+    spaced = parse_space(raw)  # n_centroids: no recipe value, so the fixed one
+    assert recipe_point(spaced, 1797) == {"k_neighbours": 300, "n_centroids": 240}
+    assert recipe_point(spaced, 200) == {"k_neighbours": 199, "n_centroids": 200}  # clipped to what N allows

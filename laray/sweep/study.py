@@ -101,7 +101,7 @@ def optuna_search(
     with warnings.catch_warnings():  # multivariate and constant_liar are "experimental": in Optuna since 2.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         settings = sampler_settings(num_samples or space.num_samples, space.max_concurrent)
-        sampler = optuna.samplers.TPESampler(seed=seed, warn_independent_sampling=False, **settings)
+        sampler = optuna.samplers.TPESampler(seed=seed, **settings)
     return ReportingOptunaSearch(
         metric=space.objective,
         mode=space.mode,

@@ -42,13 +42,14 @@ def typical_la(space: SearchSpace, n_images: int):
 
 
 def reduction_factor(trials: int, confirm_top: int) -> int:
-    """ASHA's reduction factor for a search of `trials`: about `confirm_top` of them expected to run every epoch.
+    """ASHA's reduction factor for a search of `trials`: the recipe (the first trial) and about `confirm_top`
+    others expected to run every epoch.
 
     At each rung ASHA lets about 1/rf of the trials go on. Tune's default, 4, left 1 of the demo's 6
     trials to run its 10 epochs, so the confirmation's second contender was judged after 3 (docs/sweeps.md).
-    Between 2 and 4: halving at most, and Tune's default for searches of 4 x confirm_top trials and more.
+    Between 2 and 4: halving at most, and Tune's default for searches of 4 x (confirm_top + 1) trials and more.
     """
-    return max(2, min(4, trials // max(1, confirm_top)))
+    return max(2, min(4, trials // (confirm_top + 1)))
 
 
 def confirm_configurations(space: SearchSpace, trials: int) -> int:

@@ -870,7 +870,7 @@ def test_bundled_spaces_parse():
     assert demo.source.endswith("demo.yaml")
     assert demo.objective == "purity" and demo.mode == "max" and demo.data == "digits"
     assert set(demo.search) == set(FIVE)
-    assert (demo.la.holdout, demo.confirm_top, demo.confirm_seeds) == (0.5, 2, 3)
+    assert (demo.la.holdout, demo.confirm_top, demo.confirm_seeds) == (0.5, 1, 5)
     default = load_space(ROOT / "search_spaces" / "default.yaml")
     assert (default.la.holdout, default.confirm_top, default.confirm_seeds) == (0.5, 3, 5)
     assert set(default.search) >= set(FIVE)

@@ -126,8 +126,9 @@ def test_the_simulation_quantile_is_numpys():
 def test_ashas_reduction_factor_leaves_about_confirm_top_trials_their_every_epoch():
     from laray.sweep.plan import reduction_factor
 
-    assert reduction_factor(6, 2) == 3 and reduction_factor(12, 2) == 4 and reduction_factor(40, 3) == 4
-    assert reduction_factor(3, 2) == 2 and reduction_factor(6, 0) == 4  # halving at most; Tune's default at most
+    # the recipe and confirm_top others: 6 trials, confirm_top 1 -> rf 3, about 2 of 6 run every epoch
+    assert reduction_factor(6, 1) == 3 and reduction_factor(12, 2) == 4 and reduction_factor(40, 3) == 4
+    assert reduction_factor(6, 2) == 2 and reduction_factor(6, 0) == 4  # halving at most; Tune's default at most
     # the demo's 6 trials, 10 epochs, grace 3: with rf 3 about two run all 10 epochs, with Tune's 4 about one
     full = [sum(e == 10 for e in asha_epochs(6, 10, 3, rf=rf, seed=s)) for rf in (3, 4) for s in (0,)]
     assert asha_epochs(6, 10, 3, rf=3)[0] == 10 and full[0] >= full[1]

@@ -76,8 +76,10 @@ def print_confirmed(result, space) -> None:
         )
     winner = result.confirmed[0]
     held = winner.get(f"heldout_{objective}_mean")
+    # Only a configuration that beat the recipe is a winner; otherwise the verdict names the recipe as the answer.
+    label = "winner" if result.recipe is None or result.beat_recipe else "the search's best, no better than the recipe"
     print(
-        f"winner: #1, mean {objective} {winner[f'{objective}_mean']:.3f}"
+        f"{label}: #1, mean {objective} {winner[f'{objective}_mean']:.3f}"
         + (
             f"; held-out {objective} {held:.3f} (the estimate to report: no choice was made on it)"
             if held is not None

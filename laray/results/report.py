@@ -466,7 +466,16 @@ def _confirmed_section(scored: Scored) -> list[str]:
             f"{interval(summary)} | {'' if held_mean is None else f'{held_mean:.3f}'} |"
         )
 
-    lines.append(line("**LA, confirmed winner**", winner))
+    beat, said = True, None
+    if len(recipe):
+        from laray.scoring.confirm import verdict
+
+        shown = {p: config[p] for p in analysis.PARAMS if p in config and not pd.isna(config[p])}
+        beat, said = verdict({"config": shown}, _paired(group, recipe), objective)
+    # Only a configuration that beat the recipe is a winner; otherwise the verdict names the recipe as the answer.
+    lines.append(
+        line("**LA, confirmed winner**" if beat else "LA, the search's best (no better than the recipe)", winner)
+    )
     if len(recipe):
         lines.append(line("the recipe (`laray train`'s settings, same seeds)", summarize(recipe.to_dict("records"))))
     for name, base in _confirmed_baselines(scored).items():
@@ -484,29 +493,21 @@ def _confirmed_section(scored: Scored) -> list[str]:
 
         text = describe_margin(margin, objective)
         lines += ["", text[0].upper() + text[1:] + "."]
-    if len(recipe):
-        from laray.scoring.confirm import verdict
-
-        _, text = verdict(
-            {"config": {p: config[p] for p in analysis.PARAMS if p in config and not pd.isna(config[p])}},
-            _paired(group, recipe),
-            objective,
-        )
-        lines += ["", "**Verdict**: " + text[0].upper() + text[1:] + "."]
+    if said:
+        lines += ["", "**Verdict**: " + said[0].upper() + said[1:] + "."]
+    searched = [p for p in analysis.PARAMS if p in runs and runs[p].notna().any()]
     lines += [
         "",
         "All confirmed configurations:",
         "",
-        "| rank | " + " | ".join(analysis.PARAMS) + f" | mean {objective} | sd | 95 % interval | held-out |",
-        "|" + " --- |" * (len(analysis.PARAMS) + 5),
+        "| rank | " + " | ".join(searched) + f" | mean {objective} | sd | 95 % interval | held-out |",
+        "|" + " --- |" * (len(searched) + 5),
     ]
     if len(recipe):
         entries.append(("recipe", recipe, summarize(recipe.to_dict("records"))))
     for rank, group, summary in entries:
         first = group.iloc[0]
-        values = " | ".join(
-            f"{first[p]:.4g}" if isinstance(first[p], float) else str(first[p]) for p in analysis.PARAMS
-        )
+        values = " | ".join(f"{first[p]:.4g}" if isinstance(first[p], float) else str(first[p]) for p in searched)
         held_mean = summary.get(f"{held}_mean")
         lines.append(
             f"| {rank} | {values} | {summary[f'{objective}_mean']:.3f} | {summary[f'{objective}_sd']:.3f} | "

@@ -24,9 +24,13 @@ from laray.scoring.confirm import CONFIRM_DIR, RECIPE_MARK
 from laray.scoring.evaluate import score_codes
 from laray.scoring.holdout import PREFIX
 from laray.scoring.metrics import cluster_scores, contingency
+from laray.settings.space import SEARCHABLE
 from laray.training.stages import STAGE_LA
 
-PARAMS = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")
+FIVE = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids")
+# Every setting a space may search, LA's five first: a table has a column for each that its trials searched.
+# Not "epochs": the trials table's column of that name is the LA epochs a trial ran.
+PARAMS = (*FIVE, *(name for name in SEARCHABLE if name not in (*FIVE, "epochs")))
 SCORES = LABEL_SCORES
 K_MULTIPLES = (2, 5)  # purity also at 2x and 5x the number of species: purity grows with K
 
@@ -177,7 +181,7 @@ def baselines_of(trials: list[Trial]) -> dict:
 def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity", with_k: bool = True) -> pd.DataFrame:
     rows = []
     for t in trials:
-        row = {"trial_id": t.trial_id, "status": t.status, **{p: t.params.get(p) for p in PARAMS}}
+        row = {"trial_id": t.trial_id, "status": t.status, **{p: t.params[p] for p in PARAMS if p in t.params}}
         scores = trial_scores(t.assignments) if t.assignments is not None else {}
         row.update({s: scores.get(s, math.nan) for s in SCORES})
         if any(PREFIX + s in scores for s in SCORES):
@@ -217,7 +221,7 @@ def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "ma
         row = {
             "config": json.dumps(config, sort_keys=True),
             "recipe": bool(config.get(RECIPE_MARK)),  # laray train's settings, re-run beside the search's best
-            **{p: config.get(p) for p in PARAMS},
+            **{p: config[p] for p in PARAMS if p in config},
             "seed": t.params.get("seed"),
             "status": t.status,
             **trial_scores(t.assignments),

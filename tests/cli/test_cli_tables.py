@@ -35,6 +35,7 @@ def result(baselines: dict):
         margin=margin_over(entries[0], over_seeds["raw_pixels"]),
         recipe=None,
         verdict=None,
+        beat_recipe=False,
     )
 
 
@@ -102,6 +103,12 @@ def test_the_recipe_has_its_row_and_the_verdict_is_the_last_line(capsys):
     row = next(line for line in printed.splitlines() if line.strip().startswith("the recipe (laray train's settings)"))
     assert row.split(")")[1].split()[:2] == ["0.650", "0.071"]  # mean and sd over seeds 1 and 2
     assert printed.rstrip().splitlines()[-1] == f"verdict: {shown.verdict}"
+    # no winner unless it beat the recipe (here: not recorded as beaten)
+    assert "\nthe search's best, no better than the recipe: #1, mean purity 0.750" in printed
+    assert "\nwinner: #1" not in printed
+    shown.beat_recipe = True
+    print_confirmed(shown, space(None))
+    assert "\nwinner: #1, mean purity 0.750" in capsys.readouterr().out
     shown.verdict = None  # no confirmation: nothing to say
     print_verdict(shown)
     assert capsys.readouterr().out == ""

@@ -69,6 +69,21 @@ def _trial_dir() -> Path:
     return Path(tune.get_context().get_trial_dir())
 
 
+def _stored(name: str) -> Path | None:
+    """The file `name` in the trial's folder under the sweep's storage, where that is on a local file system.
+
+    With reused workers (reuse_actors) a trial writes into a working folder of its worker, which Tune syncs to
+    the storage; a restarted trial gets a fresh working folder, so what its first attempt wrote is found there.
+    """
+    import pyarrow.fs
+    from ray import tune
+
+    storage = tune.get_context().get_storage()
+    if storage is None or not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return None
+    return Path(storage.trial_fs_path) / name
+
+
 def _fit_to_data(config: dict, n_images: int) -> dict:
     """Ranges were resolved against the files listed; a few may have failed to decode on the node."""
     fitted = dict(config)
@@ -156,8 +171,9 @@ def train_trial(
     }
     _write_worker_record(out / "worker.json", worker)
     marker = out / NONFINITE_MARKER
-    if marker.exists():  # restarted after a non-finite loss: it would only diverge again
-        raise NonFiniteLossError(marker.read_text())
+    for earlier in (marker, _stored(NONFINITE_MARKER)):
+        if earlier is not None and earlier.exists():  # restarted after a non-finite loss: it would only diverge again
+            raise NonFiniteLossError(earlier.read_text())
     la_ckpt = out / "checkpoints" / "la.ckpt"
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a restart: continue from the last reported epoch

@@ -37,6 +37,17 @@ def scaled(n: int) -> int:
     return max(2, n // 3)
 
 
+def _tpe(share: int, multivariate: bool):
+    """TPE with max(2, n // share) random start-up trials; multivariate and constant liar together or neither."""
+    flags = f"multivariate={multivariate}, constant_liar={multivariate}"
+    return (
+        f"TPESampler(n_startup_trials=max(2, n // {share}), {flags})",
+        lambda seed, n: _samplers().TPESampler(
+            seed=seed, n_startup_trials=max(2, n // share), multivariate=multivariate, constant_liar=multivariate
+        ),
+    )
+
+
 # name: (description, factory(seed, num_samples)); imports inside, so that --help does not load torch
 SAMPLERS = {
     "random": ("RandomSampler", lambda seed, n: _samplers().RandomSampler(seed=seed)),
@@ -48,24 +59,9 @@ SAMPLERS = {
         "TPESampler() defaults: 10 start-up (Optuna 5: multivariate, constant liar)",
         lambda seed, n: _samplers().TPESampler(seed=seed),
     ),
-    "tpe-scaled": (
-        "TPESampler(n_startup_trials=max(2, n // 3), multivariate=True, constant_liar=True)",
-        lambda seed, n: _samplers().TPESampler(
-            seed=seed, n_startup_trials=scaled(n), multivariate=True, constant_liar=True
-        ),
-    ),
-    "tpe-half": (
-        "TPESampler(n_startup_trials=max(2, n // 2), multivariate=True, constant_liar=True)",
-        lambda seed, n: _samplers().TPESampler(
-            seed=seed, n_startup_trials=max(2, n // 2), multivariate=True, constant_liar=True
-        ),
-    ),
-    "tpe-scaled-indep": (
-        "TPESampler(n_startup_trials=max(2, n // 3), multivariate=False, constant_liar=False)",
-        lambda seed, n: _samplers().TPESampler(
-            seed=seed, n_startup_trials=scaled(n), multivariate=False, constant_liar=False
-        ),
-    ),
+    "tpe-scaled": _tpe(3, multivariate=True),
+    "tpe-half": _tpe(2, multivariate=True),
+    "tpe-scaled-indep": _tpe(3, multivariate=False),
     "gp-scaled": (
         "GPSampler(n_startup_trials=max(2, n // 3)) (no constant liar: concurrent asks may coincide)",
         lambda seed, n: _samplers().GPSampler(seed=seed, n_startup_trials=scaled(n), warn_independent_sampling=False),

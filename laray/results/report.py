@@ -242,30 +242,30 @@ def _confirmed_baselines(scored: Scored) -> dict:
     return out
 
 
+def _by_seed(rows: pd.DataFrame, names: list[str], prefix: str = "") -> dict:
+    """Confirmation runs (one row per seed) as laray.scoring.confirm.margin_over takes them: the seeds in order
+    and, for each of `names`, its values from the column `prefix + name`."""
+    rows = rows.sort_values("seed")
+    return {"seeds": rows["seed"].tolist(), **{n: rows[prefix + n].tolist() for n in names}}
+
+
 def _paired(winner_runs: pd.DataFrame, recipe_runs: pd.DataFrame) -> dict:
     """confirm.margin_over of the winner's confirmation runs over the recipe's, paired by seed."""
     from laray.scoring.confirm import SCORES, margin_over
 
-    def entry(rows: pd.DataFrame) -> dict:
-        rows = rows.sort_values("seed")
-        names = [n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if n in rows and rows[n].notna().all()]
-        return {"seeds": rows["seed"].tolist(), **{n: rows[n].tolist() for n in names}}
+    def scored(rows: pd.DataFrame) -> list[str]:
+        return [n for n in (*SCORES, *(PREFIX + s for s in SCORES)) if n in rows and rows[n].notna().all()]
 
-    return margin_over(entry(winner_runs), entry(recipe_runs))
+    return margin_over(_by_seed(winner_runs, scored(winner_runs)), _by_seed(recipe_runs, scored(recipe_runs)))
 
 
 def _margin_over_raw_pixels(winner_runs: pd.DataFrame) -> dict:
     """confirm.margin_over of the winner's confirmation runs (one row per seed) over their raw-pixel baselines."""
     from laray.scoring.confirm import margin_over
 
-    rows = winner_runs.sort_values("seed")
-    names = [c.removeprefix("raw_pixels_") for c in rows if c.startswith("raw_pixels_")]
-    names = [n for n in names if n in rows]
-    seeds = rows["seed"].tolist()
-    return margin_over(
-        {"seeds": seeds, **{n: rows[n].tolist() for n in names}},
-        {"seeds": seeds, **{n: rows[f"raw_pixels_{n}"].tolist() for n in names}},
-    )
+    names = [c.removeprefix("raw_pixels_") for c in winner_runs if c.startswith("raw_pixels_")]
+    names = [n for n in names if n in winner_runs]
+    return margin_over(_by_seed(winner_runs, names), _by_seed(winner_runs, names, "raw_pixels_"))
 
 
 def best_trial_pictures(scored: Scored, out: str | Path, seed: int = 0) -> list[str]:

@@ -185,6 +185,7 @@ def run_sweep(
         param_space = tune_space(space, len(data))
         # What the user would otherwise run: the search's first trial and a contender in the confirmation.
         recipe = recipe_point(space, len(data))
+        trials = num_samples or space.num_samples
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
@@ -235,7 +236,7 @@ def run_sweep(
                     name,
                     seed,
                     str(experiment),
-                    num_samples or space.num_samples,
+                    trials,
                     first=recipe,
                 ),
             )
@@ -247,14 +248,14 @@ def run_sweep(
                     # time_attr "epoch": the LA epoch, also when eval_every > 1 reports only some of them
                     scheduler=ResumableASHA(
                         experiment,
-                        reduction_factor=reduction_factor(num_samples or space.num_samples, space.confirm_top),
+                        reduction_factor=reduction_factor(trials, space.confirm_top),
                         time_attr="epoch",
                         max_t=max(1, space.la.epochs),
                         grace_period=min(space.grace_period, max(1, space.la.epochs)),
                     ),
                     metric=space.objective,
                     mode=space.mode,
-                    num_samples=num_samples or space.num_samples,
+                    num_samples=trials,
                     max_concurrent_trials=space.max_concurrent,
                     # a worker runs trial after trial: its start and imports once (benchmarks/sweep_overhead.py)
                     reuse_actors=True,

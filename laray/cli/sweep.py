@@ -80,6 +80,13 @@ def add_sweep_command(commands) -> None:
         "machine has CUDA and --device is not cpu, else 0)",
     )
     sweep.add_argument(
+        "--stage1-workers",
+        type=positive_int,
+        metavar="N",
+        help="workers that train stage 1 together before the search, data-parallel (Ray Train, DDP), each with "
+        "a trial's CPUs and GPUs (default: every GPU the cluster offers when stage 1 starts; 1 without GPUs)",
+    )
+    sweep.add_argument(
         "--max-failures",
         type=int,
         default=2,
@@ -238,7 +245,11 @@ def _sweep(args) -> int:
             plan=plan,
         ),
         trial=TrialResources(
-            cpus=args.cpus_per_trial, gpus=args.gpus_per_trial, device=args.device, cache_dir=args.cache_dir
+            cpus=args.cpus_per_trial,
+            gpus=args.gpus_per_trial,
+            device=args.device,
+            cache_dir=args.cache_dir,
+            stage1_workers=args.stage1_workers,
         ),
     )
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
@@ -292,7 +303,11 @@ def _plan(args, space, data) -> dict:
         [] if decoded else list(data.paths[:DECODE_SAMPLE]),
         together=together,
     )
-    plan = plan_sweep(space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded)
+    # as the driver will find them: every GPU (on a cluster not known here, its concurrency), none without CUDA
+    workers = args.stage1_workers or (slots if cuda else 1)
+    plan = plan_sweep(
+        space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded, workers
+    )
     for line in plan_lines(plan, space, cuda):
         print(line)
     if space.time_budget_s is not None and plan.seconds["search"] > space.time_budget_s:

@@ -19,6 +19,7 @@ from laray.scoring.confirm import (
     contenders,
 )
 from laray.settings.space import SearchSpace
+from laray.sweep.plan import confirmation_stage1_layout
 from laray.sweep.ray_setup import run_config
 from laray.sweep.stage1 import cancel_stage1_tasks, sweep_stage1
 from laray.sweep.trainable import confirm_trial
@@ -38,17 +39,26 @@ def confirm_top(
     verbose: int,
     max_failures: int,
     recipe: dict | None = None,
+    stage1_workers: int = 1,
 ):
     """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
 
     recipe: what `laray train` would run (laray.settings.defaults.recipe_point), re-run over the same seeds
     beside them, marked (laray.scoring.confirm.RECIPE_MARK) in its runs' settings. A second Tune experiment,
     run like the search (same resources, concurrency and failure handling) and resumed like it. Stage 1 is
-    trained once per seed (the seeds' tasks at once), each kept in the store.
+    trained once per seed, each kept in the store, laid out over the `stage1_workers` the search's stage 1
+    had as the plan says ends soonest (laray.sweep.plan.confirmation_stage1_layout): one task a seed, all
+    at once, or data-parallel groups of workers, as many seeds at a time as the workers hold.
     """
     from ray import tune
 
     seeds = confirmation_seeds(seed, space.confirm_seeds)
+
+    per_seed = confirmation_stage1_layout(len(seeds), stage1_workers)
+    # Tasks queue at Ray until a slot frees; data-parallel groups go in rounds that the workers hold at once.
+    at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else len(seeds)
+    if per_seed > 1 and space.ae.epochs > 0:
+        print(f"confirmation: stage 1 for seeds {seeds} on {per_seed} workers each, {at_once} at a time", flush=True)
 
     def stage1_of(s: int):
         return sweep_stage1(
@@ -63,11 +73,14 @@ def confirm_top(
             shared["cache_dir"],
             (space.la.holdout, seed),
             shared["progress_s"],
+            per_seed,
         )
 
-    # One Ray task per seed, at once: on a cluster each takes a GPU, as the trials do.
     try:
-        done = dict(zip(seeds, in_daemon_threads(stage1_of, seeds)))
+        done = {}
+        for first in range(0, len(seeds), at_once):
+            group = seeds[first : first + at_once]
+            done.update(zip(group, in_daemon_threads(stage1_of, group)))
     except KeyboardInterrupt:  # a stop signal: the other seeds' tasks would train on, on their cluster
         cancel_stage1_tasks()
         raise

@@ -45,6 +45,7 @@ from laray.sweep.lock import LOCK_NAME, SweepLock
 from laray.sweep.plan import reduction_factor
 from laray.sweep.ray_setup import check_resources, record_dashboard, run_config
 from laray.sweep.stage1 import sweep_stage1
+from laray.sweep.stage1_ddp import stage1_workers
 from laray.sweep.trainable import REPORTED, train_trial
 from laray.sweep.warm_start import OPTUNA_DB
 from laray.sweep.warm_start import recorded as warm_start_record
@@ -125,6 +126,9 @@ class TrialResources:
     # the decode cache folder on every node (a shared one, or a local path that exists on each);
     # None: each node's own default (LARAY_CACHE_DIR in its environment, else ~/.cache/laray)
     cache_dir: str | None = None
+    # workers that train stage 1 together, data-parallel, each with a trial's resources (laray.sweep.stage1_ddp);
+    # None: every GPU the cluster offers when stage 1 starts, 1 without GPUs
+    stage1_workers: int | None = None
 
 
 def run_sweep(
@@ -150,6 +154,7 @@ def run_sweep(
     storage_path = storage if experiment_local is None else str(experiment.parent)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     check_resources(cpus_per_trial, gpus_per_trial, device)
+    workers = stage1_workers(trial.stage1_workers, cpus_per_trial, gpus_per_trial)
     if resume and not tune.Tuner.can_restore(experiment_path):
         if not _started_here(experiment_local):
             raise SweepError(f"no sweep to resume at {experiment_path}")
@@ -188,6 +193,8 @@ def run_sweep(
         trials = num_samples or space.num_samples
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
+        if workers > 1 and space.ae.epochs > 0:
+            print(f"stage 1 on {workers} workers (data-parallel, Ray Train), seed {seed}", flush=True)
         # Through the object store, by reference: the encoder's weights and the baselines, tens of MB at most.
         stage1_baselines, stage1 = sweep_stage1(
             data,
@@ -201,6 +208,7 @@ def run_sweep(
             cache_dir,
             holdout,
             progress_s,
+            workers,
         )
         shared = dict(
             data=data.digest(),
@@ -210,6 +218,7 @@ def run_sweep(
             cache_dir=cache_dir,
             quiet=verbose < 2,
             progress_s=progress_s,
+            # TODO-store_dir
         )
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, **shared)
         trainable = tune.with_resources(trainable, resources)
@@ -299,6 +308,7 @@ def run_sweep(
                 verbose,
                 max_failures,
                 recipe=recipe,
+                stage1_workers=workers,
             )
             confirmed, recipe_entry = split_recipe(entries)
             if confirmed:

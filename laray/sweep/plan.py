@@ -19,7 +19,7 @@ import numpy as np
 from laray.settings.config import replace
 from laray.settings.duration import duration
 from laray.settings.space import SearchSpace
-from laray.training.plan import StepCosts, count_run, la_seconds, stage1_seconds
+from laray.training.plan import StepCosts, count_run, ddp_speedup, la_seconds, stage1_seconds
 
 SIMULATIONS = 400
 SLOW_WITHOUT_CUDA_S = 3600  # a plan longer than this on a machine without CUDA says how to get a smaller one
@@ -55,6 +55,21 @@ def reduction_factor(trials: int, confirm_top: int) -> int:
 def confirm_configurations(space: SearchSpace, trials: int) -> int:
     """Configurations the confirmation re-runs: the search's best (other than the recipe) and the recipe."""
     return min(space.confirm_top, max(0, trials - 1)) + 1
+
+
+def confirmation_stage1_layout(seeds: int, workers: int) -> int:
+    """Workers each confirmation seed's stage 1 takes, out of `workers`: the layout that ends soonest.
+
+    w workers a seed run workers // w seeds at a time, in ceil(seeds / (workers // w)) rounds of
+    1 / ddp_speedup(w) of one worker's stage 1 each: 5 seeds on 8 GPUs take one round one GPU each,
+    2 seeds on 8 take 4 GPUs each. A tie goes to fewer workers (less communication).
+    """
+    workers = max(1, workers)
+
+    def rounds(w: int) -> float:
+        return math.ceil(seeds / (workers // w)) / ddp_speedup(w)
+
+    return min(range(1, workers + 1), key=lambda w: (rounds(w), w))
 
 
 def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0, rf: int = 4) -> list[float]:
@@ -140,6 +155,7 @@ class SweepPlan:
             "concurrency": self.concurrency,
             "device": self.device,
             "threads_per_trial": self.threads,
+            "stage1_workers": self.epochs.get("stage1_workers", 1),
             "epochs": self.epochs,
             "step_costs_s": dataclasses.asdict(self.costs),
         }
@@ -155,15 +171,22 @@ def plan_sweep(
     num_samples: int | None = None,
     slots: int | None = None,
     decoded: bool = False,
+    stage1_workers: int = 1,
 ) -> SweepPlan:
-    """The plan of a new sweep; `slots`: trials the cluster can run at once (default: this machine's)."""
+    """The plan of a new sweep; `slots`: trials the cluster can run at once (default: this machine's).
+
+    stage1_workers: data-parallel workers of stage 1 (laray.sweep.stage1_ddp), the confirmation's seeds laid
+    out over them (confirmation_stage1_layout).
+    """
     trials = num_samples or space.num_samples
     la = typical_la(space, n_images)
     slots = min(space.max_concurrent, slots or max(1, (os.cpu_count() or 1) // max(1, threads)))
     mergers = len(space.mergers())
     work = count_run(n_images, space.ae, la, mergers=mergers)
     decode = 0.0 if decoded else n_images * costs.decode_image
-    stage1 = costs.worker_start + decode + stage1_seconds(work, costs)
+    # a worker group's start besides the driver's first worker when stage 1 is data-parallel
+    group_start = costs.worker_start if stage1_workers > 1 else 0.0
+    stage1 = costs.worker_start + group_start + decode + stage1_seconds(work, costs, stage1_workers)
     rf = reduction_factor(trials, space.confirm_top)
     epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period, rf=rf)
     trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
@@ -177,7 +200,10 @@ def plan_sweep(
     confirm = 0.0
     if space.confirms:
         runs = confirm_configurations(space, trials) * space.confirm_seeds
-        seeds = wall_of([costs.worker_start + stage1_seconds(work, costs)] * space.confirm_seeds, slots, slowdown)
+        per_seed = confirmation_stage1_layout(space.confirm_seeds, stage1_workers)
+        at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else slots
+        one_seed = costs.worker_start * (2 if per_seed > 1 else 1) + stage1_seconds(work, costs, per_seed)
+        seeds = wall_of([one_seed] * space.confirm_seeds, at_once, slowdown if per_seed == 1 else 1.0)
         confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots, slowdown)
     return SweepPlan(
         n_images,
@@ -188,6 +214,7 @@ def plan_sweep(
         threads,
         {
             "stage1": space.ae.epochs,
+            "stage1_workers": stage1_workers,
             "la_per_trial": la.epochs,
             "la_search_mean": round(float(sum(epochs)), 1),
             "la_search_at_most": trials * la.epochs,
@@ -200,6 +227,10 @@ def plan_sweep(
     )
 
 
+def _over(workers: int) -> str:
+    return f" on {workers} workers (data-parallel, {ddp_speedup(workers):.1f}x one)" if workers > 1 else ""
+
+
 def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
     """The plan as the console shows it, one part a line, the total last."""
     ae, s, e = space.ae, plan.seconds, plan.epochs
@@ -208,7 +239,7 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
         f"plan: {plan.n_images:,} images of {plan.n_species} species on {plan.device}, "
         f"{plan.threads} thread(s) per trial, {plan.concurrency} trial(s) at a time",
         f"  stage 1: {e['stage1']} epochs x {steps} steps of {ae.batch_size} ({ae.arch}, width {ae.width:g}, "
-        f"{ae.image_size} px), then its baselines: {duration(s['stage1'])}"
+        f"{ae.image_size} px){_over(e.get('stage1_workers', 1))}, then its baselines: {duration(s['stage1'])}"
         if e["stage1"]
         else f"  stage 1: no epochs (LA starts from the encoder as it is), its baselines: {duration(s['stage1'])}",
         f"  search: {plan.trials} trials of up to {e['la_per_trial']} LA epochs, about {e['la_search_mean']:g} of "

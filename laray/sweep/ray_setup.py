@@ -53,12 +53,16 @@ def run_config(
     )
 
 
+def autoscaling() -> bool:
+    """Whether an autoscaler may add nodes: like Tune itself (ray.tune.execution.cluster_info), laray takes
+    ~/ray_bootstrap_config.yaml, which `ray up` puts on the head node, as the sign of one."""
+    return Path("~/ray_bootstrap_config.yaml").expanduser().exists()
+
+
 def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -> None:
     """Refuse, before anything is created, a trial that no node of the running Ray cluster can ever hold.
 
-    Tune would otherwise wait forever for it. An autoscaler may add nodes: like Tune itself
-    (ray.tune.execution.cluster_info), laray takes ~/ray_bootstrap_config.yaml, which `ray up` puts
-    on the head node, as the sign of one, and then checks nothing.
+    Tune would otherwise wait forever for it. An autoscaler may add nodes (autoscaling): then it checks nothing.
     """
     import ray
 
@@ -67,7 +71,7 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, device: str) -
             f"--device {device} in a sweep needs --gpus-per-trial > 0: Ray hides the GPUs from "
             "trials that did not ask for one"
         )
-    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+    if autoscaling():
         return
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     for option, wanted, key in (
@@ -100,18 +104,37 @@ def ray_init(address: str | None, dashboard: bool = False, quiet: bool = False) 
         # no "[repeated 3x across cluster]" notes, which carry their own colour. Both read when ray is imported.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray Train (stage 1 on several workers, laray.sweep.stage1_ddp) reads these in the driver's environment and
+    # hands them to its workers: a worker's print reaches the console once, not also through Train's logger; and
+    # no preemption watcher, whose one message on a local Ray is a C++ error line about its own arguments (a
+    # preempted worker is a failed one: the group restarts from the last epoch's checkpoint either way).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray  # after the settings above: Ray reads them when it is imported
 
     if ray.is_initialized():
         return
-    if address:
-        context = ray.init(address=address, configure_logging=False)  # as below: Tune's INFO lines stay off
+    hook = {"worker_process_setup_hook": "laray.sweep.ray_setup.quiet_worker_loggers"}
+    if address:  # as below: Tune's INFO lines stay off
+        context = ray.init(address=address, configure_logging=False, runtime_env=hook)
     else:
-        context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+        context = ray.init(
+            include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False, runtime_env=hook
+        )
     global _ray_started_here, _dashboard_url
     _ray_started_here = True
     _dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else None
     take_signals_back()  # ray.init makes SIGTERM exit at once
+
+
+def quiet_worker_loggers() -> None:
+    """Run in each Ray worker process as it starts (runtime_env's worker_process_setup_hook).
+
+    Ray Train's placement-group cleaner asks Ray's state API every second whether the run's controller
+    lives; without the dashboard (laray's default) that API is absent and it warns each time, then goes on
+    cleaning up as before.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _check_dashboard_installed() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from laray.data.dataset import DataRef, ListingDigest, open_dataset
 from laray.scoring.holdout import NO_HOLDOUT
 from laray.settings.config import AutoEncoderConfig
+from laray.sweep.stage1_ddp import drop_run, train_stage1_ddp
 from laray.training.run import (
     Stage1,
     baseline_keys,
@@ -101,11 +102,14 @@ def sweep_stage1(
     cache_dir: str | None,
     holdout: tuple[float, int] = NO_HOLDOUT,
     progress_s: float | None = None,
+    workers: int = 1,
 ):
     """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
 
     holdout: (fraction, seed) of the sweep's held-out split, which the baselines are scored with too.
     progress_s: seconds between the task's in-epoch lines (laray.training.epoch_progress).
+    workers: more than 1 trains stage 1 data-parallel on that many workers, each with `resources`
+    (laray.sweep.stage1_ddp), then scores the baselines in one task.
 
     The task's return value is what the trials get, so each node's object store holds one copy of
     the weights (the driver's too: it reads the same object to keep it in the store).
@@ -118,6 +122,10 @@ def sweep_stage1(
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
+        if workers > 1 and ae_cfg.epochs > 0:
+            return train_stage1_ddp(
+                ref.digest(), ae_cfg, seed, workers, resources, device, threads, cache_dir, store_dir / key, progress_s
+            )
         shipped = task.remote(
             ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout, progress_s
         )
@@ -132,6 +140,7 @@ def sweep_stage1(
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
     ae_state, history, _ = get_or_train(store_dir, key, train)
+    drop_run(store_dir / key)
     paths = {m: baselines_path(store_dir, key, m, ref.labels_key, holdout) for m in mergers}
     if shipped is not None:
         baselines = ray.get(shipped).baselines

@@ -84,10 +84,23 @@ def count_run(n_images: int, ae: AutoEncoderConfig, la: LAConfig, stage1: bool =
     )
 
 
-def stage1_seconds(work: RunWork, costs: StepCosts) -> float:
-    """Stage 1 with an evaluation after each epoch, then the baselines of each merger."""
+# What one of several data-parallel stage-1 workers achieves of a lone worker's rate: the gradients' all-reduce
+# each step and the chief's evaluation, which the others wait for (docs/training.md measures it on CPUs).
+DDP_EFFICIENCY = 0.8
+
+
+def ddp_speedup(workers: int) -> float:
+    """How many times faster `workers` data-parallel workers train stage 1's steps than one."""
+    return 1.0 if workers <= 1 else workers * DDP_EFFICIENCY
+
+
+def stage1_seconds(work: RunWork, costs: StepCosts, workers: int = 1) -> float:
+    """Stage 1 with an evaluation after each epoch (the chief's), then the baselines of each merger.
+
+    workers: data-parallel workers sharing its steps (laray.training.data_parallel).
+    """
     n = work.n_images
-    epoch = n * costs.ae_image + n * costs.encode_image + costs.ae_kmeans
+    epoch = n * costs.ae_image / ddp_speedup(workers) + n * costs.encode_image + costs.ae_kmeans
     encoders = 2 if work.pretrained else 1  # the auto-encoder's codes, and the pretrained encoder's
     baselines = costs.raw_kmeans + encoders * (n * costs.encode_image + costs.la_kmeans)
     return work.ae_epochs * epoch + work.baselines * baselines

@@ -37,6 +37,7 @@ from laray.method.models import AutoEncoderVGG, EncoderVGGMerged
 from laray.scoring.evaluate import encode_all, score_codes
 from laray.scoring.holdout import holdout_mask
 from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.training.data_parallel import DataParallel
 from laray.training.epoch_progress import EpochReporter, ProgressSink, progress_interval_s
 
 Callback = Callable[[dict], None]
@@ -55,6 +56,8 @@ class RunOptions:
     # epoch, the first only after progress_s: apart from `callback`, whose records are whole epochs.
     on_progress: ProgressSink | None = None
     progress_s: float | None = None  # None: $LARAY_PROGRESS_S, else 30 s (laray.training.epoch_progress)
+    # Stage 1 only: this process's part of a data-parallel stage 1 (laray.training.data_parallel); None: alone
+    data_parallel: DataParallel | None = None
 
 
 PREFETCH_DEPTH = 3  # batches read ahead by a background thread while a step runs; 0 reads in the loop
@@ -210,11 +213,18 @@ def pretrain_autoencoder(
     run: RunOptions = RunOptions(),
     checkpoint: str | Path | None = None,
 ) -> tuple[AutoEncoderVGG, list]:
-    """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history)."""
+    """Stage 1: train AutoEncoderVGG with per-pixel MSE; returns (model, history).
+
+    With run.data_parallel, this process trains its part of each batch beside the others (the model it
+    returns is the same in each); only the chief evaluates, keeps the history and writes `checkpoint`,
+    which every process resumes from.
+    """
     seed, device, resume, callback, progress = run.seed, run.device, run.resume, run.callback, run.progress
     device = resolve_device(device)
     fast = uses_bf16(cfg.precision, device)
     interval_s = progress_interval_s(run.progress_s)
+    parallel = run.data_parallel
+    chief = parallel is None or parallel.chief
     torch.manual_seed(seed)
     model = AutoEncoderVGG(cfg.arch, cfg.pretrained, cfg.width).to(device)
     if fast:
@@ -223,10 +233,13 @@ def pretrain_autoencoder(
     start, history = 0, []
     if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         start, history, _ = _resume(checkpoint, model, optimizer, scheduler, cfg)
+    stepped = model if parallel is None else parallel.wrap(model)  # wrapped after resuming: the same keys saved
 
     for epoch in range(start, cfg.epochs):
         model.train()
         batches = epoch_batches(len(dataset), cfg.batch_size, seed, epoch)
+        if parallel is not None:
+            batches = parallel.part(batches)
         total, seen, began = 0.0, 0, time.perf_counter()
         report = EpochReporter("autoencoder", epoch + 1, sum(map(len, batches)), run.on_progress, interval_s)
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
@@ -235,7 +248,7 @@ def pretrain_autoencoder(
             ):
                 x = model_batch(images, device, channels_last=fast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-                    out = model(x)
+                    out = stepped(x)
                 loss = F.mse_loss(out.float(), x)  # bf16 reconstructions: the loss against float32 pixels
                 _check_finite(loss, "autoencoder", epoch, step, cfg)
                 optimizer.zero_grad(set_to_none=True)
@@ -244,23 +257,29 @@ def pretrain_autoencoder(
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
                 report(len(idx))
         epoch_s = time.perf_counter() - began  # loss.item() waits for the GPU every step: no sync needed
+        if parallel is not None:
+            total, seen = parallel.sums(total, seen)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        _, scores, _, eval_s = _evaluate(
-            EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed
-        )
         record = {
             "stage": STAGE_AUTOENCODER,
             "epoch": epoch + 1,
             "loss": total / max(seen, 1),
             "images_per_s": seen / epoch_s,
             "lr": lr,
-            **scores,
-            "epoch_s": epoch_s,
-            "eval_s": eval_s,
         }
+        if chief:  # the others go on to the next epoch, whose first all-reduce waits for the chief
+            _, scores, _, eval_s = _evaluate(
+                EncoderVGGMerged.from_encoder(model.encoder, "mean"), dataset, device, fast, seed
+            )
+            record.update(scores, epoch_s=epoch_s, eval_s=eval_s)
+            if parallel is not None:
+                record["workers"] = parallel.world
+        else:
+            record["epoch_s"] = epoch_s
         history.append(record)
-        _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
+        if chief:
+            _save(checkpoint, model, optimizer, scheduler, epoch + 1, cfg, history)
         if callback is not None:
             callback(record)
     return model, history

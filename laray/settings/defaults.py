@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from laray.data.dataref import DIGITS
 from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.settings.space import SIZE_LIMITS, SWEEP_SET, SearchSpace, load_space
+from laray.settings.stage1_search import STAGE1_SEARCHABLE, ae_config_of, la_part
 
 DEMO, GPU_PHOTOS, CPU_PHOTOS = "demo", "default", "photos-cpu"
 
@@ -71,22 +72,27 @@ def choose(spec: str, cuda: bool, no_cuda_reason: str = "no CUDA device here") -
 
 
 def train_configs(space: SearchSpace) -> tuple[AutoEncoderConfig, LAConfig]:
-    """What `laray train` starts from with this space: its fixed settings and its recipe (no held-out split)."""
+    """What `laray train` starts from with this space: its fixed settings and its recipe (no held-out split).
+
+    The recipe's stage1_* values (laray.settings.stage1_search) go to the auto-encoder's settings.
+    """
     unsplit = {name: getattr(LAConfig(), name) for name in SWEEP_SET}  # the sweep's own: laray train scores all
-    return space.ae, dataclasses.replace(space.la, **space.recipe, **unsplit)
+    return ae_config_of(space.ae, space.recipe), dataclasses.replace(space.la, **la_part(space.recipe), **unsplit)
 
 
 def recipe_point(space: SearchSpace, n_images: int) -> dict:
     """The recipe as a point of the searched space: what `laray train` would run, one value per searched setting.
 
-    Each searched setting takes the space's `recipe:` value, else its fixed (or default) LA value, as
-    train_configs does; k_neighbours and n_centroids clipped to what n_images allows, as the sweep's ranges are.
+    Each searched setting takes the space's `recipe:` value, else its fixed (or default) value, as
+    train_configs does (a stage1_* setting: the fixed auto-encoder's, so that without a recipe value the first
+    trial starts from the stage 1 the sweep trains before its trials); k_neighbours and n_centroids clipped to
+    what n_images allows, as the sweep's ranges are.
     The sweep runs it as its first trial and re-runs it beside the search's best in the confirmation.
     """
-    _, la = train_configs(space)
+    ae, la = train_configs(space)
     point = {}
     for name in space.search:
-        value = getattr(la, name)
+        value = getattr(ae, STAGE1_SEARCHABLE[name]) if name in STAGE1_SEARCHABLE else getattr(la, name)
         if name in SIZE_LIMITS:
             low, high = SIZE_LIMITS[name](n_images)
             value = min(max(value, low), high)

@@ -1,4 +1,4 @@
-"""Search spaces: a YAML file naming the objective, the distributions of the LA hyperparameters and fixed settings.
+"""Search spaces: a YAML file naming the objective, the distributions of the hyperparameters and fixed settings.
 
     objective: purity            # purity (default), nmi, ari or acc
     mode: max                    # max (default) or min
@@ -13,16 +13,19 @@
     fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
       autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
       la: {epochs: 10, augment: true}
-    search:                      # one distribution per LA hyperparameter
+    search:                      # one distribution per LA hyperparameter (and stage1_* ones)
       temperature: {loguniform: [0.03, 0.3]}
       mixing_rate: {uniform: [0.2, 0.9]}
       k_neighbours: {int: [20, 500], log: true}     # clipped to N-1
       clustering_repeats: {int: [1, 8]}
       n_centroids: {fraction: [0.02, 0.2]}          # of the data set size N, so valid for any N
       merger: {categorical: [mean, flatten]}
+      stage1_epochs: {categorical: [0, 10]}         # stage 1 too: stage1_epochs, stage1_lr, stage1_pretrained
     recipe:                      # optional: one value per searched setting, for `laray train` (laray.settings.defaults)
       temperature: 0.07
 
+Stage-1 settings are searched under the names of laray.settings.stage1_search (`stage1_epochs`,
+`stage1_lr`, `stage1_pretrained`, categorical only); each distinct stage-1 configuration is trained once.
 A malformed file fails before Ray starts, with a SpaceError naming the key.
 Size-dependent ranges are resolved against N when the sweep starts, so that no
 trial is ever invalid: `k_neighbours` is clipped to [1, N-1], `n_centroids` to
@@ -41,6 +44,7 @@ from laray.errors import SpaceError
 from laray.score_names import LABEL_SCORES
 from laray.settings.config import AutoEncoderConfig, ConfigError, LAConfig, from_dict
 from laray.settings.duration import BudgetError, parse_duration
+from laray.settings.stage1_search import STAGE1_CATEGORICAL_ONLY, STAGE1_INT, STAGE1_SEARCHABLE, ae_config_of, la_part
 
 OBJECTIVES = LABEL_SCORES
 KINDS = ("uniform", "loguniform", "int", "categorical", "fraction")
@@ -62,7 +66,8 @@ TOP_KEYS = (
 )
 DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
-SEARCHABLE = tuple(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET)
+# LAConfig's fields under their own names, then stage 1's under stage1_* (laray.settings.stage1_search)
+SEARCHABLE = (*(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET), *STAGE1_SEARCHABLE)
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"  # package data: there in every install
 
 
@@ -161,8 +166,9 @@ def _number(value):
     return value
 
 
-INT_SETTINGS = tuple(
-    f.name for f in dataclasses.fields(LAConfig) if isinstance(f.default, int) and not isinstance(f.default, bool)
+INT_SETTINGS = (
+    *(f.name for f in dataclasses.fields(LAConfig) if isinstance(f.default, int) and not isinstance(f.default, bool)),
+    *STAGE1_INT,
 )
 
 
@@ -182,6 +188,8 @@ def _distribution(name: str, spec) -> Distribution:
         )
     if not isinstance(log, bool):
         raise SpaceError(f"{where}.log must be true or false, got {log!r}")
+    if name in STAGE1_CATEGORICAL_ONLY and kind != "categorical":
+        raise SpaceError(f"{where} names weights: use categorical: [null, imagenet, or a file], not {kind}")
     if kind == "categorical":
         if not isinstance(args, list) or not args:
             raise SpaceError(f"{where}.categorical must be a non-empty list, got {args!r}")
@@ -209,15 +217,19 @@ def _distribution(name: str, spec) -> Distribution:
     return Distribution(kind, (int(low), int(high)) if kind == "int" else (low, high), log)
 
 
-def _check_values(search: dict, la: LAConfig) -> None:
-    """Every value a distribution can produce must make a valid LAConfig (size limits aside)."""
+def _check_values(search: dict, ae: AutoEncoderConfig, la: LAConfig) -> None:
+    """Every value a distribution can produce must make a valid LAConfig (size limits aside), or a valid
+    AutoEncoderConfig for a stage1_* setting."""
     for name, dist in search.items():
         values = dist.args if dist.kind == "categorical" else () if dist.kind == "fraction" else dist.args
         for value in values:
             try:
-                from_dict(LAConfig, {**dataclasses.asdict(la), name: value})
+                if name in STAGE1_SEARCHABLE:
+                    ae_config_of(ae, {name: value})  # its message begins with the name
+                else:
+                    from_dict(LAConfig, {**dataclasses.asdict(la), name: value})
             except ConfigError as exc:
-                raise SpaceError(f"search.{name}: {exc}") from None
+                raise SpaceError(f"search.{exc}" if name in STAGE1_SEARCHABLE else f"search.{name}: {exc}") from None
 
 
 def parse_space(raw, source: str = "") -> SearchSpace:
@@ -266,9 +278,9 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         raise SpaceError("search must be a non-empty mapping of LA hyperparameters to distributions")
     bad = sorted(set(search) - set(SEARCHABLE))
     if bad:
-        raise SpaceError(f"search key(s) {bad} are not LA settings; valid: {list(SEARCHABLE)}")
+        raise SpaceError(f"search key(s) {bad} are not LA settings nor stage1_* ones; valid: {list(SEARCHABLE)}")
     distributions = {name: _distribution(name, spec) for name, spec in search.items()}
-    _check_values(distributions, la)
+    _check_values(distributions, ae, la)
     recipe = raw.get("recipe") or {}
     if not isinstance(recipe, dict):
         raise SpaceError(f"recipe must be a mapping of searched settings to values, got {recipe!r}")
@@ -277,11 +289,16 @@ def parse_space(raw, source: str = "") -> SearchSpace:
             f"recipe key(s) {sorted(set(recipe) - set(search))} are not searched; the recipe gives "
             f"one value for each of {sorted(search)}"
         )
+    recipe = {k: _number(v) for k, v in recipe.items()}
     try:
-        with_recipe = from_dict(LAConfig, {**dataclasses.asdict(la), **{k: _number(v) for k, v in recipe.items()}})
+        with_recipe = from_dict(LAConfig, {**dataclasses.asdict(la), **la_part(recipe)})
+        ae_recipe = ae_config_of(ae, recipe)
     except ConfigError as exc:
         raise SpaceError(f"recipe: {exc}") from None
-    recipe = {name: getattr(with_recipe, name) for name in recipe}
+    recipe = {
+        name: getattr(ae_recipe, STAGE1_SEARCHABLE[name]) if name in STAGE1_SEARCHABLE else getattr(with_recipe, name)
+        for name in recipe
+    }
     budget = raw.get("time_budget")
     try:
         time_budget_s = None if budget is None else parse_duration(budget)

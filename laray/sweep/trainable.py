@@ -5,6 +5,11 @@ reports every evaluated LA epoch with `ray.tune.report(metrics, checkpoint=...)`
 `tune.get_checkpoint()` after its worker dies. A trial whose loss goes non-finite ends as errored with
 that reason (NONFINITE_MARKER in its folder keeps a restart from diverging again).
 
+A space that searches stage-1 settings (laray.settings.stage1_search) gives trials other stage-1
+configurations than the one shipped: such a trial gets its own from the sweep's store (`store_dir`),
+trained there by the first trial that asks, under the store's lock, while the others with the same
+configuration wait and load it. Tune still sees LA epochs only.
+
 With `TuneConfig(reuse_actors=True)` one worker runs trial after trial: its imports are paid once, and
 the data set it opened for one trial serves the next (`_opened`). Nothing else is carried over:
 every trial sets its thread count, seeds its own training, runs in a fresh thread (Tune's) and writes
@@ -31,10 +36,12 @@ from laray.data.cache import default_cache_dir
 from laray.data.dataset import ListingDigest, open_dataset
 from laray.errors import naming_full_disk
 from laray.score_names import HELDOUT_SCORES, SCORE_NAMES
-from laray.settings.config import replace
+from laray.settings.config import AutoEncoderConfig, LAConfig, replace
 from laray.settings.space import SIZE_LIMITS, SearchSpace
+from laray.settings.stage1_search import ae_config_of, la_part
 from laray.training.run import Stage1
 from laray.training.stages import STAGE_LA, NonFiniteLossError
+from laray.training.store import store_key
 
 log = logging.getLogger("laray.sweep.trainable")
 
@@ -116,6 +123,44 @@ def _open_data(data: ListingDigest, cache_dir: str | None):
     return _opened[key], False
 
 
+def stage1_label(ae: AutoEncoderConfig) -> str:
+    """How a trial's console lines name its own stage 1: the settings a space may search."""
+    pretrained = "" if ae.pretrained is None else f", pretrained {ae.pretrained}"
+    return f"stage 1 (epochs {ae.epochs}, lr {ae.lr:g}{pretrained})"
+
+
+def _own_stage1(
+    dataset, ae: AutoEncoderConfig, la: LAConfig, seed: int, device: str, store_dir: str | None, say, progress_s
+) -> Stage1:
+    """The trial's stage 1 from the sweep's store, trained there first when no trial has (one at a time, by lock).
+
+    store_dir None: the node's own store (laray.training.run.store_folder), shared by nothing but this node.
+    """
+    from laray.training.run import store_folder, stored_stage1
+
+    label = stage1_label(ae)
+
+    def epoch_line(record: dict) -> None:
+        say(f"{label}: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s")
+
+    stage1 = stored_stage1(
+        dataset,
+        ae,
+        [la.merger],
+        seed,
+        device,
+        store_folder(store_dir),
+        callback=epoch_line,
+        progress=False,
+        holdout=(la.holdout, la.holdout_seed),
+        on_progress=lambda progress: say(f"{label}: {progress}"),
+        progress_s=progress_s,
+    )
+    if not stage1.trained_in_this_run:
+        say(f"{label}: from the store")
+    return stage1
+
+
 def _write_worker_record(path: Path, record: dict) -> None:
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     path.write_text(json.dumps(record, indent=2))
@@ -132,12 +177,15 @@ def train_trial(
     cache_dir: str | None = None,
     quiet: bool = False,
     progress_s: float | None = None,
+    store_dir: str | None = None,
 ) -> None:
-    """The function trainable: one trial = one `train_run` with the trial's LA hyperparameters.
+    """The function trainable: one trial = one `train_run` with the trial's hyperparameters.
 
     It opens `data` on its node (from the node's cache folder, decoding once per node) and
-    starts stage 2 from `stage1`. worker.json in the trial folder says where it ran, whether it
-    decoded the data, its start-up time and its peak resident memory.
+    starts stage 2 from `stage1` when the trial's stage-1 settings (the space's, with its stage1_* values)
+    are the ones `stage1` was trained with; else from its own, from the sweep's store `store_dir`
+    (`_own_stage1`). worker.json in the trial folder says where it ran, whether it
+    decoded the data, its start-up time, where its stage 1 came from and its peak resident memory.
     quiet: Ray Train's "Checkpoint successfully created at ..." line, once per epoch, not logged.
     progress_s: seconds between the trial's in-epoch lines (laray.training.epoch_progress), printed on its
     worker, which Ray forwards to the driver's console; Tune and ASHA never see them.
@@ -183,9 +231,11 @@ def train_trial(
 
     def report(record: dict) -> None:
         if record["stage"] != STAGE_LA:
-            return  # stage 1 is shared by the trials; ASHA compares LA epochs only
-        if "startup_s" not in worker:  # trial start to its first LA step: before the first epoch's steps began
-            worker["startup_s"] = time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0)
+            return  # ASHA compares LA epochs only (a trial's own stage 1 reports through _own_stage1's lines)
+        if "startup_s" not in worker:  # trial start to its first LA step, its own stage 1 aside: before the first
+            worker["startup_s"] = (  # epoch's steps began
+                time.perf_counter() - began - record["epoch_s"] - record.get("eval_s", 0) - worker["stage1_s"]
+            )
         if "eval_s" not in record:
             return  # not evaluated (eval_every): nothing for ASHA to compare
         metrics = {k: record[k] for k in REPORTED if k in record}
@@ -202,15 +252,20 @@ def train_trial(
 
     trial_id = tune.get_context().get_trial_id()
 
-    def print_progress(progress) -> None:  # named: lines of several trials at once interleave on the console
-        print(f"trial {trial_id}: {progress}", flush=True)
+    def say(line) -> None:  # named: lines of several trials at once interleave on the console
+        print(f"trial {trial_id}: {line}", flush=True)
 
-    la_cfg = replace(space.la, **_fit_to_data(config, len(dataset)))
+    la_cfg = replace(space.la, **_fit_to_data(la_part(config), len(dataset)))
+    trial_ae = ae_config_of(space.ae, config)
+    asked = time.perf_counter()
     try:
+        if store_key(dataset.fingerprint, trial_ae, seed) != stage1.key:  # fingerprint: the DataRef's key, as shipped
+            stage1 = _own_stage1(dataset, trial_ae, la_cfg, seed, device, store_dir, say, progress_s)
+        worker.update(stage1=stage1.source, stage1_key=stage1.key, stage1_s=time.perf_counter() - asked)
         train_run(
             dataset,
             out,
-            space.ae,
+            trial_ae,
             la_cfg,
             stage1=stage1,
             run=RunOptions(
@@ -219,7 +274,7 @@ def train_trial(
                 resume=checkpoint is not None,
                 callback=report,
                 progress=False,
-                on_progress=print_progress,
+                on_progress=say,
                 progress_s=progress_s,
             ),
         )
@@ -229,7 +284,8 @@ def train_trial(
 
 
 def confirm_trial(config: dict, stage1s: dict, **kwargs) -> None:
-    """One confirmation run: a search trial's LA settings (config["la"]) with a fresh seed (config["seed"])."""
+    """One confirmation run: a search trial's settings (config["la"], stage1_* ones included) with a fresh seed
+    (config["seed"]); stage1s: the seeds' shipped stage 1, which a searched stage 1 replaces as in a search trial."""
     import ray
 
     from laray.scoring.confirm import without_mark

@@ -1,7 +1,9 @@
 """The CUDA path, checked on the day a GPU is lent: does laray train and sweep on it, and how fast is each step?
 
 1. `laray train` on the digits with small settings on cuda (bf16 autocast and channels_last, pinned memory,
-   non-blocking copies: the path CUDA takes), then a 2-trial `laray sweep` with a GPU per trial;
+   non-blocking copies: the path CUDA takes), then a 2-trial `laray sweep` with a GPU per trial, then, where
+   the machine has 2 GPUs or more, the same sweep with stage 1 data-parallel on 2 workers
+   (`--stage1-workers 2`: Ray Train, DDP over NCCL), which plan.json and the console must say;
 2. each kind of step timed with vgg16_bn at 224 px (laray.training.plan.measure, as the plan times them),
    as images/s beside the paper model's projection at 40 % of the GPU's bf16 peak (benchmarks/paper_model.py);
 3. the peak GPU memory of those steps.
@@ -41,18 +43,19 @@ search:
 """
 
 
-def laray(*args: str, timeout: float) -> tuple[bool, str]:
-    """Run the `laray` command in a fresh process; (succeeded, its last lines)."""
+def laray(*args: str, timeout: float) -> tuple[bool, str, str]:
+    """Run the `laray` command in a fresh process; (succeeded, its last lines, its whole output)."""
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "laray", *args], capture_output=True, text=True, timeout=timeout)
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-6:])
+    output = done.stdout + done.stderr
+    tail = "\n".join(output.strip().splitlines()[-6:])
     print(f"  laray {args[0]}: exit {done.returncode} after {time.perf_counter() - began:.0f} s")
-    return done.returncode == 0, tail
+    return done.returncode == 0, tail, output
 
 
 def check_commands(work: Path) -> list[str]:
     failures = []
-    ok, tail = laray("train", "--device", "cuda", "--out", str(work / "train"), "--store", str(work / "store"),
+    ok, tail, _ = laray("train", "--device", "cuda", "--out", str(work / "train"), "--store", str(work / "store"),
                      *SMALL, timeout=900)  # fmt: skip
     metrics = work / "train" / "metrics.json"
     if not ok or not metrics.exists():
@@ -61,14 +64,39 @@ def check_commands(work: Path) -> list[str]:
         print(f"  laray train: purity {json.loads(metrics.read_text())['purity']:.3f}")
     space = work / "space.yaml"
     space.write_text(SWEEP_SPACE)
-    ok, tail = laray("sweep", "--space", str(space), "--gpus-per-trial", "1", "--storage", str(work / "results"),
-                     "--name", "gpu", timeout=1800)  # fmt: skip
+    ok, tail, _ = laray("sweep", "--space", str(space), "--gpus-per-trial", "1", "--storage", str(work / "results"),
+                        "--name", "gpu", timeout=1800)  # fmt: skip
     best = work / "results" / "gpu" / "best.json"
     if not ok or not best.exists():
         failures.append(f"laray sweep on cuda failed:\n{tail}")
     else:
         workers = [json.loads(p.read_text()) for p in (work / "results" / "gpu").glob("*/worker.json")]
         print(f"  laray sweep: best.json written; {len(workers)} trial workers")
+    return failures
+
+
+def check_stage1_ddp(work: Path) -> list[str]:
+    """The small sweep with stage 1 data-parallel on 2 workers (one GPU each); skipped in one line with fewer."""
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        print(f"  2-worker stage 1: skipped, {gpus} GPU(s) here (it needs 2)")
+        return []
+    space = work / "space.yaml"
+    space.write_text(SWEEP_SPACE)
+    ok, tail, output = laray("sweep", "--space", str(space), "--gpus-per-trial", "1", "--stage1-workers", "2",
+                             "--storage", str(work / "results"), "--name", "ddp", timeout=1800)  # fmt: skip
+    best, plan = work / "results" / "ddp" / "best.json", work / "results" / "ddp" / "plan.json"
+    if not ok or not best.exists():
+        return [f"laray sweep --stage1-workers 2 failed:\n{tail}"]
+    failures = []
+    workers = json.loads(plan.read_text()).get("stage1_workers") if plan.exists() else None
+    if workers != 2:
+        failures.append(f"plan.json's stage1_workers is {workers!r}, not 2")
+    said = [line for line in output.splitlines() if "stage 1 on 2 workers" in line]
+    if not said:
+        failures.append("the console never said 'stage 1 on 2 workers'")
+    if not failures:
+        print(f"  laray sweep --stage1-workers 2: best.json written, plan.json's stage1_workers 2, {said[0]!r}")
     return failures
 
 
@@ -116,6 +144,7 @@ def main(argv=None) -> int:
         if not args.steps_only:
             print("the commands on cuda:")
             failures += check_commands(Path(work))
+            failures += check_stage1_ddp(Path(work))
         print("each step's images/s (measured) beside the paper model (PROJECTION at 40 % of peak):")
         try:
             failures += check_steps()

@@ -1,5 +1,6 @@
 """The README's commands, the docs' examples and links, the CI script, the CLI and the benchmarks' small modes."""
 
+import importlib
 import json
 import os
 import re
@@ -266,6 +267,68 @@ def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
     page = (DOCS / "benchmarks.md").read_text()  # "A DF20 sweep on paper"
     row = re.search(r"^\| \*\*search and confirmation\*\* \| (.+) \|$", page, flags=re.M).group(1)
     assert [f"{float(v):.1f}" for v in total] == [c.strip(" *") for c in row.split("|")]
+
+
+def _paper_model(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("paper_model")
+
+
+def test_paper_model_stage1_over_workers_against_a_hand_computation(monkeypatch):
+    pm = _paper_model(monkeypatch)
+    params = pm.autoencoder_parameters()
+    assert params == 14_723_136 + 14_721_603  # vgg16_bn's encoder and decoder, as torch counted them
+    grad = 4 * params  # float32 gradients: 117,778,956 bytes
+    for gpu in pm.PEAKS:  # one worker: today's single-GPU stage 1, no all-reduce
+        s, one = pm.model(gpu, 20), pm.stage1_step(gpu, 1, grad)
+        assert one["all-reduce"] == 0 and one["overlapped"] == one["no overlap"] == pytest.approx(one["compute"])
+        for overlap in (True, False):
+            assert pm.stage1_seconds(s, one, overlap) == pytest.approx(s["stage 1"], rel=1e-12)
+    # 4 A10Gs by hand: 16 images a worker x 184 GFLOP at 28 TFLOP/s; a ring all-reduce moves 2(4-1)/4 of the
+    # gradient bytes through each GPU's PCIe link at 40 % of 31.5 GB/s
+    compute, comm = 16 * 184e9 / 28e12, 1.5 * 117_778_956 / 12.6e9
+    assert (compute, comm) == (pytest.approx(0.105143, rel=1e-5), pytest.approx(0.0140213, rel=1e-5))
+    four = pm.stage1_step("A10G", 4, grad)
+    assert four["compute"] == pytest.approx(compute) and four["all-reduce"] == pytest.approx(comm)
+    assert four["overlapped"] == pytest.approx(compute)  # 14 ms hidden behind 70 ms of backward
+    assert four["no overlap"] == pytest.approx(compute + comm)
+    s = pm.model("A10G", 20)
+    by_hand = 10 * (276_000 / 64 * (compute + comm) + s["encode"] + s["eval k-means"]) + s["raw baseline"]
+    assert pm.stage1_seconds(s, four, overlap=False) == pytest.approx(by_hand + s["eval k-means"])
+    # a link too slow to hide it (5 % of PCIe: 112 ms > 70 ms): forward + the all-reduce
+    slow = pm.stage1_step("A10G", 4, grad, link_fraction=0.05)
+    assert slow["overlapped"] == pytest.approx(compute / 3 + 1.5 * 117_778_956 / (0.05 * 31.5e9))
+    # the confirmation's 5 seeds on 4 A10Gs: 2 GPUs a seed (3 rounds) beats a GPU each (2) and all 4 each (5)
+    over = {w: pm.stage1_seconds(s, pm.stage1_step("A10G", w, grad)) for w in range(1, 5)}
+    assert pm.confirmation_stage1(over, 4) == (3 * over[2], 2) and 3 * over[2] < min(2 * over[1], 5 * over[4])
+    h = pm.sweep_hours(s, 4, stage1_over=over)
+    assert h["stage 1"] == pytest.approx(over[4] / 3600) and h["confirm stage 1"] == pytest.approx(3 * over[2] / 3600)
+    assert h["trials"] == pm.sweep_hours(s, 4)["trials"]
+
+
+def test_paper_model_stage1_over_all_gpus_matches_the_benchmarks_page():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paper_model.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "STAGE 1 OVER ALL GPUS (Ray Train, DDP): PROJECTION" in out
+    printed = {
+        line[:34].strip(): line[34:].split() for line in out.splitlines() if line.startswith(("before:", "after:"))
+    }
+    page = (DOCS / "benchmarks.md").read_text()  # "Stage 1 over all GPUs (DDP)"
+    rows = re.findall(r"^\| (A10G|H100 SXM) × (\d) \| (.+) \|$", page, flags=re.M)
+    assert [(gpu, n) for gpu, n, _ in rows] == [(g, n) for g in ("A10G", "H100 SXM") for n in "148"]
+    for column, (_, _, row) in enumerate(rows):
+        cells = [c.replace("*", "").strip() for c in row.split("|")]
+        assert cells[0] == printed["before: stage 1 on one GPU"][column]
+        assert cells[2] == printed["before: search"][column]
+        assert cells[3].split()[0] == printed["after: stage 1 over all, overlap"][column]
+        assert cells[3].split()[1] == f"({printed['after: stage 1, no overlap'][column]})"
+        assert cells[5] == printed["after: search"][column]
+        assert cells[7].split()[2] == printed["after: search and confirmation"][column]
 
 
 def test_data_cache_benchmark_quick_mode_prints_measured_figures():

@@ -18,7 +18,7 @@ from pathlib import Path
 from laray.data.dataset import DataRef, ListingDigest, open_dataset
 from laray.scoring.holdout import NO_HOLDOUT
 from laray.settings.config import AutoEncoderConfig
-from laray.sweep.stage1_ddp import drop_run, train_stage1_ddp
+from laray.sweep.stage1_ddp import drop_run, read_checkpoint, train_stage1_ddp
 from laray.training.run import (
     Stage1,
     baseline_keys,
@@ -62,17 +62,23 @@ def _stage1_task(
     encoder_state: dict | None,
     holdout: tuple[float, int],
     progress_s: float | None = None,
+    trained_by_workers=None,
 ) -> Stage1:
     """Stage 1 as the trials receive it; trains only when no encoder_state is given (else scores it).
 
     progress_s: seconds between in-epoch lines (the driver's $LARAY_PROGRESS_S; this node may lack it).
+    trained_by_workers: the Ray Train checkpoint of a data-parallel stage 1 (laray.sweep.stage1_ddp), read
+    here from the sweep's storage, so that its weights reach the trials from this node, not the driver's.
     """
     import torch
 
     torch.set_num_threads(threads)
     dataset = open_dataset(ref, cache_dir)
     history = []
-    if encoder_state is None:
+    if trained_by_workers is not None:
+        ae_state, history = read_checkpoint(trained_by_workers)
+        encoder_state = encoder_part(ae_state)
+    elif encoder_state is None:
         with tempfile.TemporaryDirectory() as folder:
             ae_state, history = train_autoencoder(
                 dataset,
@@ -103,13 +109,15 @@ def sweep_stage1(
     holdout: tuple[float, int] = NO_HOLDOUT,
     progress_s: float | None = None,
     workers: int = 1,
+    run_storage: str | None = None,
 ):
     """(baselines per merger, ObjectRef of the Stage1 the trials receive): from the store, else one Ray task.
 
     holdout: (fraction, seed) of the sweep's held-out split, which the baselines are scored with too.
     progress_s: seconds between the task's in-epoch lines (laray.training.epoch_progress).
     workers: more than 1 trains stage 1 data-parallel on that many workers, each with `resources`
-    (laray.sweep.stage1_ddp), then scores the baselines in one task.
+    (laray.sweep.stage1_ddp), then scores the baselines in one task; Ray Train keeps that run in
+    run_storage/KEY (the sweep's storage, which every node can write; default: store_dir).
 
     The task's return value is what the trials get, so each node's object store holds one copy of
     the weights (the driver's too: it reads the same object to keep it in the store).
@@ -119,13 +127,19 @@ def sweep_stage1(
     task = ray.remote(_stage1_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     key = store_key(ref.key, ae_cfg, seed)
     shipped = None
+    run_folder = f"{run_storage or store_dir}/{key}"
 
     def train(_checkpoint: Path) -> tuple[dict, list]:  # the task checkpoints on its own node
         nonlocal shipped
         if workers > 1 and ae_cfg.epochs > 0:
-            return train_stage1_ddp(
-                ref.digest(), ae_cfg, seed, workers, resources, device, threads, cache_dir, store_dir / key, progress_s
+            checkpoint = train_stage1_ddp(
+                ref.digest(), ae_cfg, seed, workers, resources, device, threads, cache_dir, run_folder, progress_s
             )
+            # baselines scored, and the weights shipped, by a task that reads them where the workers left them
+            shipped = task.remote(
+                ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout, None, checkpoint
+            )
+            return read_checkpoint(checkpoint)
         shipped = task.remote(
             ref.digest(), ae_cfg, key, mergers, seed, device, threads, cache_dir, None, holdout, progress_s
         )
@@ -140,7 +154,6 @@ def sweep_stage1(
         return {f"encoder.{k}": v for k, v in stage1.encoder_state.items()}, stage1.history
 
     ae_state, history, _ = get_or_train(store_dir, key, train)
-    drop_run(store_dir / key)
     paths = {m: baselines_path(store_dir, key, m, ref.labels_key, holdout) for m in mergers}
     if shipped is not None:
         baselines = ray.get(shipped).baselines
@@ -171,4 +184,5 @@ def sweep_stage1(
     for merger, scores in baselines.items():
         if not paths[merger].exists():
             write_json(paths[merger], scores)
+    drop_run(run_folder)  # after the task that read the workers' checkpoint has ended
     return baselines, shipped

@@ -36,8 +36,14 @@ def _worker(config: dict) -> None:
     from laray.training.data_parallel import DataParallel
     from laray.training.stages import RunOptions, pretrain_autoencoder
 
-    # "Reporting training result N: TrainingReport(...)" from every worker, each epoch: laray's line says it once
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # "Reporting training result N: TrainingReport(...)" from every worker, each epoch: laray's line says it once.
+    # Ray Train logs it under its module's file path, outside "ray.train", so LoggingConfig does not reach it.
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray: its lines show, nothing else changes
+        pass
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -90,13 +96,13 @@ def train_stage1_ddp(
     cache_dir: str | None,
     run_folder: str,
     progress_s: float | None = None,
-) -> tuple[dict, list]:
-    """(auto-encoder state_dict, stage-1 history) of stage 1 trained by `workers` DDP workers.
+) -> "Checkpoint":  # noqa: F821 (ray.train's, imported when it runs)
+    """The last checkpoint of stage 1 trained by `workers` DDP workers (read_checkpoint reads it).
 
     resources: what each worker asks for ({"cpu": c, "gpu": g}, a trial's). run_folder: where Ray Train keeps
-    the run (STORE/KEY); a run found there is resumed from its last checkpoint.
+    the run (STORAGE/NAME/autoencoders/KEY, a folder or a cloud URI every worker can write, as the sweep's
+    storage is); a run found there is resumed from its last checkpoint.
     """
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -132,14 +138,31 @@ def train_stage1_ddp(
     result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
         raise LarayError(f"stage 1 on {workers} workers failed: {result.error or 'no checkpoint reported'}")
-    with result.checkpoint.as_directory() as folder:
+    return result.checkpoint
+
+
+def read_checkpoint(checkpoint) -> tuple[dict, list]:
+    """(auto-encoder state_dict, stage-1 history) from a Ray Train checkpoint of stage 1, on any node."""
+    import torch
+
+    with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     return state["model"], state["history"]
 
 
-def drop_run(run_folder: str | os.PathLike) -> None:
-    """Ray Train's folder of a stage 1 now stored: its checkpoints are twice the weights' size."""
-    shutil.rmtree(Path(run_folder) / RUN_NAME, ignore_errors=True)
+def drop_run(run_folder: str) -> None:
+    """Ray Train's folder of a stage 1 now stored (a local folder or a cloud URI): its checkpoints are twice the
+    weights' size."""
+    import pyarrow.fs
+
+    if "://" in run_folder and not run_folder.startswith("file://"):
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(run_folder)
+    else:
+        filesystem, path = pyarrow.fs.LocalFileSystem(), str(Path(run_folder.removeprefix("file://")).resolve())
+    try:
+        filesystem.delete_dir(f"{path}/{RUN_NAME}")
+    except (FileNotFoundError, OSError):  # none there: stage 1 trained in one task, or stored before
+        pass
 
 
 def stage1_workers(requested: int | None, cpus: float, gpus: float) -> int:

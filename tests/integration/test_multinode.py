@@ -1,7 +1,8 @@
 """A multi-node rehearsal on one machine: `ray.cluster_utils.Cluster` with a head that runs no trials and two
 worker nodes, each with its own node-local cache folder (LARAY_CACHE_DIR in its environment) and no shared
-stage-1 store. `laray sweep --address` drives 4 trials from a separate process, is killed mid-sweep (SIGKILL)
-and resumed. What real nodes would not share, these do not use: trials read no folder but their node's cache.
+stage-1 store. `laray sweep --address --stage1-workers 2` drives 4 trials from a separate process (stage 1 on
+both worker nodes at once), is killed mid-sweep (SIGKILL) and resumed. What real nodes would not share, these
+do not use: trials read no folder but their node's cache.
 """
 
 import json
@@ -93,6 +94,8 @@ def _sweep_command(address: str, tmp: Path, data: Path, *extra: str) -> list[str
         str(tmp / "results"),
         "--name",
         NAME,
+        "--stage1-workers",  # one on each worker node: stage 1 data-parallel across the two (Ray Train over gloo)
+        "2",
         *extra,
     ]
 
@@ -204,10 +207,16 @@ def test_each_node_decoded_the_data_once_and_the_driver_never(rehearsal):
     assert not driver_cache.exists() or not list(driver_cache.iterdir())
 
 
-def test_stage1_trained_once_for_the_sweep(rehearsal):
+def test_stage1_trained_once_for_the_sweep_on_both_worker_nodes_at_once(rehearsal):
+    import torch
+
     store = rehearsal["experiment"] / "autoencoders"
     logs = list(store.glob("*/trainings.log"))
     assert len(logs) == 1 and len(logs[0].read_text().splitlines()) == 1
+    # 2 workers of 1 CPU each, on a cluster whose head has none: one on each worker node
+    history = torch.load(logs[0].parent / "autoencoder.pt", map_location="cpu", weights_only=True)["history"]
+    assert [r["workers"] for r in history] == [2] * SPACE["fixed"]["autoencoder"]["epochs"]
+    assert "stage 1 on 2 workers (data-parallel, Ray Train)" in (rehearsal["tmp"] / "first.log").read_text()
     for folder in _swept_trials(rehearsal["experiment"]):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["autoencoder"]["source"] == "object store"

@@ -74,6 +74,7 @@ def confirm_top(
             (space.la.holdout, seed),
             shared["progress_s"],
             per_seed,
+            f"{experiment_path}/autoencoders",
         )
 
     try:

@@ -40,6 +40,7 @@ from laray.scoring.confirm import margin_over, split_recipe, verdict
 from laray.settings.config import replace
 from laray.settings.defaults import recipe_point
 from laray.settings.space import SearchSpace
+from laray.settings.stage1_search import ae_config_of
 from laray.sweep.confirmation import confirm_top
 from laray.sweep.lock import LOCK_NAME, SweepLock
 from laray.sweep.plan import reduction_factor
@@ -190,6 +191,9 @@ def run_sweep(
         param_space = tune_space(space, len(data))
         # What the user would otherwise run: the search's first trial and a contender in the confirmation.
         recipe = recipe_point(space, len(data))
+        # The stage 1 trained before the search, and per seed for the confirmation, is the recipe's: with stage-1
+        # settings searched, trials that ask for another train their own (laray.settings.stage1_search).
+        space = dataclasses.replace(space, ae=ae_config_of(space.ae, recipe))
         trials = num_samples or space.num_samples
         if not resume:  # before stage 1: a warm start that cannot be taken over costs nothing yet
             _start_from(warm_start, data, space, seed, param_space, experiment, name)
@@ -209,6 +213,7 @@ def run_sweep(
             holdout,
             progress_s,
             workers,
+            f"{experiment_path}/autoencoders",
         )
         shared = dict(
             data=data.digest(),
@@ -218,7 +223,8 @@ def run_sweep(
             cache_dir=cache_dir,
             quiet=verbose < 2,
             progress_s=progress_s,
-            # TODO-store_dir
+            # where a trial whose stage-1 settings are searched finds (or trains) its own (laray.settings.stage1_search)
+            store_dir=None if experiment_local is None else str(experiment / "autoencoders"),
         )
         trainable = tune.with_parameters(train_trial, stage1=stage1, seed=seed, **shared)
         trainable = tune.with_resources(trainable, resources)

@@ -40,6 +40,7 @@ def confirm_top(
     max_failures: int,
     recipe: dict | None = None,
     stage1_workers: int = 1,
+    planned_per_seed: int | None = None,
 ):
     """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
 
@@ -47,14 +48,18 @@ def confirm_top(
     beside them, marked (laray.scoring.confirm.RECIPE_MARK) in its runs' settings. A second Tune experiment,
     run like the search (same resources, concurrency and failure handling) and resumed like it. Stage 1 is
     trained once per seed, each kept in the store, laid out over the `stage1_workers` the search's stage 1
-    had as the plan says ends soonest (laray.sweep.plan.confirmation_stage1_layout): one task a seed, all
-    at once, or data-parallel groups of workers, as many seeds at a time as the workers hold.
+    had as the plan says ends soonest (`planned_per_seed` workers a seed, from plan.json; without a plan,
+    laray.sweep.plan.confirmation_stage1_layout's default): one task a seed, all at once, or data-parallel
+    groups of workers, as many seeds at a time as the workers hold.
     """
     from ray import tune
 
     seeds = confirmation_seeds(seed, space.confirm_seeds)
 
-    per_seed = confirmation_stage1_layout(len(seeds), stage1_workers)
+    if planned_per_seed is not None and planned_per_seed <= stage1_workers:
+        per_seed = planned_per_seed
+    else:  # no plan (a resumed sweep's is read from plan.json), or one made for more workers than Ray found
+        per_seed = confirmation_stage1_layout(len(seeds), stage1_workers)
     # Tasks queue at Ray until a slot frees; data-parallel groups go in rounds that the workers hold at once.
     at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else len(seeds)
     if per_seed > 1 and space.ae.epochs > 0:

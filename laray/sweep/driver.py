@@ -315,6 +315,7 @@ def run_sweep(
                 max_failures,
                 recipe=recipe,
                 stage1_workers=workers,
+                planned_per_seed=_planned(experiment).get("epochs", {}).get("confirm_stage1_workers"),
             )
             confirmed, recipe_entry = split_recipe(entries)
             if confirmed:
@@ -376,6 +377,16 @@ def _start_from(
         taken = warm.take_over(warm_start, identity, OptunaSearch.convert_search_space(param_space))
         warm.seed_study(f"sqlite:///{experiment / OPTUNA_DB}", name, space.mode, taken)
         log.info(taken.describe())
+
+
+def _planned(experiment: Path) -> dict:
+    """plan.json as the driver that started the sweep wrote it, or {} (none: --resume of a sweep without one)."""
+    import json
+
+    try:
+        return json.loads((experiment / "plan.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _started_here(experiment: Path | None) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 from laray.settings.config import replace
 from laray.settings.duration import duration
 from laray.settings.space import SearchSpace
+from laray.settings.stage1_search import STAGE1_SEARCHABLE, stage1_configurations
 from laray.training.plan import StepCosts, count_run, ddp_speedup, la_seconds, stage1_seconds
 
 SIMULATIONS = 400
@@ -29,6 +30,8 @@ def typical_la(space: SearchSpace, n_images: int):
     """The LA settings of a middling trial: each searched setting at the middle of its range (log-middle if log)."""
     values = {}
     for name, dist in space.search.items():
+        if name in STAGE1_SEARCHABLE:  # stage 1's: counted apart (plan_sweep)
+            continue
         resolved = dist.resolve(name, n_images)
         if resolved.kind == "categorical":
             choices = list(resolved.args)
@@ -57,19 +60,29 @@ def confirm_configurations(space: SearchSpace, trials: int) -> int:
     return min(space.confirm_top, max(0, trials - 1)) + 1
 
 
-def confirmation_stage1_layout(seeds: int, workers: int) -> int:
+def _most_stage1_epochs(space: SearchSpace) -> int:
+    """The largest stage-1 epochs a search may ask for: a searched `stage1_epochs`'s top, else the fixed value."""
+    dist = space.search.get("stage1_epochs")
+    if dist is None:
+        return space.ae.epochs
+    return int(max(dist.args))
+
+
+def confirmation_stage1_layout(seeds: int, workers: int, seconds=None) -> int:
     """Workers each confirmation seed's stage 1 takes, out of `workers`: the layout that ends soonest.
 
     w workers a seed run workers // w seeds at a time, in ceil(seeds / (workers // w)) rounds of
-    1 / ddp_speedup(w) of one worker's stage 1 each: 5 seeds on 8 GPUs take one round one GPU each,
-    2 seeds on 8 take 4 GPUs each. A tie goes to fewer workers (less communication).
+    seconds(w) each: one seed's stage 1 on w workers (default: 1 / ddp_speedup(w) of one worker's, its
+    steps alone; the plan passes its estimate, in which the chief's evaluations do not shrink with w).
+    A tie goes to fewer workers (less communication).
     """
     workers = max(1, workers)
+    seconds = seconds or (lambda w: 1 / ddp_speedup(w))
 
-    def rounds(w: int) -> float:
-        return math.ceil(seeds / (workers // w)) / ddp_speedup(w)
+    def wall(w: int) -> float:
+        return math.ceil(seeds / (workers // w)) * seconds(w)
 
-    return min(range(1, workers + 1), key=lambda w: (rounds(w), w))
+    return min(range(1, workers + 1), key=lambda w: (round(wall(w), 9), w))
 
 
 def asha_epochs(trials: int, max_t: int, grace: int, seed: int = 0, rf: int = 4) -> list[float]:
@@ -190,6 +203,13 @@ def plan_sweep(
     rf = reduction_factor(trials, space.confirm_top)
     epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period, rf=rf)
     trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
+    # A searched stage 1: each further stage-1 configuration is trained once, by the first trial that asks for it
+    # (laray.settings.stage1_search); at its largest searched epochs, an upper bound.
+    own_stage1 = stage1_configurations(space, trials) - 1
+    if own_stage1:
+        longest = count_run(n_images, replace(space.ae, epochs=_most_stage1_epochs(space)), la, mergers=mergers)
+        for i in range(own_stage1):
+            trial_s[1 + i] += stage1_seconds(longest, costs)
     slowdown = costs.la_image_together / costs.la_image if costs.la_image else 1.0
     search = wall_of(trial_s, slots, slowdown)
     affords = None
@@ -197,13 +217,16 @@ def plan_sweep(
         search = min(search, space.time_budget_s + max(trial_s) / max(1, la.epochs))
         # the trials of a middling length (under ASHA) that the budget's slots hold, each slowed by its neighbours
         affords = math.floor(space.time_budget_s * slots / (float(np.mean(trial_s)) * max(1.0, slowdown)))
-    confirm = 0.0
+    confirm, per_seed = 0.0, 1
     if space.confirms:
         runs = confirm_configurations(space, trials) * space.confirm_seeds
-        per_seed = confirmation_stage1_layout(space.confirm_seeds, stage1_workers)
+
+        def one_seed(w: int) -> float:  # a worker group's start too, when data-parallel
+            return costs.worker_start * (2 if w > 1 else 1) + stage1_seconds(work, costs, w)
+
+        per_seed = confirmation_stage1_layout(space.confirm_seeds, stage1_workers, one_seed)
         at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else slots
-        one_seed = costs.worker_start * (2 if per_seed > 1 else 1) + stage1_seconds(work, costs, per_seed)
-        seeds = wall_of([one_seed] * space.confirm_seeds, at_once, slowdown if per_seed == 1 else 1.0)
+        seeds = wall_of([one_seed(per_seed)] * space.confirm_seeds, at_once, slowdown if per_seed == 1 else 1.0)
         confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots, slowdown)
     return SweepPlan(
         n_images,
@@ -215,6 +238,8 @@ def plan_sweep(
         {
             "stage1": space.ae.epochs,
             "stage1_workers": stage1_workers,
+            "stage1_trained_by_trials": own_stage1,  # further stage-1 configurations, when stage 1 is searched
+            "confirm_stage1_workers": per_seed,  # each confirmation seed's stage 1: the layout that ends soonest
             "la_per_trial": la.epochs,
             "la_search_mean": round(float(sum(epochs)), 1),
             "la_search_at_most": trials * la.epochs,
@@ -245,6 +270,11 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
         f"  search: {plan.trials} trials of up to {e['la_per_trial']} LA epochs, about {e['la_search_mean']:g} of "
         f"{e['la_search_at_most']} epochs run under ASHA: {duration(s['search'])}",
     ]
+    if e.get("stage1_trained_by_trials"):
+        lines.append(
+            f"    and up to {e['stage1_trained_by_trials']} more stage-1 configurations (stage 1 is searched), each "
+            "trained once by the first trial that asks for it, counted in the search"
+        )
     if e.get("time_budget_affords_trials") is not None:
         lines.append(
             f"  the time budget ({duration(space.time_budget_s)}) affords about {e['time_budget_affords_trials']} "

@@ -11,8 +11,17 @@ import torch
 
 from laray.settings.config import AutoEncoderConfig, LAConfig
 from laray.settings.space import SWEEP_SET, parse_space
-from laray.sweep.plan import asha_epochs, plan_sweep, typical_la, wall_of
-from laray.training.plan import StepCosts, count_run, la_seconds, measure, run_seconds, stage1_seconds
+from laray.sweep.plan import asha_epochs, confirmation_stage1_layout, plan_lines, plan_sweep, typical_la, wall_of
+from laray.training.plan import (
+    DDP_EFFICIENCY,
+    StepCosts,
+    count_run,
+    ddp_speedup,
+    la_seconds,
+    measure,
+    run_seconds,
+    stage1_seconds,
+)
 
 AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=3, batch_size=16)
 LA = LAConfig(epochs=4, batch_size=16, k_neighbours=10, n_centroids=5, clustering_repeats=2, eval_every=2)
@@ -83,6 +92,75 @@ def test_a_sweep_plan_adds_stage1_trials_and_the_confirmation():
     budgeted = plan_sweep(dataclasses.replace(space, time_budget_s=10 * trial), 100, 10, COSTS, "cpu", 1, slots=2)
     # 10 trials' time on 2 slots, each trial no slower beside another (COSTS times both alike): 20 trials
     assert budgeted.to_json()["epochs"]["time_budget_affords_trials"] == 20
+
+
+def _space(**extra):
+    raw = {
+        "num_samples": 4, "max_concurrent": 2, "grace_period": 4, "confirm_top": 1, "confirm_seeds": 2,
+        "fixed": {"autoencoder": AE.__dict__, "la": {k: v for k, v in LA.__dict__.items() if k not in SWEEP_SET}},
+        "search": {"temperature": {"loguniform": [0.01, 1.0]}},
+    }  # fmt: skip
+    raw["search"].update(extra)
+    return parse_space(raw)
+
+
+def test_stage1_on_workers_divides_its_steps_and_not_the_chiefs_evaluations():
+    space = _space()
+    work = count_run(100, AE, typical_la(space, 100))
+    one = plan_sweep(space, 100, 10, COSTS, "cpu", 1, slots=2, decoded=True)
+    four = plan_sweep(space, 100, 10, COSTS, "cpu", 1, slots=2, decoded=True, stage1_workers=4)
+    epochs_steps = AE.epochs * 100 * COSTS.ae_image
+    assert ddp_speedup(1) == 1 and ddp_speedup(4) == pytest.approx(4 * DDP_EFFICIENCY)
+    assert stage1_seconds(work, COSTS) - stage1_seconds(work, COSTS, 4) == pytest.approx(
+        epochs_steps * (1 - 1 / (4 * DDP_EFFICIENCY))
+    )
+    # the worker group's start besides the driver's first worker
+    assert four.seconds["stage1"] == pytest.approx(2 * 256 + stage1_seconds(work, COSTS, 4))
+    assert one.seconds["stage1"] == pytest.approx(256 + stage1_seconds(work, COSTS))
+    assert four.to_json()["stage1_workers"] == 4 and one.to_json()["stage1_workers"] == 1
+    lines = plan_lines(four, space, cuda=False)
+    assert f"on 4 workers (data-parallel, {4 * DDP_EFFICIENCY:.1f}x one)" in lines[1]
+    # 2 confirmation seeds over 4 workers: here the start of a worker group (256 s) outweighs what 2 workers a
+    # seed save, so one worker a seed, both at once
+    assert four.to_json()["epochs"]["confirm_stage1_workers"] == 1
+    trial = 256 + la_seconds(work, COSTS)
+    assert four.seconds["confirmation"] == pytest.approx(256 + stage1_seconds(work, COSTS) + 2 * trial)
+
+
+@pytest.mark.parametrize(
+    "seeds, workers, each",
+    [(5, 8, 8), (2, 8, 4), (1, 2, 2), (5, 1, 1), (8, 8, 1), (5, 2, 1), (3, 4, 4)],
+)
+def test_the_confirmations_stage1_takes_the_layout_that_ends_soonest(seeds, workers, each):
+    """Rounds of seeds at a time, each round 1 / speed-up of one worker's stage 1, ties to fewer workers."""
+    assert confirmation_stage1_layout(seeds, workers) == each
+    best = min(math.ceil(seeds / (workers // w)) / ddp_speedup(w) for w in range(1, workers + 1))
+    assert math.ceil(seeds / (workers // each)) / ddp_speedup(each) == pytest.approx(best)
+
+
+def test_when_evaluations_dominate_stage1_each_seed_keeps_one_worker():
+    """The paper model's 8 A10Gs: the chief's evaluations 65 % of one worker's stage 1, which workers do not share."""
+
+    def seconds(w: int) -> float:
+        return 0.35 / ddp_speedup(w) + 0.65
+
+    assert confirmation_stage1_layout(5, 8, seconds) == 1  # 1 round of 1.0 against 5 rounds of 0.71 on all 8
+    assert confirmation_stage1_layout(1, 8, seconds) == 8  # one seed: every worker helps a little
+
+
+def test_a_searched_stage1_is_counted_once_per_configuration_in_the_search():
+    space = _space(stage1_epochs={"categorical": [0, 2, 5]})
+    plan = plan_sweep(space, 100, 10, COSTS, "cpu", 1, slots=2, decoded=True)
+    fixed = plan_sweep(_space(), 100, 10, COSTS, "cpu", 1, slots=2, decoded=True)
+    la = typical_la(space, 100)
+    assert la == typical_la(_space(), 100)  # stage 1's settings are no LA setting
+    longest = stage1_seconds(count_run(100, dataclasses.replace(AE, epochs=5), la), COSTS)
+    trial = 256 + la_seconds(count_run(100, AE, la), COSTS)
+    # 4 trials on 2 slots; trials 2 and 3 each train one more stage 1 (at most 5 epochs): one per slot
+    assert plan.to_json()["epochs"]["stage1_trained_by_trials"] == 2
+    assert plan.seconds["search"] == pytest.approx(wall_of([trial, trial + longest, trial + longest, trial], 2))
+    assert fixed.to_json()["epochs"]["stage1_trained_by_trials"] == 0
+    assert any("up to 2 more stage-1 configurations" in line for line in plan_lines(plan, space, cuda=False))
 
 
 def test_measured_costs_are_positive_and_quick(one_torch_thread):

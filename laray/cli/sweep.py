@@ -84,7 +84,8 @@ def add_sweep_command(commands) -> None:
         type=positive_int,
         metavar="N",
         help="workers that train stage 1 together before the search, data-parallel (Ray Train, DDP), each with "
-        "a trial's CPUs and GPUs (default: every GPU the cluster offers when stage 1 starts; 1 without GPUs)",
+        "a trial's CPUs and GPUs (default: the space's 'stage1_workers', else every GPU the cluster offers when "
+        "stage 1 starts; 1 without GPUs)",
     )
     sweep.add_argument(
         "--max-failures",
@@ -249,7 +250,7 @@ def _sweep(args) -> int:
             gpus=args.gpus_per_trial,
             device=args.device,
             cache_dir=args.cache_dir,
-            stage1_workers=args.stage1_workers,
+            stage1_workers=args.stage1_workers or space.stage1_workers,
         ),
     )
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
@@ -304,7 +305,7 @@ def _plan(args, space, data) -> dict:
         together=together,
     )
     # as the driver will find them: every GPU (on a cluster not known here, its concurrency), none without CUDA
-    workers = args.stage1_workers or (slots if cuda else 1)
+    workers = args.stage1_workers or space.stage1_workers or (slots if cuda else 1)
     plan = plan_sweep(
         space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded, workers
     )

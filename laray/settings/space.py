@@ -9,6 +9,7 @@
     confirm_top: 3               # after the search, re-run the best 3 configurations...
     confirm_seeds: 5             # ...with 5 fresh seeds each (0 for either: no confirmation)
     time_budget: 6h              # optional: no new search trial after 6 h of search (laray.sweep.budget)
+    stage1_workers: 4            # optional: stage 1 data-parallel on 4 workers (default: every GPU; 1 without)
     data: digits                 # data spec, unless --data says otherwise
     fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
       autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
@@ -59,6 +60,7 @@ TOP_KEYS = (
     "confirm_top",
     "confirm_seeds",
     "time_budget",
+    "stage1_workers",
     "data",
     "fixed",
     "search",
@@ -114,6 +116,9 @@ class SearchSpace:
     confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # fresh seeds each
     recipe: dict = dataclasses.field(default_factory=dict)  # searched setting -> the value `laray train` takes
     time_budget_s: float | None = None  # seconds of search before no new trial starts (laray.sweep.budget); None: none
+    # workers that train stage 1 together (laray.sweep.stage1_ddp), unless --stage1-workers says otherwise;
+    # None: every GPU the cluster offers when stage 1 starts, 1 without GPUs
+    stage1_workers: int | None = None
 
     def overridden(
         self,
@@ -299,6 +304,9 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         name: getattr(ae_recipe, STAGE1_SEARCHABLE[name]) if name in STAGE1_SEARCHABLE else getattr(with_recipe, name)
         for name in recipe
     }
+    workers = raw.get("stage1_workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SpaceError(f"stage1_workers must be an integer >= 1 (null: every GPU), got {workers!r}")
     budget = raw.get("time_budget")
     try:
         time_budget_s = None if budget is None else parse_duration(budget)
@@ -314,6 +322,7 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         source=source,
         recipe=recipe,
         time_budget_s=time_budget_s,
+        stage1_workers=workers,
         **counts,
     )
 

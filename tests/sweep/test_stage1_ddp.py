@@ -165,3 +165,33 @@ def test_a_sweep_with_two_stage1_workers_trains_stage1_data_parallel_and_complet
         assert [(r["epoch"], r["workers"]) for r in history] == [(1, 2), (2, 2)]
         assert not (entry.parent / "ddp").exists()  # Ray Train's run folder goes once stage 1 is stored
         assert len((entry.parent / "trainings.log").read_text().splitlines()) == 1
+
+
+def _space_with_workers(workers):
+    from laray.settings.space import parse_space
+
+    raw = {"fixed": {"autoencoder": vars(CFG)}, "search": {"temperature": {"loguniform": [0.05, 0.5]}}}
+    return parse_space({**raw, **({} if workers == "absent" else {"stage1_workers": workers})})
+
+
+def test_a_space_names_its_stage1_workers_or_leaves_them_to_the_cluster():
+    from laray.settings.space import SpaceError
+
+    assert _space_with_workers(3).stage1_workers == 3
+    assert _space_with_workers(None).stage1_workers is None
+    assert _space_with_workers("absent").stage1_workers is None
+    for bad in (0, -2, 1.5, True, "all"):
+        with pytest.raises(SpaceError, match=r"^stage1_workers must be an integer >= 1 \(null: every GPU\), got "):
+            _space_with_workers(bad)
+
+
+def test_more_stage1_workers_than_the_cluster_holds_are_refused_in_one_line(ray_session):
+    from laray.errors import SweepError
+    from laray.sweep.stage1_ddp import stage1_workers
+
+    assert stage1_workers(None, 1, 0) == 1  # no GPUs: one worker
+    assert stage1_workers(2, 1, 0) == 2
+    with pytest.raises(SweepError) as refused:
+        stage1_workers(3, 1, 0)  # the session's Ray has 2 CPUs
+    assert str(refused.value) == ("--stage1-workers 3: 3 workers of 1 CPU each need 3 CPUs and this Ray cluster has 2")
+    assert "\n" not in str(refused.value)

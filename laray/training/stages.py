@@ -120,6 +120,13 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def _bar_off(progress: bool) -> bool | None:
+    """tqdm's `disable`: off when not asked for; when asked for, None, which is off unless stderr is a terminal. A
+    log file gets the plain lines (each epoch's, and laray.training.epoch_progress's inside a long one), not bars
+    redrawn with carriage returns."""
+    return None if progress else True
+
+
 def _epoch_seed(seed: int, epoch: int, salt: int) -> int:
     return (seed * 1_000_003 + epoch * 101 + salt) % (2**63)
 
@@ -244,7 +251,7 @@ def pretrain_autoencoder(
         report = EpochReporter("autoencoder", epoch + 1, sum(map(len, batches)), run.on_progress, interval_s)
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
             for step, (idx, images) in enumerate(
-                tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+                tqdm(feed, desc=f"autoencoder {epoch + 1}/{cfg.epochs}", leave=False, disable=_bar_off(progress))
             ):
                 x = model_batch(images, device, channels_last=fast)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
@@ -364,7 +371,7 @@ def finetune_la(
         )
         with BatchPrefetcher(dataset, batches, device, PREFETCH_DEPTH) as feed:
             for step, (idx, images) in enumerate(
-                tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+                tqdm(feed, desc=f"local aggregation {epoch + 1}/{cfg.epochs}", leave=False, disable=_bar_off(progress))
             ):
                 every = cfg.recluster_every or steps_per_epoch  # 0: once per epoch, at its start
                 if (epoch * steps_per_epoch + step) % every == 0:

@@ -166,3 +166,27 @@ def test_the_module_imports_no_torch():
     code = "import sys, laray.training.epoch_progress; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_laray_train_into_a_log_file_writes_plain_lines_and_no_bars(tmp_path):
+    """stdout and stderr to a file, as `laray train ... > run.log 2>&1`: one line per event, no carriage returns."""
+    data = write_digit_folder(tmp_path / "data", N)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "laray",
+                *tiny_train_argv(data, tmp_path / "out", tmp_path / "store", tmp_path / "c"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "\r" not in text and "it/s]" not in text  # no tqdm bar, neither decoding's nor the stages'
+    assert re.search(r"^      autoencoder epoch   1  loss", text, re.M)
+    assert re.search(r"^final: purity \d\.\d{3}", text, re.M)
+    assert max(map(len, text.splitlines())) < 400

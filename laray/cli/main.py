@@ -19,8 +19,19 @@ from laray.cli.train import add_train_command
 from laray.errors import LarayError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error in one line that names the bad value and where to read the usage; exit status 2, as argparse's.
+
+    argparse prints the whole usage block above its message: eleven lines for `laray sweep`, in which the
+    message is the last. Sub-commands' parsers are of the same class (add_subparsers takes the parent's).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="laray",
         description="Find the Local Aggregation hyperparameters that cluster species photos best.",
     )

@@ -55,7 +55,27 @@ def add_analysis_commands(commands) -> None:
     predict.set_defaults(run=_predict)
 
 
+def check_sweep_folder(experiment: str) -> None:
+    """Refuse, before torch is imported, a folder that holds no sweep's trials: in well under a second, with what
+    to give instead (the folder `laray sweep` names at its end)."""
+    from pathlib import Path
+
+    from laray.errors import LarayError
+
+    folder = Path(experiment).expanduser()
+    if not folder.is_dir():
+        raise LarayError(f"{experiment}: no such folder; give a sweep's folder, STORAGE/NAME (laray sweep prints it)")
+    if next(folder.glob("*/params.json"), None) is None:
+        sweeps = sorted(p.parent.name for p in folder.glob("*/best.json"))[-3:]
+        hint = f"; sweeps in it: {', '.join(sweeps)}" if sweeps else ""
+        raise LarayError(
+            f"{experiment} is no laray sweep (no trial folders with params.json): give the folder `laray sweep` "
+            f"prints at its end, STORAGE/NAME, e.g. ~/laray_results/demo-20261207-093000{hint}"
+        )
+
+
 def _analyze(args) -> int:
+    check_sweep_folder(args.experiment)
     from laray.results.report import analyze
 
     report = analyze(
@@ -72,6 +92,7 @@ def _analyze(args) -> int:
 
 
 def _predict(args) -> int:
+    check_sweep_folder(args.experiment)
     from laray.results.predict import predict
 
     frame = predict(

@@ -1,8 +1,11 @@
 """What the CLI prints when something fails: one line that names the cause, or a bug's traceback."""
 
 import logging
+import subprocess
+import sys
 import warnings
 
+import pytest
 from PIL import Image
 
 from laray.cli import main as cli
@@ -54,3 +57,36 @@ def test_skipped_files_show_as_one_log_line_without_python_source(capsys):
         warnings.warn("photos: skipped 2 of 9 file(s) (all of them in /c/skipped.txt):\n  a.jpg: empty", DataWarning)
     err = capsys.readouterr().err
     assert err.startswith("laray.data.dataset: WARNING: photos: skipped 2 of 9 file(s)") and "warnings.warn" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["sweep", "--num-samples", "-3"], "argument --num-samples: must be at least 1, got -3"),
+        (["sweep", "--precision", "x"], "argument --precision: invalid choice: 'x'"),
+        (["train", "--out", "o", "--la-epochs", "many"], "argument --la-epochs"),
+        (["frob"], "argument COMMAND: invalid choice: 'frob'"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_value_and_the_help_to_read(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    command = "laray" if argv[0] == "frob" else f"laray {argv[0]}"
+    assert err.count("\n") == 1 and err.startswith(f"{command}: error: {named}"), err
+    assert err.rstrip().endswith(f"(see {command} --help)")
+
+
+def test_analyze_of_a_folder_that_is_no_sweep_fails_before_torch_with_what_to_give(tmp_path):
+    (tmp_path / "demo-1" / "trial").mkdir(parents=True)
+    (tmp_path / "demo-1" / "best.json").write_text("{}")
+    probe = (
+        "import sys; from laray.cli.main import main; "
+        f"code = main(['analyze', {str(tmp_path)!r}]); print(code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["1", "False"], done.stderr
+    assert done.stderr.count("\n") == 1
+    assert f"{tmp_path} is no laray sweep (no trial folders with params.json)" in done.stderr
+    assert "STORAGE/NAME" in done.stderr and "sweeps in it: demo-1" in done.stderr

@@ -41,6 +41,7 @@ def confirm_top(
     recipe: dict | None = None,
     stage1_workers: int = 1,
     planned_per_seed: int | None = None,
+    tracker=None,
 ):
     """Re-run the search's top configurations with fresh seeds (laray.scoring.confirm) as STORAGE/NAME/confirm/.
 
@@ -50,7 +51,8 @@ def confirm_top(
     trained once per seed, each kept in the store, laid out over the `stage1_workers` the search's stage 1
     had as the plan says ends soonest (`planned_per_seed` workers a seed, from plan.json; without a plan,
     laray.sweep.plan.confirmation_stage1_layout's default): one task a seed, all at once, or data-parallel
-    groups of workers, as many seeds at a time as the workers hold.
+    groups of workers, as many seeds at a time as the workers hold. tracker: the sweep's MLflow tracking
+    (laray.sweep.tracking.Tracking), None when off.
     """
     from ray import tune
 
@@ -102,7 +104,17 @@ def confirm_top(
             trainable,
             param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent, reuse_actors=True),
-            run_config=run_config(CONFIRM_DIR, experiment_path, verbose, max_failures, "confirm", space),
+            run_config=run_config(
+                CONFIRM_DIR,
+                experiment_path,
+                verbose,
+                max_failures,
+                "confirm",
+                space,
+                callbacks=[]
+                if tracker is None
+                else [tracker.callback("confirm", list(space.search), seed, space.la.epochs, contenders=top)],
+            ),
         )
     with tune_fit_stops_on_signal():
         results = tuner.fit()

@@ -115,6 +115,9 @@ class SweepRun:
     verbose: int = 1  # 0 silent, 1 laray's console, 2 Ray Tune's table as well
     warm_start: Sequence[str] = ()  # earlier sweeps' folders whose finished trials TPE starts from
     plan: dict | None = None  # the plan printed before it started (laray.sweep.plan): kept as plan.json
+    # None: no tracking (on --resume: as the sweep began); "mlflow": MLflow runs in STORAGE/NAME/mlflow.db; a tracking
+    # URI: that MLflow server's (laray.sweep.tracking)
+    tracking: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,9 @@ def run_sweep(
         raise SweepError("the number of trials of a sweep cannot change when it is resumed")
     if resume and warm_start:
         raise SweepError("--warm-start: the trials a sweep starts from are taken over when it starts, not on --resume")
+    from laray.sweep.tracking import sweep_tracking
+
+    tracker = sweep_tracking(run.tracking, experiment, name, resume)  # None: off
     from laray.sweep.console import one_line_for_gone_checkpoints, quiet_ray
     from laray.sweep.tune_space import tune_space
 
@@ -176,6 +182,8 @@ def run_sweep(
         if not resume and tune.Tuner.can_restore(experiment_path):
             raise SweepError(f"a sweep already exists at {experiment_path}: use --resume or another --name")
         experiment.mkdir(parents=True, exist_ok=True)
+        if tracker is not None and not resume:
+            tracker.record(experiment)
         if run.plan is not None and not resume:
             write_json(experiment / "plan.json", run.plan)
         if experiment_local is not None:  # for `laray dashboard STORAGE/NAME`: where this driver's Ray dashboard is
@@ -286,6 +294,9 @@ def run_sweep(
                     clock,
                     budget_of=str(experiment),
                     seed=seed,
+                    callbacks=[]
+                    if tracker is None
+                    else [tracker.callback("search", list(space.search), seed, space.la.epochs, str(experiment))],
                 ),
             )
         with tune_fit_stops_on_signal():  # SIGTERM or Ctrl-C: Tune saves its state, then StopRequested
@@ -316,6 +327,7 @@ def run_sweep(
                 recipe=recipe,
                 stage1_workers=workers,
                 planned_per_seed=_planned(experiment).get("epochs", {}).get("confirm_stage1_workers"),
+                tracker=tracker,
             )
             confirmed, recipe_entry = split_recipe(entries)
             if confirmed:
@@ -342,6 +354,8 @@ def run_sweep(
             "ended_by_time_budget": ended_search(experiment),
         }
         write_json(experiment / "best.json", summary)  # atomic; a full disk is named
+        if tracker is not None:  # the winner's runs and the verdict tagged, the baselines logged
+            tracker.end_of_sweep(summary, space.objective)
         return SweepResult(
             Path(experiment_path) if experiment_local is None else experiment,
             best_config,

@@ -24,11 +24,13 @@ def run_config(
     clock=None,
     budget_of: str | None = None,
     seed: int = 0,
+    callbacks: list | None = None,
 ):
     """verbose 0: silent; 1: laray's line per trial event (laray.sweep.console); 2: Ray Tune's own table as well.
 
     stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
-    console shows; seed: the search trials' seed, for TensorBoard's HPARAMS (a confirmation run has its own).
+    console shows; seed: the search trials' seed, for TensorBoard's HPARAMS (a confirmation run has its own);
+    callbacks: more of them (MLflow's, laray.sweep.tracking).
     """
     from ray import tune
 
@@ -39,7 +41,8 @@ def run_config(
         [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] if verbose else []
     )
     # TrialHparams in place of Tune's own TensorBoard logger: the same scalars, HPARAMS filled (laray.sweep.hparams)
-    callbacks = progress + ([clock] if clock is not None else []) + [TrialHparams.of(space, seed)]
+    extra = list(callbacks or [])
+    callbacks = progress + ([clock] if clock is not None else []) + [TrialHparams.of(space, seed)] + extra
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
     return tune.RunConfig(
         name=name,

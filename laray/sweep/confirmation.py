@@ -6,7 +6,6 @@ module runs it on Ray Tune like the search.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from laray.data.dataset import DataRef
@@ -23,8 +22,6 @@ from laray.sweep.plan import confirmation_stage1_layout
 from laray.sweep.ray_setup import run_config
 from laray.sweep.stage1 import cancel_stage1_tasks, sweep_stage1
 from laray.sweep.trainable import confirm_trial
-
-log = logging.getLogger("laray.sweep.confirmation")
 
 
 def confirm_top(
@@ -64,8 +61,17 @@ def confirm_top(
         per_seed = confirmation_stage1_layout(len(seeds), stage1_workers)
     # Tasks queue at Ray until a slot frees; data-parallel groups go in rounds that the workers hold at once.
     at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else len(seeds)
-    if per_seed > 1 and space.ae.epochs > 0:
-        print(f"confirmation: stage 1 for seeds {seeds} on {per_seed} workers each, {at_once} at a time", flush=True)
+    path = f"{experiment_path}/{CONFIRM_DIR}"
+    restoring = tune.Tuner.can_restore(path)
+    top = (
+        None
+        if restoring
+        else contenders(searched, recipe, space.objective, space.mode, space.la.epochs, space.confirm_top)
+    )
+    # Announced in the console's own format before stage 1's lines, which name their seeds
+    what = "the stopped confirmation, resumed" if restoring else f"{len(top)} configuration(s), the recipe among them"
+    where = f"{per_seed} workers each, {at_once} at a time" if per_seed > 1 else "one task each"
+    print(f"[confirm] {what}, with seeds {seeds}; first stage 1 for each seed ({where})", flush=True)
 
     def stage1_of(s: int):
         return sweep_stage1(
@@ -94,12 +100,9 @@ def confirm_top(
         raise
     baselines, stage1s = {s: done[s][0] for s in seeds}, {s: done[s][1] for s in seeds}
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, stage1s=stage1s, **shared), resources)
-    path = f"{experiment_path}/{CONFIRM_DIR}"
-    if tune.Tuner.can_restore(path):
+    if restoring:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        top = contenders(searched, recipe, space.objective, space.mode, space.la.epochs, space.confirm_top)
-        log.info("confirming %d configuration(s) with seeds %s", len(top), seeds)
         tuner = tune.Tuner(
             trainable,
             param_space={"la": tune.grid_search(top), "seed": tune.grid_search(seeds)},

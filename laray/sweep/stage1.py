@@ -41,13 +41,22 @@ def cancel_stage1_tasks() -> None:
         ray.cancel(ref, force=True)
 
 
-def _print_epoch(record: dict) -> None:
-    # Ray forwards a task's stdout to the driver's console, prefixed with the task's name.
-    print(f"stage 1: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s", flush=True)
+def _epoch_line(seed: int):
+    """Each epoch's line: Ray forwards a task's stdout to the driver's console, prefixed with the task's name; the
+    seed tells the confirmation's stage-1 tasks, several at once, apart."""
+
+    def say(record: dict) -> None:
+        loss, rate = record["loss"], record["images_per_s"]
+        print(f"stage 1 (seed {seed}): epoch {record['epoch']} loss {loss:.4f} {rate:.0f} img/s", flush=True)
+
+    return say
 
 
-def _print_progress(progress) -> None:
-    print(f"stage 1: {progress}", flush=True)  # an epoch that runs long (laray.training.epoch_progress)
+def _progress_line(seed: int):
+    def say(progress) -> None:  # an epoch that runs long (laray.training.epoch_progress)
+        print(f"stage 1 (seed {seed}): {progress}", flush=True)
+
+    return say
 
 
 def _stage1_task(
@@ -86,9 +95,9 @@ def _stage1_task(
                 seed,
                 device,
                 Path(folder) / "training.ckpt",
-                callback=_print_epoch,
+                callback=_epoch_line(seed),
                 progress=False,
-                on_progress=_print_progress,
+                on_progress=_progress_line(seed),
                 progress_s=progress_s,
             )
         encoder_state = encoder_part(ae_state)  # the decoder is not needed after stage 1: it is not shipped

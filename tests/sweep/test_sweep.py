@@ -1174,6 +1174,12 @@ def test_cli_sweep_console_shows_laray_lines_and_not_rays_noise(sub, tmp_path):
     )
     # the confirmation: the search's best and the recipe, one seed each
     assert any(re.match(r"\[confirm [^]]+\] trial \w+ finished; 2/2 trials ended \(2 done\)", line) for line in lines)
+    # announced in the console's format before its stage 1, whose lines name their seed; no logger-format line
+    announced = "[confirm] 2 configuration(s), the recipe among them, with seeds [1]; first stage 1 for each seed"
+    assert announced in done.stdout
+    assert done.stdout.index(announced) < done.stdout.index("stage 1 (seed 1): epoch 1 loss")
+    assert "stage 1 (seed 0): epoch 1 loss" in done.stdout  # the search's own
+    assert "INFO: confirming" not in console
     assert any("up to ~" in line and "left" in line for line in lines)
     for noise in (
         "Checkpoint successfully created",

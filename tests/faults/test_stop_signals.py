@@ -78,7 +78,7 @@ class Driver:
     def console(self) -> str:
         return self.log.read_text()
 
-    def wait_until(self, condition, what: str, timeout: float = 300):
+    def wait_until(self, condition, what: str, timeout: float = 600):  # a deadline for a loaded machine
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():

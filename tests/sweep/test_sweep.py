@@ -393,7 +393,9 @@ def _start_driver(ray_session, tmp_path: Path, storage: Path, name: str, raw: di
     return proc, log
 
 
-def _wait_until(condition, proc, log: Path, what: str, timeout: float = 240):
+def _wait_until(condition, proc, log: Path, what: str, timeout: float = 600):
+    # A generous deadline, not a measured interval: it failed once at 240 s on a machine at load 10, and a driver
+    # that dies ends the wait at once (proc.poll)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "laray"
 # Lowest first. A module may import from its own layer and the layers before it, never after.
 LAYERS = [
-    ("errors", "score_names", "filelock", "interrupt", "checkpoint"),  # foundations: the top-level modules
+    ("errors", "score_names", "filelock", "interrupt", "checkpoint", "threads"),  # foundations: the top-level modules
     ("data",),
     ("settings",),
     ("method",),

@@ -77,6 +77,9 @@ def check_sweep_folder(experiment: str) -> None:
 def _analyze(args) -> int:
     check_sweep_folder(args.experiment)
     from laray.results.report import analyze
+    from laray.threads import size_threads
+
+    size_threads()  # the cores this process may use (laray.threads)
 
     report = analyze(
         args.experiment,
@@ -94,6 +97,9 @@ def _analyze(args) -> int:
 def _predict(args) -> int:
     check_sweep_folder(args.experiment)
     from laray.results.predict import predict
+    from laray.threads import size_threads
+
+    size_threads()
 
     frame = predict(
         args.experiment,

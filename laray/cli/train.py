@@ -227,8 +227,11 @@ def _train(args) -> int:
         logging.getLogger("laray.data.dataset").warning(note)
 
     from laray.data.dataset import open_dataset
+    from laray.threads import size_threads
     from laray.training.run import train_run
     from laray.training.stages import RunOptions, resolve_device
+
+    size_threads()  # the cores this process may use (its CPU affinity), the plan's timings too (laray.threads)
 
     device = resolve_device(args.device)  # a device this machine lacks: before anything is decoded or written
     estimated_s = _plan(args, ref, ae_cfg, la_cfg, device)

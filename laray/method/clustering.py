@@ -10,10 +10,18 @@ from typing import NamedTuple
 
 import torch
 
+from laray.threads import threads
+
 # Upper bound on the elements of one score matrix chunk (4 Mi floats = 16 MiB in float32): large
 # enough for efficient products, small beside a worker's memory whatever N and K. On 2 CPU cores
 # (N = 50,000, d = 128, K = 1,604) 10 iterations took 3.75 s with it, 4.54 s with 64 MiB chunks.
 CHUNK_ELEMENTS = 1 << 22
+
+
+# A k-means whose assignment step multiplies fewer numbers than this (N x d x K) runs on one thread on the CPU:
+# the digits' evaluation (N = 1,797, d = 128, K = 10 to 50) spends more time in OpenMP's barriers than in its work,
+# the more so on a busy machine (laray.threads). Danish Fungi's (N = 276,000) keeps every thread.
+SMALL_WORK = 1 << 25
 
 
 class KMeansResult(NamedTuple):
@@ -83,6 +91,9 @@ def kmeans(
         raise ValueError(f"n_clusters must be in [1, {n}] for {n} points, got {n_clusters}")
     if init not in ("k-means++", "random"):
         raise ValueError(f"unknown init {init!r}; valid: 'k-means++', 'random'")
+    if x.device.type == "cpu" and n * x.shape[1] * n_clusters <= SMALL_WORK and torch.get_num_threads() > 1:
+        with threads(1):
+            return kmeans(x, n_clusters, seed, init, max_iter, tol)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = torch.einsum("ij,ij->i", x, x)  # (N,), without the (N, d) temporary that (x * x).sum(1) makes
     if init == "k-means++":

@@ -20,7 +20,7 @@ from laray.settings.config import replace
 from laray.settings.duration import duration
 from laray.settings.space import SearchSpace
 from laray.settings.stage1_search import STAGE1_SEARCHABLE, stage1_configurations
-from laray.training.plan import StepCosts, count_run, ddp_speedup, la_seconds, stage1_seconds
+from laray.training.plan import StepCosts, busy_line, busy_slowdown, count_run, ddp_speedup, la_seconds, stage1_seconds
 
 SIMULATIONS = 400
 SLOW_WITHOUT_CUDA_S = 3600  # a plan longer than this on a machine without CUDA says how to get a smaller one
@@ -158,9 +158,16 @@ class SweepPlan:
     def estimated_s(self) -> float:
         return sum(self.seconds.values())
 
+    @property
+    def estimated_quiet_s(self) -> float:
+        """The estimate for this machine when quiet (laray.training.plan.busy_slowdown)."""
+        return self.estimated_s / busy_slowdown(self.costs)
+
     def to_json(self) -> dict:
         return {
             "estimated_s": round(self.estimated_s, 1),
+            "estimated_quiet_s": round(self.estimated_quiet_s, 1),  # the same on a quiet machine (busy_slowdown)
+            "load": round(self.costs.load, 2),  # the 1-minute load average as the steps were timed
             "parts_s": {k: round(v, 1) for k, v in self.seconds.items()},
             "images": self.n_images,
             "species": self.n_species,
@@ -292,6 +299,9 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
         f"{c.ae_image * 1e3:.2g} ms/image, LA step {c.la_image * 1e3:.2g} ms/image, "
         f"encode {c.encode_image * 1e3:.2g} ms/image, a worker's start {c.worker_start:.1f} s)"
     )
+    busy = None if cuda else busy_line(plan.costs, plan.estimated_s)
+    if busy:
+        lines.append(busy)
     if plan.estimated_s > SLOW_WITHOUT_CUDA_S and not cuda:
         lines.append(
             "  that is long for a machine without CUDA: fewer trials (--num-samples), a time budget "

@@ -51,6 +51,12 @@ class StepCosts:
     recluster: float  # one recluster: R k-means runs on the bank, at this N
     decode_image: float  # one file decoded into the cache, all cores at work (0: decoded already)
     worker_start: float  # a fresh Python process importing torch, as each Ray worker does
+    # The machine as the steps were timed, not seconds: its 1-minute load average just before, the cores this
+    # process may use, and the share of its threads' cores the single-copy steps got (CPU time / wall time /
+    # threads; 0: not measured), which busy_slowdown reads to tell timings inflated by other work.
+    load: float = 0.0
+    cores: int = 0
+    cpu_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +158,37 @@ def _kmeans_seconds(n: int, d: int, clusters: int, run, seed: int = 0) -> float:
     return (time.perf_counter() - began) * n / sample
 
 
+BUSY_SHARE = 0.8  # timed steps that got less of their threads' cores than this were slowed by other work
+
+
+def busy_slowdown(costs: StepCosts) -> float:
+    """How many times slower the steps were timed than on a quiet machine (1: it was quiet).
+
+    Measured, not modelled: while its single-copy steps were timed, this process's CPU time over their wall
+    time and threads is the share of its cores it got (OpenMP's waiting threads spin, so a quiet machine
+    gives about 1 on any number of threads). Beside two busy loops on 2 cores a 1-thread step gets about
+    2/3 of a core: 1.5 times slower. The load average is reported beside it, but it lags and counts
+    processes waiting on disks.
+    """
+    if costs.cpu_share <= 0 or costs.cpu_share >= BUSY_SHARE:
+        return 1.0
+    return 1.0 / costs.cpu_share
+
+
+def busy_line(costs: StepCosts, estimated_s: float) -> str | None:
+    """The plan's line for a machine found busy, with its estimate as found and as quiet; None when quiet."""
+    from laray.settings.duration import duration
+
+    slowdown = busy_slowdown(costs)
+    if slowdown <= 1.0:
+        return None
+    return (
+        f"  the machine is busy (load {costs.load:.1f} on {costs.cores} cores; the timed steps got "
+        f"{costs.cpu_share:.0%} of their cores): {duration(estimated_s)} as found, about "
+        f"{duration(estimated_s / slowdown)} on a quiet machine"
+    )
+
+
 def measure(
     ae: AutoEncoderConfig,
     la: LAConfig,
@@ -169,13 +206,19 @@ def measure(
     which runs in its own process); None: a fresh Python importing what a trial's worker imports is timed.
     together: trials that will run at once on this machine: the LA step is timed with as many copies at once.
     """
+    import os
+
+    from laray.threads import usable_cores
+
+    found = {"load": os.getloadavg()[0], "cores": usable_cores()}  # before this process times anything
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(ae, la, n_images, n_species, torch.device(device), list(decode_sample), worker_start, together)
+        costs = _measure(ae, la, n_images, n_species, torch.device(device), list(decode_sample), worker_start, together)
     finally:
         torch.set_num_threads(before)
+    return dataclasses.replace(costs, **found)
 
 
 def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_start, together) -> StepCosts:
@@ -201,7 +244,9 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
         optimizer.step()
         loss.item()
 
-    ae_image = _per_image(ae_step, ae.batch_size)
+    meter = _CpuShare()
+    with meter:
+        ae_image = _per_image(ae_step, ae.batch_size)
     encoder = EncoderVGGMerged(ae.arch, None, ae.width, la.merger).to(device)
     if la_fast:
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -215,12 +260,14 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
             F.normalize(encoder(x).float(), dim=1).cpu()
 
     encoder.eval()
-    encode_image = _per_image(encode, 256)
+    with meter:
+        encode_image = _per_image(encode, 256)
     encoder.train()
     make_la_step = partial(
         _la_step, ae, la, size, device, la_fast, min(n_images, max(SAMPLE_POINTS, la.k_neighbours + 1, la.n_centroids))
     )
-    la_image = _per_image(make_la_step(0), la.batch_size)
+    with meter:
+        la_image = _per_image(make_la_step(0), la.batch_size)
     # Concurrent trials share this machine's cores and memory: the step timed sharing it too.
     la_together = _at_once(make_la_step, together, la.batch_size, la_image) if together > 1 else la_image
     labels = np.arange(n_species).repeat(math.ceil(SAMPLE_POINTS / n_species))
@@ -247,7 +294,26 @@ def _measure(ae, la, n_images, n_species, device, decode_sample, with_worker_sta
         recluster=_kmeans_seconds(n_images, d, la.n_centroids, recluster),
         decode_image=_decode_seconds(decode_sample, size),
         worker_start=worker_start_seconds() if with_worker_start is None else with_worker_start,
+        cpu_share=meter.share() if device.type == "cpu" else 0.0,
     )
+
+
+class _CpuShare:
+    """This process's CPU time over the wall time and threads of the blocks it is entered for (see busy_slowdown)."""
+
+    def __init__(self):
+        self.cpu = self.wall = 0.0
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        self.began = (time.process_time(), time.perf_counter())
+
+    def __exit__(self, *exc):
+        self.cpu += time.process_time() - self.began[0]
+        self.wall += (time.perf_counter() - self.began[1]) * self.threads
+
+    def share(self) -> float:
+        return min(1.0, self.cpu / self.wall) if self.wall > 0 else 0.0
 
 
 def _la_step(ae, la, size, device, bf16, bank_n, seed):
@@ -354,4 +420,7 @@ def train_plan_lines(work: RunWork, costs: StepCosts, ae: AutoEncoderConfig, la:
         f"  expected wall time on this machine: {duration(total)} (measured here: stage-1 step "
         f"{costs.ae_image * 1e3:.2g} ms/image, LA step {costs.la_image * 1e3:.2g} ms/image)",
     ]
+    busy = busy_line(costs, total) if device == "cpu" else None
+    if busy:
+        lines.append(busy)
     return total, lines

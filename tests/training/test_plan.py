@@ -3,6 +3,7 @@ nothing, and the measured costs."""
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 
@@ -10,17 +11,21 @@ import pytest
 import torch
 
 from laray.settings.config import AutoEncoderConfig, LAConfig
+from laray.settings.duration import duration
 from laray.settings.space import SWEEP_SET, parse_space
 from laray.sweep.plan import asha_epochs, confirmation_stage1_layout, plan_lines, plan_sweep, typical_la, wall_of
 from laray.training.plan import (
+    BUSY_SHARE,
     DDP_EFFICIENCY,
     StepCosts,
+    busy_slowdown,
     count_run,
     ddp_speedup,
     la_seconds,
     measure,
     run_seconds,
     stage1_seconds,
+    train_plan_lines,
 )
 
 AE = AutoEncoderConfig(arch="vgg11_bn", width=0.125, image_size=32, epochs=3, batch_size=16)
@@ -166,9 +171,44 @@ def test_a_searched_stage1_is_counted_once_per_configuration_in_the_search():
 def test_measured_costs_are_positive_and_quick(one_torch_thread):
     costs = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
     for name, seconds in costs.__dict__.items():
-        if name not in ("decode_image", "worker_start"):
+        if name not in ("decode_image", "worker_start", "load", "cores"):
             assert 0 < seconds < 5, name
     assert costs.decode_image == 0 and costs.worker_start == 0
+    assert costs.cores == len(os.sched_getaffinity(0)) and costs.load >= 0  # the machine as it was timed
+
+
+def test_a_plan_timed_on_a_busy_machine_says_so_with_its_quiet_estimate():
+    space = _space()
+    busy = dataclasses.replace(COSTS, load=3.0, cores=2, cpu_share=0.5)  # the timed steps got half their cores
+    plan = plan_sweep(space, 100, 10, busy, "cpu", 1, slots=2, decoded=True)
+    assert busy_slowdown(busy) == 2.0
+    assert plan.to_json()["estimated_quiet_s"] == pytest.approx(plan.estimated_s / 2, abs=0.1)
+    assert plan.to_json()["load"] == 3.0
+    line = next(line for line in plan_lines(plan, space, cuda=False) if "busy" in line)
+    assert line.startswith("  the machine is busy (load 3.0 on 2 cores; the timed steps got 50% of their cores): ")
+    assert line.endswith(f"as found, about {duration(plan.estimated_s / 2)} on a quiet machine")
+    for quiet_costs in (dataclasses.replace(COSTS, load=3.0, cores=2, cpu_share=0.9), COSTS):  # 0.9, or not measured
+        quiet = plan_sweep(space, 100, 10, quiet_costs, "cpu", 1, slots=2)
+        assert quiet.estimated_quiet_s == quiet.estimated_s
+        assert not any("busy" in line for line in plan_lines(quiet, space, cuda=False))
+    total, lines = train_plan_lines(count_run(100, AE, LA), busy, AE, LA, "cpu")
+    assert lines[-1].startswith("  the machine is busy (load 3.0 on 2 cores")
+
+
+def test_the_cpu_share_of_timed_steps_falls_beside_busy_loops(one_torch_thread):
+    """Measured alone, then beside a busy-loop process per core of this machine."""
+    alone = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        beside = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    assert 0 < alone.cpu_share <= 1
+    # as many busy loops as cores beside a 1-thread step leave it at most n / (n + 1) of a core (2/3 on 2 cores),
+    # and any other work on the machine only less: never a quiet reading, whatever else runs
+    assert 0 < beside.cpu_share < BUSY_SHARE and busy_slowdown(beside) == pytest.approx(1 / beside.cpu_share)
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])

@@ -279,8 +279,8 @@ def plan_lines(plan: SweepPlan, space: SearchSpace, cuda: bool) -> list[str]:
     ]
     if e.get("stage1_trained_by_trials"):
         lines.append(
-            f"    and up to {e['stage1_trained_by_trials']} more stage-1 configurations (stage 1 is searched), each "
-            "trained once by the first trial that asks for it, counted in the search"
+            f"    and up to {e['stage1_trained_by_trials']} more stage-1 configuration(s) (stage 1 is searched), "
+            "each trained once by the first trial that asks for it, counted in the search"
         )
     if e.get("time_budget_affords_trials") is not None:
         lines.append(

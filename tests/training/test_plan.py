@@ -165,7 +165,7 @@ def test_a_searched_stage1_is_counted_once_per_configuration_in_the_search():
     assert plan.to_json()["epochs"]["stage1_trained_by_trials"] == 2
     assert plan.seconds["search"] == pytest.approx(wall_of([trial, trial + longest, trial + longest, trial], 2))
     assert fixed.to_json()["epochs"]["stage1_trained_by_trials"] == 0
-    assert any("up to 2 more stage-1 configurations" in line for line in plan_lines(plan, space, cuda=False))
+    assert any("up to 2 more stage-1 configuration(s) (stage 1 is searched)" in line for line in plan_lines(plan, space, cuda=False))
 
 
 def test_measured_costs_are_positive_and_quick(one_torch_thread):

@@ -13,24 +13,30 @@ SHORT_BASELINES = {
 }
 
 
+GAP = "  "  # between two columns: headers never run together
+
+
 def print_search_best(result, space) -> None:
     part = " on the selection part" if space.la.holdout else ""
     print(f"best trial of the search ({space.objective}{part}, one seed):")
+    names = max([20, *(len(key) for key in result.best_config)])
     for key, value in result.best_config.items():
-        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+        print(f"  {key:<{names}}{GAP}{value:.4g}" if isinstance(value, float) else f"  {key:<{names}}{GAP}{value}")
     labels = dict(SHORT_BASELINES)
     if space.ae.epochs == 0:
         labels["autoencoder"] = (
             "on the untrained encoder" if space.ae.pretrained is None else "on the encoder, 0 epochs"
         )
-    columns = [(labels.get(name, name), scores) for name, scores in result.baselines.items()]
-    widths = [max(10, len(label)) for label, _ in columns]
-    print(f"  {'':<20} {'best trial':>10} " + " ".join(f"{label:>{w}}" for (label, _), w in zip(columns, widths)))
+    # one column for the best trial, one per baseline, each as wide as its header
+    columns = [("best trial", result.best_metrics)]
+    columns += [(labels.get(name, name), scores) for name, scores in result.baselines.items()]
+    widths = [max(6, len(label)) for label, _ in columns]
+    print(f"  {'':<20}" + "".join(f"{GAP}{label:>{w}}" for (label, _), w in zip(columns, widths)))
     for key in (*LABEL_SCORES, HELDOUT_PREFIX + "purity"):
         if key in result.best_metrics:
             print(
-                f"  {key:<20} {result.best_metrics[key]:>10.3f} "
-                + " ".join(f"{scores.get(key, float('nan')):>{w}.3f}" for (_, scores), w in zip(columns, widths))
+                f"  {key:<20}"
+                + "".join(f"{GAP}{scores.get(key, float('nan')):>{w}.3f}" for (_, scores), w in zip(columns, widths))
             )
 
 
@@ -65,14 +71,15 @@ def print_confirmed(result, space) -> None:
         rows.append(("the recipe (laray train's settings)", result.recipe))
     names = baseline_names(space.ae.epochs, space.ae.pretrained)
     rows += [(names.get(name, name), summary) for name, summary in result.confirmed_baselines.items()]
-    print(f"  {'':<60} {'mean':>6} {'sd':>6} {'95 % interval':>15} {'held-out':>9}")
+    width = min(60, max(len(label) for label, _ in rows))  # the labels' column; a longer label is cut
+    print(f"  {'':<{width}}{GAP}{'mean':>6}{GAP}{'sd':>6}{GAP}{'95 % interval':>15}{GAP}{'held-out':>8}")
     for label, entry in rows:
         interval = entry.get(f"{objective}_ci95")
         shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "n/a"
         held = entry.get(f"heldout_{objective}_mean")
         print(
-            f"  {label[:60]:<60} {entry[f'{objective}_mean']:>6.3f} {entry[f'{objective}_sd']:>6.3f} "
-            f"{shown:>15} {'' if held is None else f'{held:.3f}':>9}"
+            f"  {label[:width]:<{width}}{GAP}{entry[f'{objective}_mean']:>6.3f}{GAP}{entry[f'{objective}_sd']:>6.3f}"
+            f"{GAP}{shown:>15}{GAP}{'' if held is None else f'{held:.3f}':>8}"
         )
     winner = result.confirmed[0]
     held = winner.get(f"heldout_{objective}_mean")

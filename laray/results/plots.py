@@ -193,23 +193,59 @@ def running_best(values, mode: str = "max") -> np.ndarray:
     return (np.fmax if mode == "max" else np.fmin).accumulate(v) if len(v) else v
 
 
-def plot_history(values: list[float], path, objective: str = "purity", mode: str = "max") -> Path:
-    """Optimisation history: each trial's value as a dot, the best so far as a step line."""
+STOPPED_MARKS = {  # how the search stopped a trial (its study's `stopped_by`, laray.sweep.study) -> marker, legend
+    "ASHA": ("o", "stopped early by ASHA"),
+    "time budget": ("s", "stopped by the time budget"),
+}
+
+
+def plot_history(
+    values: list[float], path, objective: str = "purity", mode: str = "max", stopped_by: list | None = None
+) -> Path:
+    """Optimisation history: each trial's value as a dot, the best so far as a step line.
+
+    stopped_by: each trial's `stopped_by` (laray.sweep.study: "ASHA", "time budget", "none"), when known. Trials
+    stopped early are drawn hollow, as in plot_objective_vs_params: their value is from fewer epochs than a full
+    run's, so not comparable with it.
+    """
     best = running_best(values, mode)
     v = np.asarray(values, dtype=float)
     ok = np.isfinite(v)
     if not ok.any():
         return _message_png(path, "no finished trials")
+    if stopped_by is not None and len(stopped_by) != len(v):
+        raise ValueError(f"stopped_by has {len(stopped_by)} entries for {len(v)} trials")
+    how = np.array(["none" if s is None else str(s) for s in ([None] * len(v) if stopped_by is None else stopped_by)])
     trial = np.arange(1, len(v) + 1)
     fig = _figure(7, 4)
     ax = fig.subplots()
-    ax.scatter(trial[ok], v[ok], s=20, alpha=0.7, label=f"trial {objective}")
+    full = ok & ~np.isin(how, list(STOPPED_MARKS))
+    ax.scatter(
+        trial[full],
+        v[full],
+        s=20,
+        alpha=0.7,
+        zorder=3,
+        label=f"trial {objective}" if stopped_by is None else "ran every epoch",
+    )
+    n_stopped = 0
+    for by, (marker, label) in STOPPED_MARKS.items():
+        shown = ok & (how == by)
+        if shown.any():
+            ax.scatter(
+                trial[shown], v[shown], s=24, marker=marker, facecolors="none", edgecolors="grey", zorder=3, label=label
+            )
+            n_stopped += int(shown.sum())
     ax.step(trial, best, where="post", color="C3", label=f"best so far ({mode})")
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)
-    ax.set_title(f"Optimisation history ({int(ok.sum())} of {len(v)} trials finished)")
+    ax.set_title(
+        f"Optimisation history ({int(ok.sum())} of {len(v)} trials finished"
+        + (f", {n_stopped} stopped early: hollow" if n_stopped else "")
+        + ")"
+    )
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

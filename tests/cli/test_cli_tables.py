@@ -1,5 +1,6 @@
 """The tables `laray sweep` prints at its end (laray.cli.tables), from results made by hand: every baseline shown."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,16 @@ def search_table(printed: str) -> tuple[list[str], dict]:
     return lines[header], rows
 
 
+def columns_of(line: str) -> list[str]:
+    """A table's line cut at every run of two or more spaces: its cells, when columns are two spaces apart."""
+    return re.split(r" {2,}", line.strip())
+
+
+def ends(line: str) -> list[int]:
+    """Where each cell of a line ends (its right edge): right-aligned columns end where their headers do."""
+    return [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
 def test_the_pretrained_baseline_has_its_column_and_its_row(capsys):
     shown = result({"raw_pixels": RAW, "autoencoder": CODES, "pretrained": PRETRAINED})
     print_search_best(shown, space("vgg16_bn.pth"))
@@ -59,7 +70,7 @@ def test_the_pretrained_baseline_has_its_column_and_its_row(capsys):
     )
     assert rows["purity"] == [0.75, 0.41, 0.52, 0.63] and rows["heldout_purity"] == [0.72, 0.40, 0.50, 0.61]
 
-    confirmed_rows = {line[:62].strip(): line[62:].split() for line in printed.split("\nconfirmed:")[1].splitlines()}
+    confirmed_rows = {cells[0]: cells[1:] for cells in map(columns_of, printed.split("\nconfirmed:")[1].splitlines())}
     # each baseline's mean over seeds 1 and 2 (the second seed's scores are the first's + 0.1)
     assert confirmed_rows["k-means on raw pixels"][0] == f"{0.46:.3f}"
     assert confirmed_rows["k-means on the auto-encoder's codes"][0] == f"{0.57:.3f}"
@@ -112,3 +123,37 @@ def test_the_recipe_has_its_row_and_the_verdict_is_the_last_line(capsys):
     shown.verdict = None  # no confirmation: nothing to say
     print_verdict(shown)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("pretrained", [None, "vgg16_bn.pth"])
+def test_every_header_is_two_spaces_from_the_next_and_over_its_column(capsys, pretrained):
+    """`best trial k-means on raw pixels on the auto-encoder codes` read as one header: now two spaces at least
+    between any two columns, headers and cells, and each number right under the end of its header."""
+    baselines = {"raw_pixels": RAW, "autoencoder": CODES, **({"pretrained": PRETRAINED} if pretrained else {})}
+    shown = result(baselines)
+    recipe_runs = [
+        ({"temperature": 0.07}, seed, {"purity": p, "heldout_purity": p}) for seed, p in ((1, 0.6), (2, 0.7))
+    ]
+    shown.recipe = confirmed(recipe_runs, "purity", "max")[0]
+    print_search_best(shown, space(pretrained))
+    print_confirmed(shown, space(pretrained))
+    search, confirmation = capsys.readouterr().out.split("\nconfirmed:")
+
+    header, rows = search_table(search)
+    labels = ["best trial", "k-means on raw pixels", "on the auto-encoder codes"]
+    labels += ["on the pretrained encoder"] if pretrained else []
+    assert columns_of(header) == labels
+    numbers = [line for line in search.splitlines() if line.split()[0] in rows]
+    assert [columns_of(line)[1:] for line in numbers] == [
+        [f"{x:.3f}" for x in rows[line.split()[0]]] for line in numbers
+    ]
+    assert all(ends(line)[1:] == ends(header) for line in numbers)
+
+    lines = confirmation.splitlines()[1:]
+    header = next(line for line in lines if "mean" in line)
+    assert columns_of(header) == ["mean", "sd", "95 % interval", "held-out"]
+    body = lines[lines.index(header) + 1 : lines.index(header) + 1 + 2 + len(baselines)]  # #1, the recipe, baselines
+    assert [columns_of(line)[0] for line in body][:2] == ["#1 tau=0.1", "the recipe (laray train's settings)"]
+    for line in body:
+        assert len(columns_of(line)) == 5, line  # the label, then four cells, each two spaces from the next
+        assert ends(line)[-4:] == ends(header), line

@@ -96,6 +96,50 @@ def test_history(tmp_path, values, mode):
     assert_png(plot_history(values, tmp_path / "h.png", objective="nmi", mode=mode))
 
 
+def drawn(monkeypatch, plot, *args, **kwargs):
+    """The figure a plot function saves, as matplotlib holds it: its artists, not only its pixels."""
+    from laray.results import plots
+
+    figures = []
+    with monkeypatch.context() as patched:
+        patched.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+        plot(*args, **kwargs)
+    assert len(figures) == 1
+    return figures[0]
+
+
+def hollow(collection) -> bool:
+    """A scatter drawn with no fill (facecolors="none"): every marker's face fully transparent."""
+    faces = collection.get_facecolors()
+    return len(faces) == 0 or bool((faces[:, 3] == 0).all())
+
+
+def test_history_draws_the_trials_asha_or_the_time_budget_stopped_hollow(tmp_path, monkeypatch):
+    values = [0.5, 0.7, np.nan, 0.6, 0.8, 0.65]
+    stopped_by = ["none", "ASHA", None, "ASHA", "none", "time budget"]  # None: failed, the study recorded nothing
+    fig = drawn(monkeypatch, plot_history, values, tmp_path / "h.png", "purity", "max", stopped_by=stopped_by)
+    ax = fig.axes[0]
+    scatters = {c.get_label(): c for c in ax.collections}
+    assert list(scatters) == ["ran every epoch", "stopped early by ASHA", "stopped by the time budget"]
+    assert [hollow(c) for c in scatters.values()] == [False, True, True]
+    points = {label: c.get_offsets().tolist() for label, c in scatters.items()}
+    assert points == {
+        "ran every epoch": [[1, 0.5], [5, 0.8]],
+        "stopped early by ASHA": [[2, 0.7], [4, 0.6]],
+        "stopped by the time budget": [[6, 0.65]],
+    }
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [*scatters, "best so far (max)"]
+    assert ax.get_title() == "Optimisation history (5 of 6 trials finished, 3 stopped early: hollow)"
+    assert_png(plot_history(values, tmp_path / "h.png", stopped_by=stopped_by))  # and the file is written
+
+
+def test_history_without_how_trials_ended_draws_them_alike(tmp_path, monkeypatch):
+    fig = drawn(monkeypatch, plot_history, [0.5, 0.7], tmp_path / "h.png", "nmi")
+    assert [c.get_label() for c in fig.axes[0].collections] == ["trial nmi"]
+    with pytest.raises(ValueError, match="stopped_by has 1 entries for 2 trials"):
+        plot_history([0.5, 0.7], tmp_path / "h.png", stopped_by=["ASHA"])
+
+
 @pytest.mark.parametrize("importances", [{"temperature": 0.6, "lr": 0.1, "k_neighbours": 0.3}, {"lr": 1.0}, {}])
 def test_importances(tmp_path, importances):
     assert_png(plot_importances(importances, tmp_path / "i.png"))

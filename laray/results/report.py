@@ -222,7 +222,14 @@ def plot_sweep(scored: Scored, out: str | Path) -> dict:
     params = [p for p in analysis.PARAMS if p in table and table[p].notna().any()]
     plots.plot_objective_vs_params(table, params, scored.objective, out / "objective_vs_params.png")
     history, importances = analysis.optuna_history_and_importances(scored.experiment)
-    plots.plot_history(history, out / "history.png", objective=scored.objective, mode=scored.mode)
+    stopped = analysis.optuna_stopped_by(scored.experiment)  # ASHA's and the time budget's stops drawn hollow
+    plots.plot_history(
+        history,
+        out / "history.png",
+        objective=scored.objective,
+        mode=scored.mode,
+        stopped_by=stopped if stopped is not None and len(stopped) == len(history) else None,
+    )
     plots.plot_importances(importances, out / "importances.png")
     if len(scored.confirmed):
         plots.plot_confirmed(scored.confirmed, _confirmed_baselines(scored), scored.objective, out / "confirmed.png")

@@ -248,6 +248,24 @@ def best_trial(trials: list[Trial], table: pd.DataFrame, objective: str = "purit
     return trials[row]
 
 
+def optuna_stopped_by(experiment: Path) -> list[str] | None:
+    """How the search ended each trial, in Optuna's order: its `stopped_by` user attribute (laray.sweep.study writes
+    "ASHA", "time budget" or "none"; the key is spelled here because results may not import the sweep layer).
+    None without a study; "none" for a trial whose end was not recorded (running, or an older laray's)."""
+    db = experiment / "optuna.db"
+    if not db.exists():
+        return None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:
+        return None
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+    return [t.user_attrs.get("stopped_by", "none") for t in study.trials]
+
+
 def optuna_history_and_importances(experiment: Path) -> tuple[list[float], dict]:
     """Trial values in Optuna's order and parameter importances (empty when too few finished trials)."""
     db = experiment / "optuna.db"

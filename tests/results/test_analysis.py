@@ -914,3 +914,25 @@ def test_the_report_and_picture_set_the_recipe_beside_the_confirmed_winner(tmp_p
     assert "| recipe | 0.07 | 0.5 | 40 | 6 | 10 | 0.790 |" in text  # last in the table of all confirmed
     png = plots.plot_confirmed(scored.confirmed, {}, "purity", tmp_path / "confirmed.png")
     assert png.stat().st_size > 0
+
+
+def test_history_png_is_told_how_the_search_ended_each_trial(tmp_path, monkeypatch):
+    """laray analyze hands plot_history each trial's `stopped_by` from the study, in Optuna's order."""
+    from laray.results import plots, report
+    from laray.results import scores as analysis
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    for value, ended in ((0.5, "ASHA"), (0.7, None), (0.6, "time budget"), (0.8, "none")):
+        trial = study.ask()
+        if ended is not None:
+            trial.set_user_attr("stopped_by", ended)
+        study.tell(trial, value)
+    assert analysis.optuna_stopped_by(tmp_path) == ["ASHA", "none", "time budget", "none"]
+    assert analysis.optuna_stopped_by(tmp_path / "elsewhere") is None
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_history", lambda values, path, **kw: drawn.update(values=values, **kw))
+    for name in ("plot_objective_vs_params", "plot_importances"):
+        monkeypatch.setattr(plots, name, lambda *a, **k: None)
+    scored = SimpleNamespace(experiment=tmp_path, table=pd.DataFrame(), objective="purity", mode="max", confirmed=[])
+    report.plot_sweep(scored, tmp_path)
+    assert drawn["values"] == [0.5, 0.7, 0.6, 0.8] and drawn["stopped_by"] == ["ASHA", "none", "time budget", "none"]

@@ -30,6 +30,7 @@ from laray.scoring.metrics import purity
 from laray.settings.config import LAConfig, replace
 from laray.settings.space import SEARCHABLE, SpaceError, load_space, parse_space
 from laray.sweep.driver import OPTUNA_DB, SweepRun, TrialResources, run_sweep
+from laray.sweep.hparams import shown
 from laray.sweep.trainable import NONFINITE_MARKER, ignore_exit_in_callbacks
 from laray.sweep.tune_space import tune_space
 from laray.training import store as ae_store
@@ -220,7 +221,10 @@ def test_tensorboard_hparams_show_every_search_trials_settings(sweep):
     trials = {str(Path(t.path).relative_to(sweep.experiment)): t for t in analysis_of(sweep.experiment).trials}
     assert set(found) - {"."} == set(trials)
     for run, trial in trials.items():
-        assert found[run]["session_start_info"] == pytest.approx({**trial.config, "seed": SEED})
+        # integer settings as text, as TensorBoard shows them (laray.sweep.hparams.shown)
+        assert found[run]["session_start_info"] == pytest.approx(
+            {k: shown(v) for k, v in {**trial.config, "seed": SEED}.items()}
+        )
         assert "session_end_info" in found[run]
 
 
@@ -351,7 +355,8 @@ def test_time_budget_stops_the_search_and_the_confirmation_follows(ray_session, 
     found = tensorboard_hparams(experiment)
     assert found["."]["experiment"] == found["confirm"]["experiment"]  # whichever TensorBoard reads first
     confirm_runs = [found[run]["session_start_info"] for run in found if run.startswith("confirm/")]
-    assert pytest.approx({**result.confirmed[0]["config"], "seed": 1}) in confirm_runs and len(confirm_runs) == 2
+    confirmed = {k: shown(v) for k, v in {**result.confirmed[0]["config"], "seed": 1}.items()}
+    assert pytest.approx(confirmed) in confirm_runs and len(confirm_runs) == 2
     searched_runs = {run for run in found if run not in (".", "confirm") and not run.startswith("confirm/")}
     assert searched_runs == {f.name for f in searched}
 

@@ -3,10 +3,12 @@
 Each worker opens the data set from its reference on its own node (that node's decode cache, as a trial
 does) and trains its part of every batch (laray.training.data_parallel); the global batch and the
 learning-rate schedule are one worker's. The chief reports a checkpoint every epoch into the run's
-folder, STORE/KEY/ddp/, beside the store entry it becomes: a worker that dies is replaced and the
-group resumes from the last epoch (FailureConfig), and a driver stopped and started again (--resume)
-resumes from it too, since Ray Train (V2) restores a run of the same name and storage. What comes back
-is the state_dict and history that one process's stage 1 returns, kept in the store like any other.
+folder, STORAGE/NAME/autoencoders/KEY/ddp/ (the sweep's storage, which every node can write), beside the
+store entry it becomes: a worker that dies is replaced and the group resumes from the last epoch
+(FailureConfig), and a driver stopped and started again (--resume) resumes from it too, since Ray Train
+(V2) restores a run of the same name and storage. What comes back is the last checkpoint, from which
+read_checkpoint gives the state_dict and history one process's stage 1 returns, kept in the store like any
+other.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """A page's screenshot with headless Chromium, for docs/sweeps.md#dashboards.
 
-    python docs/images/screenshot.py URL OUT.png [--cookie NAME=VALUE] [--wait S] [--size 1400x900]
+    python docs/images/screenshot.py URL OUT.png [--cookie NAME=VALUE] [--wait S] [--size 1400x900] [--script JS]
 
 Chromium's own --screenshot cannot send a cookie, which the Ray dashboard needs for its token
 (ray-authentication-token, as its login dialog sets it), so this drives Chromium through the
 DevTools protocol: the cookie is set, the page loaded, given --wait seconds to draw its charts,
-and captured. Needs chromium (apt-get install chromium) and aiohttp (in the 'dashboard' extra).
+and captured; --script's JavaScript, when given, runs in the page once it has drawn (to store the
+page's own settings and reload it, say), and the page gets --wait seconds again before the capture.
+Needs chromium (apt-get install chromium) and aiohttp (in the 'dashboard' extra).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import urllib.request
 from urllib.parse import urlsplit
 
 
-async def capture(url: str, out: str, cookies: list[str], wait: float, width: int, height: int) -> None:
+async def capture(
+    url: str, out: str, cookies: list[str], wait: float, width: int, height: int, script: str | None = None
+) -> None:
     import aiohttp
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -68,6 +72,9 @@ async def capture(url: str, out: str, cookies: list[str], wait: float, width: in
                     await call("Page.enable")
                     await call("Page.navigate", url=url)
                     await asyncio.sleep(wait)  # the dashboards fetch their data and draw after the page loads
+                    if script is not None:
+                        await call("Runtime.evaluate", expression=script, awaitPromise=True)
+                        await asyncio.sleep(wait)
                     shot = await call("Page.captureScreenshot", format="png")
             with open(out, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
@@ -95,9 +102,10 @@ def main() -> None:
     parser.add_argument("--cookie", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--wait", type=float, default=15, metavar="S", help="seconds to draw (default: %(default)s)")
     parser.add_argument("--size", default="1400x900", metavar="WxH", help="window size (default: %(default)s)")
+    parser.add_argument("--script", metavar="JS", help="JavaScript to run once the page has drawn; then --wait again")
     args = parser.parse_args()
     width, height = (int(n) for n in args.size.split("x"))
-    asyncio.run(capture(args.url, args.out, args.cookie, args.wait, width, height))
+    asyncio.run(capture(args.url, args.out, args.cookie, args.wait, width, height, args.script))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`laray dashboard STORAGE/NAME`: optuna-dashboard and TensorBoard on a sweep, and where its Ray dashboard is."""
+"""`laray dashboard STORAGE/NAME`: optuna-dashboard and TensorBoard on a sweep (the MLflow UI when it tracks its runs
+in MLflow), and where its Ray dashboard is."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def add_dashboard_command(commands) -> None:
         "objective by name, how it ended) and TensorBoard (logdir EXPERIMENT: each trial's scores by epoch, and "
         "in HPARAMS its settings next to its scores) on 127.0.0.1, and print their addresses; when the sweep's "
         "driver runs a Ray dashboard (laray sweep --dashboard), also its address and how to log in. Ctrl-C or "
-        "SIGTERM stops both. Needs the 'dashboard' extra: pip install \"laray[dashboard]\".",
+        "SIGTERM stops them. Needs the 'dashboard' extra: pip install \"laray[dashboard]\". A sweep that records its "
+        "runs in EXPERIMENT/mlflow.db (laray sweep --track mlflow) gets the MLflow UI on it too ('tracking' extra).",
     )
     dashboard.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's folder, STORAGE/NAME")
     dashboard.add_argument(
@@ -31,6 +33,12 @@ def add_dashboard_command(commands) -> None:
     dashboard.add_argument(
         "--tensorboard-port", type=_port, metavar="PORT", help="TensorBoard's port on 127.0.0.1 (default: a free one)"
     )
+    dashboard.add_argument(
+        "--mlflow-port",
+        type=_port,
+        metavar="PORT",
+        help="the MLflow UI's port on 127.0.0.1, when EXPERIMENT/mlflow.db exists (default: a free one)",
+    )
     dashboard.set_defaults(run=_dashboard)
 
 
@@ -38,30 +46,43 @@ def _dashboard(args) -> int:
     import time
 
     from laray.results.dashboards import (
+        MLFLOW_DB,
         DashboardError,
         Dashboards,
         check_port,
         free_port,
+        mlflow_runs_page,
         ray_dashboard_of,
         ray_login,
         sweep_folder,
     )
 
     folder = sweep_folder(args.experiment)
-    if args.optuna_port is not None and args.optuna_port == args.tensorboard_port:
-        raise DashboardError(f"--optuna-port and --tensorboard-port are both {args.optuna_port}: give two ports")
+    given = {"--optuna-port": args.optuna_port, "--tensorboard-port": args.tensorboard_port}
+    tracked = (folder / MLFLOW_DB).is_file()  # laray sweep --track mlflow
+    if tracked:
+        given["--mlflow-port"] = args.mlflow_port
+    seen = {}
+    for option, port in given.items():
+        if port is not None and port in seen:
+            raise DashboardError(f"{seen[port]} and {option} are both {port}: give two ports")
+        seen.setdefault(port, option)
     ports = {}
-    for option, port in (("--optuna-port", args.optuna_port), ("--tensorboard-port", args.tensorboard_port)):
+    for option, port in given.items():
         ports[option] = free_port() if port is None else check_port(port, option)
-    args.on_stop = "optuna-dashboard and TensorBoard stopped"
+    children = "optuna-dashboard, TensorBoard and the MLflow UI" if tracked else "optuna-dashboard and TensorBoard"
+    args.on_stop = f"{children} stopped"
     what = {
         "optuna-dashboard": "the study: each trial's parameters, score and how it ended (user attributes)",
         "TensorBoard": "each trial's scores by epoch; HPARAMS: settings next to scores",
+        "MLflow UI": "every trial and confirmation run: settings, scores by epoch, end; the winner and verdict tagged",
     }
-    with Dashboards(folder, ports["--optuna-port"], ports["--tensorboard-port"]) as dashboards:
+    mlflow_port = ports.get("--mlflow-port")
+    with Dashboards(folder, ports["--optuna-port"], ports["--tensorboard-port"], mlflow_port) as dashboards:
         for child in dashboards.children:  # each line once its server answers, so that the address works
             dashboards.wait_ready(child)
-            print(f"{child.name + ':':18}{child.url}  {what[child.name]}", flush=True)
+            url = child.url + (mlflow_runs_page(folder) if child.name == "MLflow UI" else "")
+            print(f"{child.name + ':':18}{url}  {what[child.name]}", flush=True)
         ray = ray_dashboard_of(folder)
         if ray is not None:
             print(f"{'Ray dashboard:':18}{ray['url']}  the sweep's Ray; {ray_login(ray['token'])}", flush=True)

@@ -150,7 +150,25 @@ def add_sweep_command(commands) -> None:
         help="start Ray's dashboard on 127.0.0.1 (port 8265, or the next free one; needs the 'dashboard' extra); "
         "its address and how to log in are printed when Ray starts",
     )
+    sweep.add_argument(
+        "--track",
+        type=_track,
+        metavar="{mlflow,URI}",
+        help="record every trial and confirmation run in MLflow: 'mlflow' in STORAGE/NAME/mlflow.db (`laray "
+        "dashboard` shows it), or a tracking server's URI (http://HOST:5000); needs the 'tracking' extra "
+        "(default: the space's 'track', else none; on --resume: as the sweep began)",
+    )
     sweep.set_defaults(run=_sweep)
+
+
+def _track(text: str) -> str:
+    import argparse
+
+    from laray.settings.space import tracking_target
+
+    if tracking_target(text) is None:
+        raise argparse.ArgumentTypeError(f"not 'mlflow' nor an MLflow tracking URI (http://HOST:5000...): {text!r}")
+    return text
 
 
 def _sweep_name(stem: str, storage: str, resume: bool) -> str:
@@ -223,6 +241,10 @@ def _sweep(args) -> int:
     if args.plan:
         return 0
     began = time.monotonic()
+    from laray.threads import size_threads
+
+    # The driver's own torch work is small (the store, the baselines' files); the trials have the cores
+    size_threads(1)
     from laray.results.dashboards import ray_login
     from laray.sweep.driver import SweepRun, TrialResources, run_sweep  # torch: once the arguments hold
     from laray.sweep.ray_setup import ray_dashboard, ray_init
@@ -244,6 +266,7 @@ def _sweep(args) -> int:
             verbose=2 if args.verbose else 1,
             warm_start=args.warm_start,
             plan=plan,
+            tracking=args.track or space.track,
         ),
         trial=TrialResources(
             cpus=args.cpus_per_trial,
@@ -264,7 +287,12 @@ def _sweep(args) -> int:
     print(f"\nresults in {result.experiment}: best.json, optuna.db, one folder per trial")
     print("next:")
     print(f"  laray analyze {result.experiment}      # report.md, tables and pictures")
-    print(f"  laray dashboard {result.experiment}      # optuna-dashboard and TensorBoard on this sweep")
+    tracked = (Path(result.experiment) / "mlflow.db").exists()  # laray sweep --track mlflow (laray.sweep.tracking)
+    shown = "optuna-dashboard, TensorBoard and the MLflow UI" if tracked else "optuna-dashboard and TensorBoard"
+    print(f"  laray dashboard {result.experiment}      # {shown} on this sweep")
+    track = args.track or space.track
+    if track is not None and not tracked:  # a tracking server's
+        print(f"  MLflow: the runs of experiment {name!r} at {track}")
     print_verdict(result)
     return 0
 

@@ -1,9 +1,11 @@
-"""optuna-dashboard and TensorBoard on a sweep's folder, as child processes; and where the sweep's Ray dashboard is.
+"""optuna-dashboard and TensorBoard (and the MLflow UI) on a sweep's folder, as child processes; and where the
+sweep's Ray dashboard is.
 
 `laray dashboard STORAGE/NAME` (laray.cli.dashboard) runs them, while the sweep runs or after:
 optuna-dashboard on STORAGE/NAME/optuna.db, TensorBoard with STORAGE/NAME as its logdir (Ray
-Tune writes each trial's event files into its folder, the confirmation's under confirm/). Both
-listen on 127.0.0.1 only. The Ray dashboard belongs to the sweep's driver (`laray sweep
+Tune writes each trial's event files into its folder, the confirmation's under confirm/), and the
+MLflow UI on STORAGE/NAME/mlflow.db when the sweep has one (`laray sweep --track mlflow`,
+laray.sweep.tracking). All listen on 127.0.0.1 only. The Ray dashboard belongs to the sweep's driver (`laray sweep
 --dashboard`), which records where it is in STORAGE/NAME/RAY_DASHBOARD_FILE (laray.sweep.ray_setup).
 
 The children run in a session of their own, so that a Ctrl-C in the terminal reaches laray
@@ -33,7 +35,9 @@ from laray.errors import LarayError
 
 OPTUNA_DB = "optuna.db"  # the sweep's study, as laray.sweep.warm_start.OPTUNA_DB names it
 RAY_DASHBOARD_FILE = "ray_dashboard.json"  # {"url", "token", "host", "pid"}: the driver's Ray dashboard
+MLFLOW_DB = "mlflow.db"  # the sweep's MLflow runs, as laray.sweep.tracking.MLFLOW_DB names it
 INSTALL = 'pip install "laray[dashboard]"'
+INSTALL_TRACKING = 'pip install "laray[tracking]"'  # the MLflow UI
 HOST = "127.0.0.1"
 READY_S = 180.0  # TensorBoard takes 5-20 s to answer on a busy 2-core machine
 STOP_WAIT_S = 10.0
@@ -63,15 +67,15 @@ def sweep_folder(path: str) -> Path:
     return folder.resolve()
 
 
-def tool(name: str) -> str:
+def tool(name: str, install: str = INSTALL) -> str:
     """The executable `name`: the one installed beside this Python (laray's environment, even when not activated),
-    else the first on PATH."""
+    else the first on PATH; `install` says how to get it."""
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise DashboardError(f"{name} is not installed: {INSTALL}")
+        raise DashboardError(f"{name} is not installed: {install}")
     return found
 
 
@@ -99,6 +103,19 @@ def _answers(url: str, timeout: float = 2.0) -> bytes | None:
             return response.read()
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def mlflow_runs_page(folder: Path) -> str:
+    """The MLflow UI's page of the sweep's runs, after its address: its experiment (named like the sweep's folder,
+    laray.sweep.tracking) in the Model training view (MLflow 3's UI opens on its GenAI view); "" when none is found."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{folder / MLFLOW_DB}?mode=ro", uri=True) as db:
+            found = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (folder.name,)).fetchone()
+    except sqlite3.Error:
+        return ""
+    return f"/#/experiments/{found[0]}/runs?workflowType=machine_learning" if found else ""
 
 
 def ray_dashboard_of(folder: Path) -> dict | None:
@@ -142,7 +159,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between
 
 @dataclass
 class Child:
-    name: str  # as the user knows it: "optuna-dashboard", "TensorBoard"
+    name: str  # as the user knows it: "optuna-dashboard", "TensorBoard", "MLflow UI"
     argv: list[str]
     url: str
     log: Path
@@ -158,15 +175,18 @@ class Child:
 
 @dataclass
 class Dashboards:
-    """optuna-dashboard and TensorBoard on `folder`, started by `with`, stopped when it ends, however it ends."""
+    """optuna-dashboard and TensorBoard on `folder`, and the MLflow UI when `mlflow_port` is given (the folder has
+    MLFLOW_DB), started by `with`, stopped when it ends, however it ends."""
 
     folder: Path
     optuna_port: int
     tensorboard_port: int
+    mlflow_port: int | None = None
     children: list[Child] = field(default_factory=list)
 
     def __enter__(self) -> "Dashboards":
-        optuna_dashboard, tensorboard = tool("optuna-dashboard"), tool("tensorboard")  # both found, or none started
+        optuna_dashboard, tensorboard = tool("optuna-dashboard"), tool("tensorboard")  # all found, or none started
+        mlflow = None if self.mlflow_port is None else tool("mlflow", INSTALL_TRACKING)
         self._logs = tempfile.mkdtemp(prefix="laray-dashboard-")
         optuna_url, tensorboard_url = f"http://{HOST}:{self.optuna_port}", f"http://{HOST}:{self.tensorboard_port}"
         storage = f"sqlite:///{self.folder / OPTUNA_DB}"
@@ -192,6 +212,17 @@ class Dashboards:
                 Path(self._logs) / "tensorboard.log",
             ),
         ]
+        if mlflow is not None:
+            self.children.append(
+                Child(
+                    "MLflow UI",
+                    # the runs only: the sweep logs no artifacts (laray.sweep.tracking), and nothing is written
+                    [mlflow, "ui", "--backend-store-uri", f"sqlite:///{self.folder / MLFLOW_DB}"]
+                    + ["--host", HOST, "--port", str(self.mlflow_port), "--workers", "1"],
+                    f"http://{HOST}:{self.mlflow_port}",
+                    Path(self._logs) / "mlflow.log",
+                )
+            )
         try:
             for child in self.children:
                 with open(child.log, "wb") as log:

@@ -10,6 +10,7 @@
     confirm_seeds: 5             # ...with 5 fresh seeds each (0 for either: no confirmation)
     time_budget: 6h              # optional: no new search trial after 6 h of search (laray.sweep.budget)
     stage1_workers: 4            # optional: stage 1 data-parallel on 4 workers (default: every GPU; 1 without)
+    track: mlflow                # optional: each run in MLflow, STORAGE/NAME/mlflow.db or a tracking URI (--track)
     data: digits                 # data spec, unless --data says otherwise
     fixed:                       # settings every trial shares (AutoEncoderConfig / LAConfig fields)
       autoencoder: {arch: vgg16_bn, image_size: 224, epochs: 10}
@@ -61,6 +62,7 @@ TOP_KEYS = (
     "confirm_seeds",
     "time_budget",
     "stage1_workers",
+    "track",
     "data",
     "fixed",
     "search",
@@ -119,6 +121,9 @@ class SearchSpace:
     # workers that train stage 1 together (laray.sweep.stage1_ddp), unless --stage1-workers says otherwise;
     # None: every GPU the cluster offers when stage 1 starts, 1 without GPUs
     stage1_workers: int | None = None
+    # MLflow tracking unless --track says otherwise (laray.sweep.tracking): "mlflow" (STORAGE/NAME/mlflow.db) or a
+    # tracking URI; None: none
+    track: str | None = None
 
     def overridden(
         self,
@@ -307,6 +312,9 @@ def parse_space(raw, source: str = "") -> SearchSpace:
     workers = raw.get("stage1_workers")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise SpaceError(f"stage1_workers must be an integer >= 1 (null: every GPU), got {workers!r}")
+    track = raw.get("track")
+    if track is not None and tracking_target(track) is None:
+        raise SpaceError(f"track must be 'mlflow' or an MLflow tracking URI such as http://HOST:5000, got {track!r}")
     budget = raw.get("time_budget")
     try:
         time_budget_s = None if budget is None else parse_duration(budget)
@@ -323,8 +331,21 @@ def parse_space(raw, source: str = "") -> SearchSpace:
         recipe=recipe,
         time_budget_s=time_budget_s,
         stage1_workers=workers,
+        track=track,
         **counts,
     )
+
+
+def tracking_target(value) -> str | None:
+    """`track` (--track): "mlflow", the sweep folder's own store, or an MLflow tracking URI (scheme://..., or
+    databricks); None when it is neither."""
+    import re
+
+    if not isinstance(value, str):
+        return None
+    if value == "mlflow" or value == "databricks" or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://\S+$", value):
+        return value
+    return None
 
 
 def bundled_spaces() -> list[str]:

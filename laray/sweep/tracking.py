@@ -21,7 +21,8 @@ laray.beat_recipe and laray.margin_over_recipe (best.json's).
 Ray Tune's MLflowLoggerCallback does the logging; `SweepRuns` changes how it finds a trial's run. Tune's keeps
 them in memory, and `laray sweep --resume` (Tuner.restore) starts with a fresh callback: each resumed trial
 would get a second run. SweepRuns looks a trial's run up in the store by its tags (laray.sweep_id, the sweep's
-own id, and laray.trial_id, which Tune keeps across a resume), reopens it and logs only the epochs it lacks.
+own id, and laray.trial_id, which Tune keeps across a resume), reopens it and logs only the epochs it lacks;
+the run of a trial that Tune had not saved when its driver died is deleted (SweepRuns.on_step_begin).
 The choice of store is made when a sweep starts and kept in STORAGE/NAME/RECORD: Tune keeps its callbacks
 with the experiment (tuner.pkl) and a resumed search logs where the sweep began.
 
@@ -59,7 +60,10 @@ WINNER, VERDICT, BEAT_RECIPE, MARGIN_OVER_RECIPE = (
 )
 SEARCH, CONFIRM, SUMMARY = "search", "confirm", "summary"
 RECIPE = "recipe"  # laray.config of the recipe's confirmation runs
+LOST = "lost: its driver died before Tune saved the trial; the resumed sweep ran another in its place"
 METRICS = (*REPORTED, "time_total_s")  # what each result logs, when reported
+# MLflow 3's UI opens an experiment of this kind on its runs (Model training), not on its GenAI traces
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def check_installed() -> None:
@@ -107,7 +111,7 @@ class Tracking:
 
         _quiet_mlflow()
         client = mlflow.MlflowClient(tracking_uri=self.uri)
-        experiment_id = _experiment_id(client, self.experiment_name)
+        experiment_id = _experiment_id(client, self.experiment_name, self.uri)
         runs = _runs(client, experiment_id, self.sweep_id)
         confirmed = summary.get("confirmed") or []
         winner = confirmed[0]["config"] if confirmed else summary.get("best_config")
@@ -151,10 +155,15 @@ def sweep_tracking(tracking: str | None, experiment: Path, name: str, resume: bo
     """The sweep's Tracking, or None when it tracks nothing; checked before the sweep starts (or goes on).
 
     tracking: None (off; on --resume: as the sweep began), MLFLOW, or an MLflow tracking URI. A new sweep
-    records its choice (RECORD); a resumed one keeps it: Tune restores the search's callback as it was.
+    records its choice (RECORD); a resumed one keeps it: Tune restores the search's callback as it was. resume:
+    whether Tune restores the search (a sweep stopped in stage 1 starts its search afresh, in the same store).
     """
-    recorded = _recorded(experiment) if resume else None
-    if recorded is not None:
+    recorded = _recorded(experiment)
+    if recorded is not None and not resume and tracking is None:
+        # begun here and stopped before its search (in stage 1), resumed: no run recorded yet, the same store
+        check_installed()
+        return recorded
+    if recorded is not None and resume:
         if tracking is not None and tracking_uri(tracking, experiment) != recorded.uri:
             raise SweepError(
                 f"--track {tracking}: this sweep records its runs at {recorded.uri}; resume it with that "
@@ -204,8 +213,11 @@ class SweepRuns(MLflowLoggerCallback):
         self.epochs, self.budget_of, self.contenders = epochs, budget_of, list(contenders or [])
 
     def setup(self, *args, **kwargs):
+        import mlflow
+
         _quiet_mlflow()
-        super().setup(*args, **kwargs)  # the tracking URI set, the experiment found or created
+        _experiment_id(mlflow.MlflowClient(tracking_uri=self.tracking_uri), self.experiment_name, self.tracking_uri)
+        super().setup(*args, **kwargs)  # the tracking URI set, the experiment found
         self._client = self.mlflow_util._get_client()
         # The runs this sweep's phase already has (a resume): trial id -> (run id, last epoch logged)
         self._stored = {
@@ -215,6 +227,25 @@ class SweepRuns(MLflowLoggerCallback):
         }
         self._last_step: dict = {}
         self._ended: set = set()
+        self._lost_checked = not self._stored
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Once, on a resume: the runs of trials that Tune did not save before its driver died are deleted.
+
+        Tune saves its state every few seconds; a trial started since is unknown to the resumed sweep, whose
+        searcher asks for another in its place (Optuna's trial is failed, laray.sweep.driver). Its run, kept,
+        would stand beside its successor's as a second run of one trial. MLflow's deletion can be undone:
+        the run stays in the store, listed under the UI's "Deleted" runs, tagged laray.stopped_by=LOST.
+        """
+        if self._lost_checked:
+            return
+        self._lost_checked = True
+        known = {t.trial_id for t in trials}
+        for trial_id, (run_id, _) in self._stored.items():
+            if trial_id not in known:
+                self._client.set_tag(run_id, STOPPED_BY, LOST)
+                self._client.set_terminated(run_id, status="KILLED")
+                self._client.delete_run(run_id)
 
     def settings(self, config: dict) -> dict:
         """A trial's settings: a confirmation run's LA settings under their own names, like a search trial's."""
@@ -237,8 +268,8 @@ class SweepRuns(MLflowLoggerCallback):
         if self.phase == CONFIRM:
             label, seed = self._label(trial.config), self._seed(trial.config)
             return f"the recipe seed {seed}" if label == RECIPE else f"confirm {label} seed {seed}"
-        number = trial.trial_id.rsplit("_", 1)[-1]
-        return f"search {int(number) + 1 if number.isdigit() else number} (trial {trial.trial_id})"
+        number = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's count: "3_mixing_rate=..."
+        return f"search {number} (trial {trial.trial_id})" if number.isdigit() else f"search trial {trial.trial_id}"
 
     def log_trial_start(self, trial) -> None:
         from mlflow.entities import Param
@@ -327,9 +358,17 @@ def _runs(client, experiment_id: str, sweep_id: str, phase: str | None = None) -
             return runs
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The MLflow experiment `name`, created if need be; in the sweep's own store with its artifact location in the
+    sweep's folder (MLflow's default is ./mlruns in the current folder; laray logs no artifacts there, nor anywhere)."""
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
+    if found is not None:
+        if EXPERIMENT_KIND not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return found.experiment_id
+    local = uri.startswith("sqlite:///") and uri.endswith(f"/{MLFLOW_DB}")
+    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
 
 def _summary_metrics(summary: dict) -> dict[str, float]:

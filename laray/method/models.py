@@ -13,12 +13,22 @@ import os
 
 import torch
 from torch import nn
-from torchvision.models import vgg as tv_vgg
 
 from laray.errors import ConfigError  # a ValueError too: bad settings reached past the config's checks
 from laray.settings.config import ARCHS as ARCH_NAMES
 
-ARCHS = dict(zip(ARCH_NAMES, "ABDE"))  # torchvision's configuration letter for each architecture we support
+# The VGG configurations of Simonyan & Zisserman (2015), table 1, columns A, B, D and E: each convolution's
+# output channels, "M" a 2x2 max-pool. Written here rather than taken from torchvision, whose import (1.2 s:
+# every model it has, its ops, torch's compiler) every command that builds a model paid; torchvision is
+# imported only for ImageNet weights (laray.method.weights). tests/method/test_models.py checks that the
+# layers are torchvision's, index for index, with the same initial weights.
+VGG_CONFIGS = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+ARCHS = dict(zip(ARCH_NAMES, "ABDE"))  # the configuration letter of each architecture we support
 MERGERS = ("mean", "flatten", None)
 MIN_CHANNELS = 8
 
@@ -31,7 +41,20 @@ def _check_choice(name: str, value, valid) -> None:
 def _scaled_cfg(arch: str, width: float) -> list:
     if not width > 0:
         raise ConfigError(f"width must be > 0, got {width!r}")
-    return [c if c == "M" else max(MIN_CHANNELS, round(c * width)) for c in tv_vgg.cfgs[ARCHS[arch]]]
+    return [c if c == "M" else max(MIN_CHANNELS, round(c * width)) for c in VGG_CONFIGS[ARCHS[arch]]]
+
+
+def vgg_features(cfg: list) -> nn.Sequential:
+    """A VGG feature stack with batch norm: per convolution (3x3, padding 1) a BatchNorm2d and a ReLU, a max-pool
+    per "M"; the layer indices of torchvision's `features`, so that its state_dicts load strictly."""
+    layers, channels = [], 3
+    for c in cfg:
+        if c == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, c, kernel_size=3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            channels = c
+    return nn.Sequential(*layers)
 
 
 def _load_pretrained_features(arch: str, pretrained: str) -> dict:
@@ -66,7 +89,7 @@ class EncoderVGG(nn.Module):
         self.arch, self.width = arch, width
         self.cfg = _scaled_cfg(arch, width)
         # Same layer indices as torchvision's `features`, so its state_dict loads strictly.
-        self.features = tv_vgg.make_layers(self.cfg, batch_norm=True)
+        self.features = vgg_features(self.cfg)
         for i, layer in enumerate(self.features):
             if isinstance(layer, nn.MaxPool2d):
                 self.features[i] = nn.MaxPool2d(layer.kernel_size, layer.stride, return_indices=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -445,3 +448,28 @@ def test_code_shape_too_small_raises(arch):
 def test_merged_code_dim_too_small_raises():
     with pytest.raises(ValueError, match="too small"):
         EncoderVGGMerged("vgg16_bn", width=SMALL, merger="flatten").code_dim(16)
+
+
+@pytest.mark.parametrize("arch", ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"])
+def test_the_feature_stack_is_torchvisions_index_for_index_with_the_same_initial_weights(arch):
+    """laray writes the VGG configurations itself (no torchvision import): the same layers, and made in the same
+    order, the same weights from the same seed, so torchvision state_dicts load and old seeds train alike."""
+    from torchvision.models import vgg as tv_vgg
+
+    from laray.method.models import ARCHS, VGG_CONFIGS, vgg_features
+
+    assert VGG_CONFIGS[ARCHS[arch]] == tv_vgg.cfgs[ARCHS[arch]]
+    torch.manual_seed(3)
+    ours = vgg_features(VGG_CONFIGS[ARCHS[arch]])
+    torch.manual_seed(3)
+    theirs = tv_vgg.make_layers(tv_vgg.cfgs[ARCHS[arch]], batch_norm=True)
+    assert [repr(a) for a in ours] == [repr(b) for b in theirs]
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
+
+
+def test_building_a_model_imports_no_torchvision():
+    code = "import sys; from laray.method.models import AutoEncoderVGG; AutoEncoderVGG('vgg11_bn', None, 0.125); " \
+        "print('torchvision' in sys.modules)"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -5,7 +5,7 @@ import os
 import torch
 
 from laray.method import clustering
-from laray.threads import size_threads, threads, usable_cores
+from laray.threads import idle_cores, size_threads, threads, usable_cores
 
 
 def test_the_cores_a_process_may_use_are_its_affinity():
@@ -19,7 +19,8 @@ def test_size_threads_and_the_block_that_changes_them_for_a_while():
         with threads(1):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        assert size_threads() == usable_cores() == torch.get_num_threads()
+        assert size_threads() == idle_cores() == torch.get_num_threads()
+        assert 1 <= idle_cores() <= usable_cores()
     finally:
         torch.set_num_threads(before)
 

@@ -33,6 +33,9 @@ FIVE = ("temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_c
 PARAMS = (*FIVE, *(name for name in SEARCHABLE if name not in (*FIVE, "epochs")))
 SCORES = LABEL_SCORES
 K_MULTIPLES = (2, 5)  # purity also at 2x and 5x the number of species: purity grows with K
+# k-means restarts for those two extra columns: the best inertia of 5, not of the 20 a trial's own score takes;
+# 20 made them half of `laray analyze`'s time on the demo (benchmarks/analyze_load.py)
+K_MULTIPLES_N_INIT = 5
 
 
 @dataclass
@@ -143,7 +146,8 @@ def purity_at_k(codes: np.ndarray, labels: np.ndarray, n_species: int, seed: int
     out = {}
     for m in K_MULTIPLES:
         k = min(m * n_species, len(codes))
-        scores, _ = score_codes(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32)), labels, k, seed=seed)
+        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32))
+        scores, _ = score_codes(codes_t, labels, k, seed=seed, n_init=K_MULTIPLES_N_INIT)
         out[f"purity_k{m}x"] = scores.get("purity", float("nan"))
     return out
 

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -62,7 +63,8 @@ SEARCH, CONFIRM, SUMMARY = "search", "confirm", "summary"
 RECIPE = "recipe"  # laray.config of the recipe's confirmation runs
 LOST = "lost: its driver died before Tune saved the trial; the resumed sweep ran another in its place"
 METRICS = (*REPORTED, "time_total_s")  # what each result logs, when reported
-# MLflow 3's UI opens an experiment of this kind on its runs (Model training), not on its GenAI traces
+# MLflow 3's tag for what an experiment holds: model training, not GenAI traces (the UI's view of it is picked by
+# its address's ?workflowType=machine_learning, laray.results.dashboards.mlflow_runs_page)
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -88,8 +90,27 @@ class Tracking:
     sweep_id: str
 
     def record(self, experiment: Path) -> None:
+        """A new sweep's store opened (its experiment created: a tracking server that does not answer is one line
+        now, not after stage 1), then its choice recorded in RECORD."""
+        import os
+
+        import mlflow
+
         from laray.training.run import write_json
 
+        _quiet_mlflow()
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # MLflow's default, 7, waits minutes for a dead server
+        try:
+            _experiment_id(mlflow.MlflowClient(tracking_uri=self.uri), self.experiment_name, self.uri)
+        except Exception as exc:  # MlflowException, an unknown scheme, a server that does not answer
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LarayError(f"--track: MLflow cannot record the sweep's runs at {self.uri}: {said}") from None
+        finally:
+            if retries is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
         write_json(Path(experiment) / RECORD, dataclasses.asdict(self))
 
     def callback(
@@ -105,7 +126,20 @@ class Tracking:
         return SweepRuns(self, phase, names, seed, epochs, budget_of, contenders)
 
     def end_of_sweep(self, summary: dict, objective: str) -> None:
-        """The winner's runs tagged, the verdict on the experiment, the baselines and margins in a "summary" run."""
+        """The winner's runs tagged, the verdict on the experiment, the baselines and margins in a "summary" run.
+
+        After best.json is written: a tracking server that fails now costs these tags, not the sweep's answer,
+        and is one line on stderr.
+        """
+        try:
+            self._end_of_sweep(summary, objective)
+        except Exception as exc:  # MlflowException, a server gone, a full disk: best.json holds it all
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(
+                f"laray: MLflow at {self.uri}: the winner and the verdict were not recorded ({said})", file=sys.stderr
+            )
+
+    def _end_of_sweep(self, summary: dict, objective: str) -> None:
         import mlflow
         from mlflow.entities import Metric, Param, RunTag
 

@@ -9,6 +9,7 @@ one with Tune's real restore after a killed driver (slow); `laray dashboard` ser
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,18 @@ def test_without_mlflow_one_line_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(LarayError) as error:
         tr.sweep_tracking("mlflow", tmp_path, "s", resume=False)
     assert str(error.value) == '--track mlflow needs the package mlflow: pip install "laray[tracking]"'
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_before_the_sweep_starts(tmp_path):
+    with socket.socket() as closed:  # a port that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    tracking = tr.sweep_tracking(f"http://127.0.0.1:{port}", tmp_path, "s", resume=False)
+    with pytest.raises(
+        LarayError, match=f"--track: MLflow cannot record the sweep's runs at http://127.0.0.1:{port}: "
+    ):
+        tracking.record(tmp_path)
+    assert not (tmp_path / tr.RECORD).exists()
 
 
 class FakeTrial:

@@ -96,3 +96,10 @@ def test_the_cli_and_the_settings_load_without_torch_or_ray():
 def test_importing_the_sweep_driver_does_not_load_ray():
     # Ray reads RAY_DISABLE_FAILURE_SIGNAL_HANDLER and friends when imported: ray_init sets them first.
     assert "ray" not in heavy_modules_after_importing("laray.sweep.driver")
+
+
+def test_no_two_test_modules_share_a_name():
+    """The test folders are not packages: pytest imports each test module by its file name alone, and a second
+    module of the same name stops the whole suite's collection ("import file mismatch")."""
+    names = [path.name for path in Path(__file__).parent.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

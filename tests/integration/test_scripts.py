@@ -254,14 +254,19 @@ def test_eval_restarts_benchmark_quick_mode_prints_measured_figures():
         assert 0 < lo <= hi <= 1 and float(spread.strip("()")) == pytest.approx(hi - lo, abs=1.5e-3)
 
 
-def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
-    out = subprocess.run(
+def _paper_model_output() -> str:
+    """What `python benchmarks/paper_model.py` prints, as the page quotes it."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "paper_model.py")],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     ).stdout
+
+
+def test_paper_model_reproduces_the_totals_on_the_benchmarks_page():
+    out = _paper_model_output()
     assert out.startswith("PROJECTION")
     (total,) = [line.split()[1:] for line in out.splitlines() if line.startswith("total")]
     page = (DOCS / "benchmarks.md").read_text()  # "A DF20 sweep on paper"
@@ -307,13 +312,7 @@ def test_paper_model_stage1_over_workers_against_a_hand_computation(monkeypatch)
 
 
 def test_paper_model_stage1_over_all_gpus_matches_the_benchmarks_page():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "paper_model.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = _paper_model_output()
     assert "STAGE 1 OVER ALL GPUS (Ray Train, DDP): PROJECTION" in out
     printed = {
         line[:34].strip(): line[34:].split() for line in out.splitlines() if line.startswith(("before:", "after:"))

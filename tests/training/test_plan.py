@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -165,7 +166,8 @@ def test_a_searched_stage1_is_counted_once_per_configuration_in_the_search():
     assert plan.to_json()["epochs"]["stage1_trained_by_trials"] == 2
     assert plan.seconds["search"] == pytest.approx(wall_of([trial, trial + longest, trial + longest, trial], 2))
     assert fixed.to_json()["epochs"]["stage1_trained_by_trials"] == 0
-    assert any("up to 2 more stage-1 configuration(s) (stage 1 is searched)" in line for line in plan_lines(plan, space, cuda=False))
+    lines = plan_lines(plan, space, cuda=False)
+    assert any("up to 2 more stage-1 configuration(s) (stage 1 is searched)" in line for line in lines)
 
 
 def test_measured_costs_are_positive_and_quick(one_torch_thread):
@@ -196,9 +198,11 @@ def test_a_plan_timed_on_a_busy_machine_says_so_with_its_quiet_estimate():
 
 
 def test_the_cpu_share_of_timed_steps_falls_beside_busy_loops(one_torch_thread):
-    """Measured alone, then beside a busy-loop process per core of this machine."""
+    """Measured alone, then beside two busy-loop processes per core of this machine."""
     alone = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    # two per core, started before the timing begins (a Python's start takes a moment)
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    time.sleep(1.0)
     try:
         beside = measure(AE, LA, 200, 10, torch.device("cpu"), threads=1, worker_start=0.0)
     finally:
@@ -206,8 +210,8 @@ def test_the_cpu_share_of_timed_steps_falls_beside_busy_loops(one_torch_thread):
             loop.kill()
             loop.wait()
     assert 0 < alone.cpu_share <= 1
-    # as many busy loops as cores beside a 1-thread step leave it at most n / (n + 1) of a core (2/3 on 2 cores),
-    # and any other work on the machine only less: never a quiet reading, whatever else runs
+    # two busy loops per core beside a 1-thread step leave it about n / (2n + 1) of a core (0.4 on 2 cores), and
+    # other work on the machine only less; the margin to 0.8 covers the process's own helper threads
     assert 0 < beside.cpu_share < BUSY_SHARE and busy_slowdown(beside) == pytest.approx(1 / beside.cpu_share)
 
 

@@ -349,7 +349,10 @@ def test_one_trial_sweep_in_bf16_scores_close_to_fp32_and_its_progress_reaches_t
 
     # Ray forwards workers' lines a moment later: wait for them, a few seconds at most.
     console, deadline = "", time.monotonic() + 20
-    wanted = (r"stage 1: autoencoder epoch 1: 120/120 images", r"trial \w+: local aggregation epoch 1: 120/120 images")
+    wanted = (
+        r"stage 1 \(seed 0\): autoencoder epoch 1: 120/120 images",
+        r"trial \w+: local aggregation epoch 1: 120/120 images",
+    )
     while not all(re.search(w, console) for w in wanted) and time.monotonic() < deadline:
         time.sleep(0.5)
         console += "".join(capfd.readouterr())

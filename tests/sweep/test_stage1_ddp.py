@@ -156,7 +156,10 @@ def test_a_sweep_with_two_stage1_workers_trains_stage1_data_parallel_and_complet
     )
     out = capsys.readouterr().out
     assert f"stage 1 on 2 workers (data-parallel, Ray Train), seed {SEED}" in out
-    assert "confirmation: stage 1 for seeds [1] on 2 workers each, 1 at a time" in out
+    assert (
+        "[confirm] 2 configuration(s), the recipe among them, with seeds [1]; first stage 1 for each seed "
+        "(2 workers each, 1 at a time)" in out
+    )
     assert result.n_trials == 2 and result.n_errored == 0 and result.recipe is not None
     entries = sorted((tmp_path / "ddp" / "autoencoders").glob("*/autoencoder.pt"))
     assert len(entries) == 2  # the search's seed and the confirmation's

@@ -681,7 +681,8 @@ def test_a_sweep_from_pretrained_weights_carries_the_pretrained_baseline_everywh
     from laray.training.run import baselines_path
 
     weights = write_vgg_weights(tmp_path / "vgg11_bn.pth")
-    raw = raw_space(num_samples=1, max_concurrent=1, la_epochs=1, confirm_top=1, confirm_seeds=1)
+    # 2 trials: the recipe (the first) and one other, the confirmation's contender beside the recipe
+    raw = raw_space(num_samples=2, max_concurrent=1, la_epochs=1, confirm_top=1, confirm_seeds=1)
     raw["fixed"]["autoencoder"].update(width=1.0, pretrained=str(weights))  # pretrained weights need width 1.0
     space, storage = parse_space(raw), tmp_path / "sweeps"
     result = run_sweep(sub, space, run=SweepRun(str(storage), "pretrained", seed=SEED, verbose=0))
@@ -692,10 +693,14 @@ def test_a_sweep_from_pretrained_weights_carries_the_pretrained_baseline_everywh
     stored_path = baselines_path(exp / "autoencoders", key, "mean", sub.labels_key, holdout)
     assert best["baselines"] == json.loads(stored_path.read_text()) == result.baselines
     searched = [json.loads(p.read_text()) for p in exp.glob("train_trial_*/metrics.json")]
-    assert len(searched) == 1 and searched[0]["baselines"] == best["baselines"]
+    assert len(searched) == 2 and all(trial["baselines"] == best["baselines"] for trial in searched)
 
     # the confirmation's stage 1 (seed 1) scored its own, summarised over its seeds; the margin stays over raw pixels
-    confirm_run = json.loads(next((exp / "confirm").glob("*/metrics.json")).read_text())
+    confirm_runs = {  # the contender's run and the recipe's, told apart by the recipe's mark in their settings
+        "is_recipe" in json.loads((p.parent / "params.json").read_text())["la"]: json.loads(p.read_text())
+        for p in (exp / "confirm").glob("*/metrics.json")
+    }
+    confirm_run = confirm_runs[False]
     over_seeds = best["confirmed_baselines"]
     assert list(over_seeds) == ["raw_pixels", "autoencoder", "pretrained"] and over_seeds["pretrained"]["seeds"] == [1]
     assert over_seeds["pretrained"]["purity"] == [confirm_run["baselines"]["pretrained"]["purity"]]

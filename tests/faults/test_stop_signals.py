@@ -175,9 +175,12 @@ def answer(experiment: Path) -> dict:
         for t in trial_folders(experiment)
     )
     winner = best["confirmed"][0] if best["confirmed"] else None
+    top = round(best["best_metrics"]["purity"], 6)
     return {
         "trials": trials,
-        "best_config": best["best_config"],
+        # the best score, and the best trial among those with it: two trials tied at the best score (it happened,
+        # on 120 images) may come first either way from a restored experiment
+        "best": (top, json.dumps(best["best_config"], sort_keys=True) in [c for c, score in trials if score == top]),
         "winner": winner and (winner["config"], round(winner["purity_mean"], 6)),
     }
 

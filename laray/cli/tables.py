@@ -4,6 +4,7 @@ the baselines."""
 from __future__ import annotations
 
 from laray.score_names import HELDOUT_PREFIX, LABEL_SCORES
+from laray.settings.space import settings_label
 
 # The search's table is narrow: the baselines by short names, in the order stage 1 scored them.
 SHORT_BASELINES = {
@@ -40,15 +41,6 @@ def print_search_best(result, space) -> None:
             )
 
 
-SHORT = {
-    "temperature": "tau",
-    "mixing_rate": "m",
-    "k_neighbours": "k",
-    "clustering_repeats": "R",
-    "n_centroids": "C",
-}  # the method's symbols, so that a configuration fits on one line
-
-
 def print_confirmed(result, space) -> None:
     """The confirmed configurations (mean, 95 % interval over seeds, held-out mean) beside the baselines."""
     from laray.results.report import baseline_names
@@ -58,11 +50,7 @@ def print_confirmed(result, space) -> None:
     print(f"\nconfirmed: {len(result.confirmed)} configuration(s) x {len(seeds)} seeds {seeds}, by mean {objective}:")
     rows = [
         (
-            f"#{i + 1} "
-            + " ".join(
-                f"{SHORT.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}"
-                for k, v in entry["config"].items()
-            ),
+            f"#{i + 1} {settings_label(entry['config'])}",
             entry,
         )
         for i, entry in enumerate(result.confirmed)

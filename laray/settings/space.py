@@ -72,6 +72,19 @@ DEFAULT_HOLDOUT, DEFAULT_CONFIRM_TOP, DEFAULT_CONFIRM_SEEDS = 0.5, 3, 5
 SWEEP_SET = ("holdout", "holdout_seed")  # LAConfig fields the sweep sets for all trials alike
 # LAConfig's fields under their own names, then stage 1's under stage1_* (laray.settings.stage1_search)
 SEARCHABLE = (*(f.name for f in dataclasses.fields(LAConfig) if f.name not in SWEEP_SET), *STAGE1_SEARCHABLE)
+# The method's symbols, so that a configuration fits on one line: `laray sweep`'s confirmed table and the
+# confirmation runs' names in TensorBoard label a configuration alike (settings_label)
+SYMBOLS = {"temperature": "tau", "mixing_rate": "m", "k_neighbours": "k", "clustering_repeats": "R", "n_centroids": "C"}
+
+
+def settings_label(settings: dict) -> str:
+    """`tau=0.0726 m=0.221 k=294`: each setting by its symbol (else its name), floats to 3 significant digits."""
+    return " ".join(
+        f"{SYMBOLS.get(name, name)}={value:.3g}" if isinstance(value, float) else f"{SYMBOLS.get(name, name)}={value}"
+        for name, value in settings.items()
+    )
+
+
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"  # package data: there in every install
 
 

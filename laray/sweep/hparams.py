@@ -47,15 +47,12 @@ from ray.tune.logger import TBXLoggerCallback
 
 from laray.score_names import HELDOUT_PREFIX
 from laray.scoring.confirm import RECIPE_MARK
-from laray.settings.space import SearchSpace
+from laray.settings.space import SearchSpace, settings_label
 from laray.sweep.trainable import REPORTED
 
 EXPERIMENT_RUN = "events.out.tfevents.laray-hparams"  # the experiment summary's file, in the experiment folder
 SEED = "seed"
 RUN_OWNER = ".laray-trial"  # in a confirmation run's folder: the id of the trial that writes there
-# The method's symbols, as `laray sweep`'s confirmed table writes a configuration (laray.cli.tables.SHORT, which
-# this layer may not import; tests/sweep/test_hparams.py checks they agree)
-SYMBOLS = {"temperature": "tau", "mixing_rate": "m", "k_neighbours": "k", "clustering_repeats": "R", "n_centroids": "C"}
 # The writer's thread writes what it is given at once but flushes it to disk at most this often (Tune's: 30 s): a
 # trial's session start, its first event, shows within this time. Each result is flushed at once (Tune's).
 FLUSH_S = 5
@@ -69,10 +66,6 @@ def shown(value):
     return value
 
 
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def run_name(config: dict, names: list[str]) -> str:
     """A confirmation run's name in TensorBoard: its seed, then its configuration as `laray sweep`'s confirmed table
     labels it (`seed 2 tau=0.0726 m=0.221 k=294 R=7 C=166`), or `seed 2 recipe` for the recipe. A folder's name:
@@ -81,7 +74,7 @@ def run_name(config: dict, names: list[str]) -> str:
     label = (
         "recipe"
         if settings.get(RECIPE_MARK)
-        else " ".join(f"{SYMBOLS.get(name, name)}={_short(settings[name])}" for name in names if name in settings)
+        else settings_label({name: settings[name] for name in names if name in settings})
     )
     return f"seed {config.get(SEED)} {label}".strip().replace("/", "_").replace("\0", "_")[:MAX_RUN_NAME].rstrip()
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import tensorboard_hparams
 
-from laray.cli.tables import SHORT
 from laray.score_names import HELDOUT_SCORES, LABEL_SCORES
 from laray.scoring.confirm import RECIPE_MARK
-from laray.settings.space import parse_space
-from laray.sweep.hparams import FLUSH_S, RUN_OWNER, SYMBOLS, TrialHparams, run_name
+from laray.settings.space import parse_space, settings_label
+from laray.sweep.hparams import FLUSH_S, RUN_OWNER, TrialHparams, run_name
 
 NAMES = ["temperature", "mixing_rate", "k_neighbours", "clustering_repeats", "n_centroids"]
 BEST = {"temperature": 0.07256, "mixing_rate": 0.2212, "k_neighbours": 294, "clustering_repeats": 7, "n_centroids": 166}
@@ -240,5 +239,8 @@ def test_a_run_name_is_a_folder_name():
     assert len(long) <= 120
 
 
-def test_the_run_names_use_the_confirmed_tables_symbols():
-    assert SYMBOLS == SHORT  # laray.cli.tables labels a configuration the same way
+def test_the_run_names_label_a_configuration_as_the_confirmed_table_does():
+    """One label for both (laray.settings.space.settings_label): the method's symbols, floats to 3 digits."""
+    config = {"temperature": 0.07256, "mixing_rate": 0.2212, "k_neighbours": 294, "merger": "flatten"}
+    assert settings_label(config) == "tau=0.0726 m=0.221 k=294 merger=flatten"
+    assert run_name({"la": config, "seed": 2}, list(config)) == f"seed 2 {settings_label(config)}"

@@ -204,9 +204,11 @@ def plan_sweep(
     mergers = len(space.mergers())
     work = count_run(n_images, space.ae, la, mergers=mergers)
     decode = 0.0 if decoded else n_images * costs.decode_image
-    # a worker group's start besides the driver's first worker when stage 1 is data-parallel
-    group_start = costs.worker_start if stage1_workers > 1 else 0.0
-    stage1 = costs.worker_start + group_start + decode + stage1_seconds(work, costs, stage1_workers)
+
+    def one_stage1(w: int) -> float:  # on w workers: a worker group's start too, when data-parallel
+        return costs.worker_start * (2 if w > 1 else 1) + stage1_seconds(work, costs, w)
+
+    stage1 = decode + one_stage1(stage1_workers)
     rf = reduction_factor(trials, space.confirm_top)
     epochs = asha_epochs(trials, max(1, la.epochs), space.grace_period, rf=rf)
     trial_s = [costs.worker_start + la_seconds(work, costs, round(e)) for e in epochs]
@@ -227,13 +229,9 @@ def plan_sweep(
     confirm, per_seed = 0.0, 1
     if space.confirms:
         runs = confirm_configurations(space, trials) * space.confirm_seeds
-
-        def one_seed(w: int) -> float:  # a worker group's start too, when data-parallel
-            return costs.worker_start * (2 if w > 1 else 1) + stage1_seconds(work, costs, w)
-
-        per_seed = confirmation_stage1_layout(space.confirm_seeds, stage1_workers, one_seed)
+        per_seed = confirmation_stage1_layout(space.confirm_seeds, stage1_workers, one_stage1)
         at_once = max(1, stage1_workers // per_seed) if per_seed > 1 else slots
-        seeds = wall_of([one_seed(per_seed)] * space.confirm_seeds, at_once, slowdown if per_seed == 1 else 1.0)
+        seeds = wall_of([one_stage1(per_seed)] * space.confirm_seeds, at_once, slowdown if per_seed == 1 else 1.0)
         confirm = seeds + wall_of([costs.worker_start + la_seconds(work, costs)] * runs, slots, slowdown)
     return SweepPlan(
         n_images,

@@ -144,9 +144,9 @@ def trial_scores(assignments: pd.DataFrame) -> dict:
 def purity_at_k(codes: np.ndarray, labels: np.ndarray, n_species: int, seed: int = 0) -> dict:
     """Purity of k-means on the codes with K = m x the number of species, for m in K_MULTIPLES."""
     out = {}
+    codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32))  # once for every K
     for m in K_MULTIPLES:
         k = min(m * n_species, len(codes))
-        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32))
         scores, _ = score_codes(codes_t, labels, k, seed=seed, n_init=K_MULTIPLES_N_INIT)
         out[f"purity_k{m}x"] = scores.get("purity", float("nan"))
     return out
@@ -252,37 +252,36 @@ def best_trial(trials: list[Trial], table: pd.DataFrame, objective: str = "purit
     return trials[row]
 
 
+def _sweep_study(experiment: Path):
+    """The sweep's Optuna study from STORAGE/NAME/optuna.db, or None when it has none."""
+    db = experiment / "optuna.db"
+    if not db.exists():
+        return None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:
+        return None
+    return optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+
+
 def optuna_stopped_by(experiment: Path) -> list[str] | None:
     """How the search ended each trial, in Optuna's order: its `stopped_by` user attribute (laray.sweep.study writes
     "ASHA", "time budget" or "none"; the key is spelled here because results may not import the sweep layer).
     None without a study; "none" for a trial whose end was not recorded (running, or an older laray's)."""
-    db = experiment / "optuna.db"
-    if not db.exists():
-        return None
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db}"
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
-        return None
-    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
-    return [t.user_attrs.get("stopped_by", "none") for t in study.trials]
+    study = _sweep_study(experiment)
+    return None if study is None else [t.user_attrs.get("stopped_by", "none") for t in study.trials]
 
 
 def optuna_history_and_importances(experiment: Path) -> tuple[list[float], dict]:
     """Trial values in Optuna's order and parameter importances (empty when too few finished trials)."""
-    db = experiment / "optuna.db"
-    if not db.exists():
+    study = _sweep_study(experiment)
+    if study is None:
         return [], {}
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db}"
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
-        return [], {}
-    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
     values = [t.value if t.value is not None else math.nan for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     importances = {}

@@ -19,6 +19,7 @@ from laray.data.dataset import DataRef, ListingDigest, open_dataset
 from laray.scoring.holdout import NO_HOLDOUT
 from laray.settings.config import AutoEncoderConfig
 from laray.sweep.stage1_ddp import drop_run, read_checkpoint, train_stage1_ddp
+from laray.training.epoch_progress import stage1_epoch_line
 from laray.training.run import (
     Stage1,
     baseline_keys,
@@ -46,8 +47,7 @@ def _epoch_line(seed: int):
     seed tells the confirmation's stage-1 tasks, several at once, apart."""
 
     def say(record: dict) -> None:
-        loss, rate = record["loss"], record["images_per_s"]
-        print(f"stage 1 (seed {seed}): epoch {record['epoch']} loss {loss:.4f} {rate:.0f} img/s", flush=True)
+        print(stage1_epoch_line(f"stage 1 (seed {seed})", record), flush=True)
 
     return say
 

@@ -36,6 +36,7 @@ def _worker(config: dict) -> None:
 
     from laray.data.dataset import open_dataset
     from laray.training.data_parallel import DataParallel
+    from laray.training.epoch_progress import stage1_epoch_line
     from laray.training.stages import RunOptions, pretrain_autoencoder
 
     # "Reporting training result N: TrainingReport(...)" from every worker, each epoch: laray's line says it once.
@@ -65,8 +66,7 @@ def _worker(config: dict) -> None:
             if not parallel.chief:
                 ray.train.report({"epoch": record["epoch"]})
                 return
-            print(f"{tag}: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s",
-                  flush=True)  # fmt: skip
+            print(stage1_epoch_line(tag, record), flush=True)
             with tempfile.TemporaryDirectory() as publish:
                 os.link(local, Path(publish) / CHECKPOINT_FILE)  # local is replaced by a rename, never rewritten
                 ray.train.report(

@@ -39,6 +39,7 @@ from laray.score_names import HELDOUT_SCORES, SCORE_NAMES
 from laray.settings.config import AutoEncoderConfig, LAConfig, replace
 from laray.settings.space import SIZE_LIMITS, SearchSpace
 from laray.settings.stage1_search import ae_config_of, la_part
+from laray.training.epoch_progress import stage1_epoch_line
 from laray.training.run import Stage1
 from laray.training.stages import STAGE_LA, NonFiniteLossError
 from laray.training.store import store_key
@@ -141,7 +142,7 @@ def _own_stage1(
     label = stage1_label(ae)
 
     def epoch_line(record: dict) -> None:
-        say(f"{label}: epoch {record['epoch']} loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s")
+        say(stage1_epoch_line(label, record))
 
     stage1 = stored_stage1(
         dataset,

@@ -210,6 +210,8 @@ def _sweep(args) -> int:
         confirm_seeds=args.confirm_seeds,
         time_budget_s=args.time_budget,
         precision=args.precision,  # stage 1's and every trial's
+        stage1_workers=args.stage1_workers,
+        track=args.track,
     )  # fails here, before Ray starts
     spec = args.data or space.data
     if spec is None:
@@ -266,14 +268,14 @@ def _sweep(args) -> int:
             verbose=2 if args.verbose else 1,
             warm_start=args.warm_start,
             plan=plan,
-            tracking=args.track or space.track,
+            tracking=space.track,
         ),
         trial=TrialResources(
             cpus=args.cpus_per_trial,
             gpus=args.gpus_per_trial,
             device=args.device,
             cache_dir=args.cache_dir,
-            stage1_workers=args.stage1_workers or space.stage1_workers,
+            stage1_workers=space.stage1_workers,
         ),
     )
     print(f"\n{result.n_trials} trials ({result.n_errored} errored) in {result.experiment}")
@@ -290,7 +292,7 @@ def _sweep(args) -> int:
     tracked = (Path(result.experiment) / "mlflow.db").exists()  # laray sweep --track mlflow (laray.sweep.tracking)
     shown = "optuna-dashboard, TensorBoard and the MLflow UI" if tracked else "optuna-dashboard and TensorBoard"
     print(f"  laray dashboard {result.experiment}      # {shown} on this sweep")
-    track = args.track or space.track
+    track = space.track
     if track is not None and not tracked:  # a tracking server's
         print(f"  MLflow: the runs of experiment {name!r} at {track}")
     print_verdict(result)
@@ -333,7 +335,7 @@ def _plan(args, space, data) -> dict:
         together=together,
     )
     # as the driver will find them: every GPU (on a cluster not known here, its concurrency), none without CUDA
-    workers = args.stage1_workers or space.stage1_workers or (slots if cuda else 1)
+    workers = space.stage1_workers or (slots if cuda else 1)
     plan = plan_sweep(
         space, len(data), len(data.class_names), costs, device, threads, args.num_samples, slots, decoded, workers
     )

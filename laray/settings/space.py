@@ -145,6 +145,8 @@ class SearchSpace:
         confirm_seeds: int | None = None,
         time_budget_s: float | None = None,
         precision: str | None = None,
+        stage1_workers: int | None = None,
+        track: str | None = None,
     ) -> SearchSpace:
         """This space with the command line's values where given; precision is both stages' (and every trial's)."""
         la = self.la if holdout is None else dataclasses.replace(self.la, holdout=holdout)
@@ -158,6 +160,8 @@ class SearchSpace:
             confirm_top=self.confirm_top if confirm_top is None else confirm_top,
             confirm_seeds=self.confirm_seeds if confirm_seeds is None else confirm_seeds,
             time_budget_s=self.time_budget_s if time_budget_s is None else time_budget_s,
+            stage1_workers=self.stage1_workers if stage1_workers is None else stage1_workers,
+            track=self.track if track is None else track,
         )
 
     @property

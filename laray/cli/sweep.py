@@ -296,6 +296,13 @@ def _sweep(args) -> int:
     if track is not None and not tracked:  # a tracking server's
         print(f"  MLflow: the runs of experiment {name!r} at {track}")
     print_verdict(result)
+    from laray.scoring.confirm import seeds_to_settle
+
+    settle = seeds_to_settle(result.margin_over_recipe, space.objective)
+    if settle is not None:  # ahead in the mean, inside the seeds' spread: more seeds, not another search
+        drop = {"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1, "--confirm-seeds": 1}
+        more = ["--resume", "--name", name, "--confirm-seeds", str(settle)]
+        print(f"  {command_again(args.argv, drop=drop, add=more)}")
     return 0
 
 

@@ -211,14 +211,16 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
 
 
 def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "max") -> pd.DataFrame:
-    """One row per confirmation run (STORAGE/NAME/confirm/): rank of its configuration by mean objective (the
-    recipe last, its `recipe` column true), the hyperparameters, the seed, its scores (from assignments.csv) and
-    the baselines of its seed."""
-    folder = Path(experiment) / CONFIRM_DIR
-    if not folder.is_dir() or not any(folder.glob("*/params.json")):
+    """One row per confirmation run (STORAGE/NAME/confirm/, and the seeds a resume added): rank of its configuration
+    by mean objective (the recipe last, its `recipe` column true), the hyperparameters, the seed, its scores (from
+    assignments.csv) and the baselines of its seed."""
+    # confirm/, and confirm-seeds-A-B/ for the seeds a resume added (laray.sweep.confirmation)
+    folders = [Path(experiment) / CONFIRM_DIR, *sorted(Path(experiment).glob(f"{CONFIRM_DIR}-seeds-*"))]
+    folders = [f for f in folders if f.is_dir() and any(f.glob("*/params.json"))]
+    if not folders:
         return pd.DataFrame()
     rows = []
-    for t in load_trials(folder):
+    for t in (t for folder in folders for t in load_trials(folder)):
         if t.assignments is None or not t.params.get("la"):
             continue
         config = t.params["la"]

@@ -193,6 +193,31 @@ def describe_margin(margin: dict, objective: str) -> str:
     return f"winner minus k-means on raw pixels, paired by seed: {text} (95 % intervals); {verdict}"
 
 
+# The most seeds a verdict suggests adding runs to: beyond, the margin is too small for its spread to be worth it
+MOST_SEEDS_SUGGESTED = 30
+
+
+def seeds_to_settle(margin: dict | None, objective: str) -> int | None:
+    """How many seeds would put the paired interval above 0, were the margin's mean and sd to hold; else None.
+
+    Only for a margin ahead in the mean (held-out too) whose interval includes 0: the smallest S with
+    t(0.975, S-1) * sd / sqrt(S) < mean, at most MOST_SEEDS_SUGGESTED. A planning figure, not a promise: more
+    seeds measure the mean again, and it may shrink.
+    """
+    from scipy.stats import t
+
+    if not margin or not margin.get(f"{objective}_ci95") or not margin.get(f"{objective}_sd"):
+        return None
+    mean, sd = margin[f"{objective}_mean"], margin[f"{objective}_sd"]
+    held = margin.get(f"{PREFIX}{objective}_mean")
+    if mean <= 0 or (held is not None and held <= 0) or margin[f"{objective}_ci95"][0] > 0:
+        return None
+    for seeds in range(len(margin["seeds"]) + 1, MOST_SEEDS_SUGGESTED + 1):
+        if t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds) < mean:
+            return seeds
+    return None
+
+
 def verdict(winner: dict, margin: dict | None, objective: str) -> tuple[bool, str]:
     """Whether the search's confirmed best beat the recipe, and the sentence that says so.
 
@@ -225,4 +250,7 @@ def verdict(winner: dict, margin: dict | None, objective: str) -> tuple[bool, st
         why = "the held-out half does not agree"
     else:
         why = "the interval includes 0"
+        settle = seeds_to_settle(margin, objective)
+        if settle is not None:
+            over += f"; {settle} seeds would settle a margin this size (--resume --confirm-seeds {settle} adds them)"
     return False, f"the search's best is no better than the recipe ({why}): `laray train` with it is the answer; {over}"

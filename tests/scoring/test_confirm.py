@@ -219,3 +219,37 @@ def test_no_winner_within_the_seeds_spread(purity, ci, held, why):
         False,
         "the recipe was not re-run with the search's best: no verdict",
     )
+
+
+def _margin(mean: float, sd: float, seeds: int = 5, held: float | None = 0.03) -> dict:
+    half = 2.776 * sd / math.sqrt(seeds)  # t(0.975, 4) from a printed table: only its sign matters here
+    return {
+        "seeds": list(range(1, seeds + 1)),
+        "purity_mean": mean,
+        "purity_sd": sd,
+        "purity_ci95": [mean - half, mean + half],
+        "heldout_purity_mean": held,
+    }
+
+
+def test_seeds_to_settle_a_margin_ahead_inside_its_spread_by_hand():
+    from laray.scoring.confirm import seeds_to_settle
+
+    # mean 0.02, sd 0.04: t(0.975, S-1) / sqrt(S) must fall below 0.5. From a printed t table:
+    # S = 17: 2.120 / 4.123 = 0.514; S = 18: 2.110 / 4.243 = 0.497
+    assert seeds_to_settle(_margin(0.02, 0.04), "purity") == 18
+    assert seeds_to_settle(_margin(0.005, 0.04), "purity") is None  # beyond MOST_SEEDS_SUGGESTED (about 250)
+    assert seeds_to_settle(_margin(-0.02, 0.04), "purity") is None  # behind the recipe: no seeds make it a winner
+    assert seeds_to_settle(_margin(0.02, 0.04, held=-0.01), "purity") is None  # the held-out half disagrees
+    assert seeds_to_settle(_margin(0.05, 0.01), "purity") is None  # already settled: interval above 0
+    assert seeds_to_settle(None, "purity") is None
+
+
+def test_the_verdict_names_the_seeds_that_would_settle_it():
+    from laray.scoring.confirm import verdict
+
+    beat, text = verdict({"config": {"lr": 0.01}}, _margin(0.02, 0.04), "purity")
+    assert not beat and "no better than the recipe (the interval includes 0)" in text
+    assert text.endswith("; 18 seeds would settle a margin this size (--resume --confirm-seeds 18 adds them)")
+    beat, text = verdict({"config": {"lr": 0.01}}, _margin(-0.02, 0.04), "purity")
+    assert "would settle" not in text

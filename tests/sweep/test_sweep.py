@@ -472,6 +472,44 @@ def _check_resumed(result, experiment: Path, name: str, before, first: Path, fir
     return study
 
 
+def test_more_confirmation_seeds_on_resume_run_the_same_contenders_over_the_new_seeds_only(ray_session, sub, tmp_path):
+    """A verdict the seeds could not settle gets more of them without another search: --resume with a larger
+    confirm_seeds runs the confirmed contenders over the new seeds, beside the runs kept; fewer keeps them all. The
+    sweep here lost its confirmation.json first, as one confirmed before that file existed."""
+    from laray.results.scores import confirmed_table
+
+    raw = raw_space(num_samples=2, max_concurrent=2, la_epochs=1, confirm_top=1, confirm_seeds=1)
+    storage, experiment = tmp_path / "results", tmp_path / "results" / "more"
+    first = run_sweep(sub, parse_space(raw), run=SweepRun(str(storage), "more", seed=SEED, verbose=0))
+    assert first.confirmed[0]["seeds"] == [1] and first.recipe["seeds"] == [1]
+    # each epoch's result with its time stamp: a run again would write others (a restore copies the files anew)
+    kept = {p: p.read_text() for p in (experiment / "confirm").glob("*/result.json")}
+    assert len(kept) == 2  # the search's best and the recipe, seed 1
+    (experiment / "confirmation.json").unlink()
+
+    def resumed(seeds: int):
+        space = parse_space({**raw, "confirm_seeds": seeds})
+        return run_sweep(sub, space, run=SweepRun(str(storage), "more", seed=SEED, resume=True, verbose=0))
+
+    more = resumed(3)
+    assert more.confirmed[0]["config"] == first.confirmed[0]["config"] and more.n_trials == first.n_trials
+    assert more.confirmed[0]["seeds"] == [1, 2, 3] and more.recipe["seeds"] == [1, 2, 3]
+    assert more.margin_over_recipe["seeds"] == [1, 2, 3]
+    assert more.confirmed[0]["purity"][0] == first.confirmed[0]["purity"][0]  # seed 1's run is kept...
+    assert {p: p.read_text() for p in kept} == kept  # ...not run again
+    added = [p.parent / "params.json" for p in (experiment / "confirm-seeds-2-3").glob("*/metrics.json")]
+    assert sorted(json.loads(p.read_text())["seed"] for p in added) == [2, 2, 3, 3]
+    record = json.loads((experiment / "confirmation.json").read_text())
+    assert [(e["name"], e["seeds"]) for e in record["experiments"]] == [("confirm", [1]), ("confirm-seeds-2-3", [2, 3])]
+    assert json.loads((experiment / "best.json").read_text())["recipe"]["seeds"] == [1, 2, 3]
+
+    fewer = resumed(1)  # runs nothing: every seed run before stays in the answer
+    assert fewer.confirmed[0]["seeds"] == [1, 2, 3] and fewer.confirmed[0]["purity"] == more.confirmed[0]["purity"]
+    assert sorted(p.name for p in experiment.glob("confirm*") if p.is_dir()) == ["confirm", "confirm-seeds-2-3"]
+    table = confirmed_table(experiment)  # laray analyze: every seed of both contenders
+    assert sorted(table["seed"]) == [1, 1, 2, 2, 3, 3] and table["recipe"].sum() == 3
+
+
 @pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)
 def test_second_driver_and_resume_of_a_running_sweep_are_refused(ray_session, sub, tmp_path):
     """Two drivers on one sweep once ran side by side into one Optuna study: now the second is refused."""

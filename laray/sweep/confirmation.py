@@ -159,7 +159,8 @@ def read_record(experiment: Path, path: str, requested: list[int]) -> dict | Non
     """The confirmation's contenders and each of its experiments' seeds (STORAGE/NAME/confirmation.json).
 
     A sweep confirmed before that file existed: read from its one experiment's trials when it finished
-    (best.json written), else taken to have the seeds asked for now (it is resumed as it began).
+    (best.json written), else taken to have the seeds asked for now (it is resumed as it began); None when it
+    has no run yet.
     """
     file = experiment / RECORD_FILE
     if file.exists():
@@ -167,6 +168,8 @@ def read_record(experiment: Path, path: str, requested: list[int]) -> dict | Non
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(path).trials
+    if not trials:  # stopped before its first run: nothing to read, the contenders are chosen again
+        return None
     top = []
     for trial in trials:
         if trial.config["la"] not in top:

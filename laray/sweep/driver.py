@@ -17,6 +17,8 @@ sets the environment Ray reads at import first. What a sweep leaves:
                                 metrics.json, assignments.csv, codes.npy, worker.json
     STORAGE/NAME/confirm/       the confirmation (laray.scoring.confirm): the top configurations with fresh
                                 seeds, a second Tune experiment whose trials have the same files
+    STORAGE/NAME/confirm-seeds-A-B/  seeds a --resume with a larger --confirm-seeds added, one more experiment
+    STORAGE/NAME/confirmation.json   the confirmation's contenders and each experiment's seeds
     STORAGE/NAME/plan.json      the plan printed before it started: the expected wall time and its parts
     STORAGE/NAME/best.json      the search's best trial, the confirmed configurations, the baselines,
                                 the winner's margin over k-means on raw pixels and over the recipe (its first

@@ -296,14 +296,21 @@ def _sweep(args) -> int:
     if track is not None and not tracked:  # a tracking server's
         print(f"  MLflow: the runs of experiment {name!r} at {track}")
     print_verdict(result)
+    more = more_seeds_command(result.margin_over_recipe, space.objective, args.argv, name)
+    if more is not None:
+        print(f"  {more}")
+    return 0
+
+
+def more_seeds_command(margin: dict | None, objective: str, argv: list[str], name: str) -> str | None:
+    """The command that adds the seeds a verdict ahead in the mean but inside the seeds' spread needs, or None."""
     from laray.scoring.confirm import seeds_to_settle
 
-    settle = seeds_to_settle(result.margin_over_recipe, space.objective)
-    if settle is not None:  # ahead in the mean, inside the seeds' spread: more seeds, not another search
-        drop = {"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1, "--confirm-seeds": 1}
-        more = ["--resume", "--name", name, "--confirm-seeds", str(settle)]
-        print(f"  {command_again(args.argv, drop=drop, add=more)}")
-    return 0
+    settle = seeds_to_settle(margin, objective)
+    if settle is None:
+        return None
+    drop = {"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1, "--confirm-seeds": 1}
+    return command_again(argv, drop=drop, add=["--resume", "--name", name, "--confirm-seeds", str(settle)])
 
 
 def _plan(args, space, data) -> dict:

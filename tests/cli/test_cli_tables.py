@@ -157,3 +157,20 @@ def test_every_header_is_two_spaces_from_the_next_and_over_its_column(capsys, pr
     for line in body:
         assert len(columns_of(line)) == 5, line  # the label, then four cells, each two spaces from the next
         assert ends(line)[-4:] == ends(header), line
+
+
+def test_a_verdict_ahead_inside_the_spread_ends_with_the_command_that_adds_the_seeds():
+    from laray.cli.sweep import more_seeds_command
+    from laray.scoring.confirm import summarize
+
+    # the flowers12 sweep's paired differences: mean +0.0234, sd 0.0355. From a printed t table, 11 seeds:
+    # 2.228 / sqrt(11) * 0.0355 = 0.0238, above the mean; 12 seeds: 2.201 / sqrt(12) * 0.0355 = 0.0226, below it
+    runs = [{"purity": p, "heldout_purity": p} for p in (0.0, 0.083, -0.006, 0.019, 0.021)]
+    margin = {"seeds": [1, 2, 3, 4, 5], **summarize(runs)}
+    argv = ["sweep", "--data", "photos", "--confirm-seeds", "5", "--num-samples", "6", "--warm-start", "a", "b"]
+    assert more_seeds_command(margin, "purity", argv, "flowers") == (
+        "laray sweep --data photos --resume --name flowers --confirm-seeds 12"
+    )
+    behind = {"seeds": [1, 2, 3, 4, 5], **summarize([{"purity": -p, "heldout_purity": -p} for p in (0.01, 0.02, 0.0)])}
+    assert more_seeds_command(behind, "purity", argv, "flowers") is None
+    assert more_seeds_command(None, "purity", argv, "flowers") is None

@@ -42,7 +42,8 @@ class WarmStartError(LarayError):
 
 # How the numbers are computed, not what is trained: like the device (which "auto" ties precision to), it is
 # left out, so a bf16 sweep on GPUs may start from an fp32 one on CPUs, and from a sweep.json written before it.
-HOW_NOT_WHAT = ("precision",)
+# Likewise how often LA is evaluated: the evaluation leaves the training as it is, and the last epoch is always scored.
+HOW_NOT_WHAT = ("precision", "eval_every")
 
 
 def sweep_identity(data, space, seed: int) -> dict:
@@ -155,9 +156,10 @@ def _take_from(folder: Path, identity: dict, distributions: dict) -> tuple[list,
         )
     except (RuntimeError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
         raise WarmStartError(f"warm start from {folder}: cannot read {OPTUNA_DB}: {str(exc).splitlines()[0]}") from None
+    fixed_there = {k: v for k, v in theirs["la"].items() if k not in HOW_NOT_WHAT}  # as an older sweep.json has them
     taken = []
     for trial in done:
-        params = _params(trial, theirs["la"], distributions, identity["la"])
+        params = _params(trial, fixed_there, distributions, identity["la"])
         if params is None:
             continue
         try:  # create_trial checks that each value lies in its distribution's range

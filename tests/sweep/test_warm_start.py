@@ -156,6 +156,19 @@ def test_precision_is_no_part_of_the_identity_so_an_fp32_sweep_warm_starts_a_bf1
     assert warm.sources == [(str(folder), 1, 0)]
 
 
+def test_how_often_la_is_evaluated_is_no_part_of_the_identity(data, tmp_path):
+    """The evaluation leaves the training as it is and the last epoch is always scored: a sweep evaluated every
+    epoch (as sweep.json files written before recorded) hands its trials to one evaluated every 5th."""
+    every = space_of(la={"eval_every": 1})
+    identity = sweep_identity(data, every, SEED)
+    identity["la"]["eval_every"] = 1  # as an older sweep.json holds it
+    folder = earlier_sweep(tmp_path / "every", identity, every, [(IN, 0.5)], extra=False)
+    fifth = space_of(la={"eval_every": 5})
+    assert "eval_every" not in sweep_identity(data, fifth, SEED)["la"]
+    warm = take_over([folder], sweep_identity(data, fifth, SEED), distributions_of(fifth))
+    assert warm.sources == [(str(folder), 1, 0)]
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -211,10 +211,9 @@ def trials_table(trials: list[Trial], baselines: dict, objective: str = "purity"
 
 
 def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "max") -> pd.DataFrame:
-    """One row per confirmation run (STORAGE/NAME/confirm/, and the seeds a resume added): rank of its configuration
-    by mean objective (the recipe last, its `recipe` column true), the hyperparameters, the seed, its scores (from
-    assignments.csv) and the baselines of its seed."""
-    # confirm/, and confirm-seeds-A-B/ for the seeds a resume added (laray.sweep.confirmation)
+    """One row per confirmation run (STORAGE/NAME/confirm/, and confirm-seeds-A-B/ for seeds a resume added,
+    laray.sweep.confirmation): rank of its configuration by mean objective (the recipe last, its `recipe` column
+    true), the hyperparameters, the seed, its scores (from assignments.csv) and the baselines of its seed."""
     folders = [Path(experiment) / CONFIRM_DIR, *sorted(Path(experiment).glob(f"{CONFIRM_DIR}-seeds-*"))]
     folders = [f for f in folders if f.is_dir() and any(f.glob("*/params.json"))]
     if not folders:

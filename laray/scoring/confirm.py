@@ -193,7 +193,7 @@ def describe_margin(margin: dict, objective: str) -> str:
     return f"winner minus k-means on raw pixels, paired by seed: {text} (95 % intervals); {verdict}"
 
 
-# The most seeds a verdict suggests adding runs to: beyond, the margin is too small for its spread to be worth it
+# The most seeds a verdict suggests: a margin that needs more is too small beside its spread to be worth the runs
 MOST_SEEDS_SUGGESTED = 30
 
 

@@ -170,7 +170,10 @@ class SweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", 0))
-        before = self.reported.get(trial.trial_id, epoch - 1)  # a resumed trial: its first report counts one epoch
+        # A trial's first report here covers its epochs from 0 when it is its first ever (eval_every 5: five of
+        # them); a resumed trial's counts one epoch, its earlier ones unknown here.
+        first = 0 if result.get("training_iteration") == 1 else epoch - 1
+        before = self.reported.get(trial.trial_id, first)
         self.reported[trial.trial_id] = epoch
         if result.get("time_this_iter_s") and epoch > before:  # eval_every > 1 reports every few epochs
             self.epoch_s.append(result["time_this_iter_s"] / (epoch - before))

@@ -47,6 +47,23 @@ def test_lines_count_the_trials_and_bound_the_time_left(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_first_report_after_five_epochs_counts_five_epochs_for_the_time_left(capsys):
+    """eval_every 5: a trial reports first at epoch 5, its time since it started spread over five epochs."""
+    progress = SweepProgress("confirm", epochs=20, objective="purity", concurrency=2)
+    progress.setup(total_num_samples=2)
+    a, b = trial("a", "RUNNING", 5), trial("b", "RUNNING", 0)
+    first = {"epoch": 5, "purity": 0.4, "time_this_iter_s": 30.0, "training_iteration": 1}
+    progress.on_trial_result(0, [a, b], a, first)
+    # 6 s an epoch; 15 + 20 epochs left, two at a time: 105 s
+    assert "up to ~1 min 45 s left" in capsys.readouterr().out
+    progress.on_trial_result(0, [a, b], a, {**first, "epoch": 10, "training_iteration": 2})
+    assert progress.epoch_s == [6.0, 6.0]
+    resumed = SweepProgress("confirm", epochs=20, objective="purity", concurrency=2)
+    resumed.setup(total_num_samples=2)
+    resumed.on_trial_result(0, [a, b], a, {**first, "epoch": 15, "training_iteration": 3})
+    assert resumed.epoch_s == [30.0]  # restored from a checkpoint: its first report here counts one epoch
+
+
 def test_a_resumed_sweep_counts_what_it_had_finished(capsys):
     progress = SweepProgress("confirm", epochs=8, objective="purity", concurrency=2)
     progress.setup(total_num_samples=4)

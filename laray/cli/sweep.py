@@ -112,7 +112,8 @@ def add_sweep_command(commands) -> None:
         "--confirm-seeds",
         type=count,
         metavar="S",
-        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5)",
+        help="...with S fresh seeds each (default: the space's 'confirm_seeds', else 5); with --resume, "
+        "a larger S adds the new seeds to a finished confirmation",
     )
     sweep.add_argument(
         "--time-budget",

@@ -1,6 +1,8 @@
 """Shared fixtures. Ray starts only for the tests that ask for `ray_session`, once per test session."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,14 @@ def _unknown_fields(message) -> list[tuple[int, object]]:
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     return [(field.field_number, field.data) for field in UnknownFieldSet(message)]
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is no package; a script may import another beside it)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,15 +1,13 @@
 """benchmarks/sampler_sim.py --small on a synthetic landscape (nothing trained): its table's rows, finite."""
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 SAMPLERS = ("random", "qmc", "tpe", "tpe-scaled", "tpe-scaled-indep")  # GPSampler apart: a second a trial
 SETTINGS = {
     "la.temperature": {"kind": "log", "low": 0.02, "high": 0.5},
@@ -52,10 +50,7 @@ def synthetic_landscape(configs: int = 10, seeds=(0, 1)) -> dict:
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("sampler_sim", ROOT / "benchmarks" / "sampler_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sampler_sim")
 
 
 def rows(out: str, name: str, sizes, repeats: int) -> None:
@@ -96,13 +91,7 @@ def test_sampler_sim_gp_row(tmp_path, capsys):
 
 
 def load_landscape():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # landscape.py imports photo_recipe beside it
-    spec = importlib.util.spec_from_file_location("landscape", ROOT / "benchmarks" / "landscape.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("landscape")  # it imports photo_recipe beside it
 
 
 def test_landscape_report_by_hand():

@@ -1,16 +1,10 @@
 """benchmarks/settle_sim.py in a small mode: the two looks of a confirmation, simulated with laray's functions."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import load_benchmark
 
 
 def load_settle_sim():
-    spec = importlib.util.spec_from_file_location("settle_sim", ROOT / "benchmarks" / "settle_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("settle_sim")
 
 
 def test_the_two_looks_by_their_edges():

@@ -19,17 +19,12 @@ import argparse
 
 import numpy as np
 
-from laray.scoring.confirm import MOST_SEEDS_SUGGESTED, interval95, seeds_to_settle
+from laray.scoring.confirm import MOST_SEEDS_SUGGESTED, seeds_to_settle, summarize
 
 
 def margin_of(diffs: np.ndarray) -> dict:
     """The paired margin as laray.scoring.confirm.margin_over summarises it (the selection half only)."""
-    return {
-        "seeds": list(range(len(diffs))),
-        "purity_mean": float(diffs.mean()),
-        "purity_sd": float(diffs.std(ddof=1)),
-        "purity_ci95": interval95(diffs),
-    }
+    return {"seeds": list(range(len(diffs))), **summarize([{"purity": d} for d in diffs])}
 
 
 def two_looks(margin: float, sd: float, first: int, repeats: int, seed: int) -> tuple[float, float, float]:

@@ -234,11 +234,7 @@ def _sweep(args) -> int:
         print(choice.announcement("--space FILE (laray sweep --help)"), flush=True)
     for note in data.notes:
         logging.getLogger("laray.data.dataset").warning(note)
-    again = command_again(
-        args.argv,
-        drop={"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1},
-        add=["--resume", "--name", name],
-    )
+    again = resume_command(args.argv, name)
     args.on_stop = f"the sweep's state is saved; continue it with: {again}"
     plan = None if args.resume else _plan(args, space, data)
     if args.plan:
@@ -303,15 +299,23 @@ def _sweep(args) -> int:
     return 0
 
 
+def resume_command(argv: list[str], name: str, confirm_seeds: int | None = None) -> str:
+    """This command line as `--resume --name NAME` (the options a resume refuses or takes from the sweep left out),
+    with `--confirm-seeds N` in place of any given when confirm_seeds is set."""
+    drop = {"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1}
+    add = ["--resume", "--name", name]
+    if confirm_seeds is not None:
+        drop["--confirm-seeds"] = 1
+        add += ["--confirm-seeds", str(confirm_seeds)]
+    return command_again(argv, drop=drop, add=add)
+
+
 def more_seeds_command(margin: dict | None, objective: str, argv: list[str], name: str) -> str | None:
     """The command that adds the seeds a verdict ahead in the mean but inside the seeds' spread needs, or None."""
     from laray.scoring.confirm import seeds_to_settle
 
     settle = seeds_to_settle(margin, objective)
-    if settle is None:
-        return None
-    drop = {"--name": 1, "--num-samples": 1, "--resume": 0, "--warm-start": -1, "--confirm-seeds": 1}
-    return command_again(argv, drop=drop, add=["--resume", "--name", name, "--confirm-seeds", str(settle)])
+    return None if settle is None else resume_command(argv, name, settle)
 
 
 def _plan(args, space, data) -> dict:

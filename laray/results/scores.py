@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from laray.score_names import LABEL_SCORES
-from laray.scoring.confirm import CONFIRM_DIR, RECIPE_MARK
+from laray.scoring.confirm import ADDED_SEEDS_PREFIX, CONFIRM_DIR, RECIPE_MARK
 from laray.scoring.evaluate import score_codes
 from laray.scoring.holdout import PREFIX
 from laray.scoring.metrics import cluster_scores, contingency
@@ -214,7 +214,7 @@ def confirmed_table(experiment: Path, objective: str = "purity", mode: str = "ma
     """One row per confirmation run (STORAGE/NAME/confirm/, and confirm-seeds-A-B/ for seeds a resume added,
     laray.sweep.confirmation): rank of its configuration by mean objective (the recipe last, its `recipe` column
     true), the hyperparameters, the seed, its scores (from assignments.csv) and the baselines of its seed."""
-    folders = [Path(experiment) / CONFIRM_DIR, *sorted(Path(experiment).glob(f"{CONFIRM_DIR}-seeds-*"))]
+    folders = [Path(experiment) / CONFIRM_DIR, *sorted(Path(experiment).glob(f"{ADDED_SEEDS_PREFIX}*"))]
     folders = [f for f in folders if f.is_dir() and any(f.glob("*/params.json"))]
     if not folders:
         return pd.DataFrame()

@@ -21,6 +21,8 @@ from laray.scoring.holdout import PREFIX
 
 SCORES = LABEL_SCORES  # what the confirmation summarises over seeds
 CONFIRM_DIR = "confirm"  # STORAGE/NAME/confirm/: the confirmation's Tune experiment
+# STORAGE/NAME/confirm-seeds-A-B/: seeds A to B, added by a --resume with a larger --confirm-seeds
+ADDED_SEEDS_PREFIX = f"{CONFIRM_DIR}-seeds-"
 # In a confirmation run's LA settings, marks the recipe (what `laray train` runs), re-run beside the search's best
 # over the same seeds; taken out before the settings reach LAConfig (laray.sweep.trainable.confirm_trial).
 RECIPE_MARK = "is_recipe"

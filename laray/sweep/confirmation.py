@@ -14,6 +14,7 @@ from pathlib import Path
 from laray.data.dataset import DataRef
 from laray.interrupt import tune_fit_stops_on_signal
 from laray.scoring.confirm import (
+    ADDED_SEEDS_PREFIX,
     CONFIRM_DIR,
     baselines_over_seeds,
     confirmation_seeds,
@@ -74,7 +75,7 @@ def confirm_top(
     covered = [s for e in record["experiments"] for s in e["seeds"]]
     extra = [s for s in requested if s not in covered]
     if extra:  # --confirm-seeds raised on --resume: the same contenders over the new seeds, as one more experiment
-        record["experiments"].append({"name": f"{CONFIRM_DIR}-seeds-{extra[0]}-{extra[-1]}", "seeds": extra})
+        record["experiments"].append({"name": f"{ADDED_SEEDS_PREFIX}{extra[0]}-{extra[-1]}", "seeds": extra})
         write_json(experiment / RECORD_FILE, record)
     seeds = sorted(covered + extra)
 

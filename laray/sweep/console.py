@@ -166,12 +166,14 @@ class SweepProgress(tune.Callback):
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        # Where it starts from: 0, or a restored trial's last reported epoch (its checkpoint's), so that its first
+        # report here counts the epochs since (eval_every 5: five of them)
+        self.reported[trial.trial_id] = self._epoch(trial)
         self._say(f"trial {trial.trial_id} started; {self._state(trials)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", 0))
-        # A trial's first report here covers its epochs from 0 when it is its first ever (eval_every 5: five of
-        # them); a resumed trial's counts one epoch, its earlier ones unknown here.
+        # Without its start seen: from 0 when this is its first report ever, else one epoch
         first = 0 if result.get("training_iteration") == 1 else epoch - 1
         before = self.reported.get(trial.trial_id, first)
         self.reported[trial.trial_id] = epoch

@@ -61,7 +61,12 @@ def test_a_first_report_after_five_epochs_counts_five_epochs_for_the_time_left(c
     resumed = SweepProgress("confirm", epochs=20, objective="purity", concurrency=2)
     resumed.setup(total_num_samples=2)
     resumed.on_trial_result(0, [a, b], a, {**first, "epoch": 15, "training_iteration": 3})
-    assert resumed.epoch_s == [30.0]  # restored from a checkpoint: its first report here counts one epoch
+    assert resumed.epoch_s == [30.0]  # its start unseen: its first report here counts one epoch
+    restored = SweepProgress("confirm", epochs=20, objective="purity", concurrency=2)
+    restored.setup(total_num_samples=2)
+    restored.on_trial_start(0, [a, b], trial("a", "RUNNING", 10))  # from its checkpoint at epoch 10
+    restored.on_trial_result(0, [a, b], a, {**first, "epoch": 15, "training_iteration": 3})
+    assert restored.epoch_s == [6.0]  # the five epochs since
 
 
 def test_a_resumed_sweep_counts_what_it_had_finished(capsys):

@@ -51,12 +51,15 @@ class Trial:
 
 
 def tune_trial_states(experiment: Path) -> list[dict]:
-    """Tune's own record of each trial (id, status, config, folder) from the newest experiment_state file."""
-    states = sorted(glob.glob(str(Path(experiment) / "experiment_state-*.json")))
-    if not states:
-        return []
-    entries = json.loads(Path(states[-1]).read_text()).get("trial_data", [])
-    return [json.loads(e[0] if isinstance(e, list) else e) for e in entries]
+    """Tune's own record of each trial (id, status, config, folder) from the newest whole experiment_state file
+    (a driver killed while Tune copied it there leaves it torn: laray.sweep.tune_state)."""
+    for state in sorted(glob.glob(str(Path(experiment) / "experiment_state-*.json")), reverse=True):
+        try:
+            entries = json.loads(Path(state).read_text()).get("trial_data", [])
+        except ValueError:
+            continue
+        return [json.loads(e[0] if isinstance(e, list) else e) for e in entries]
+    return []
 
 
 def _statuses(experiment: Path) -> dict[str, tuple[str, str]]:

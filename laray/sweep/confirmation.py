@@ -63,6 +63,8 @@ def confirm_top(
     """
     from ray import tune
 
+    from laray.sweep.tune_state import repair_tune_state
+
     requested = confirmation_seeds(seed, space.confirm_seeds)
     path = f"{experiment_path}/{CONFIRM_DIR}"
     restoring = tune.Tuner.can_restore(path)
@@ -125,6 +127,8 @@ def confirm_top(
     runs = []
     for part in record["experiments"]:  # one after the other: the first (and any added before) finished first
         part_path = f"{experiment_path}/{part['name']}"
+        if "://" not in part_path and Path(part_path).is_dir():
+            repair_tune_state(part_path)  # a driver killed while Tune copied its state leaves it torn
         if tune.Tuner.can_restore(part_path):
             tuner = tune.Tuner.restore(part_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:

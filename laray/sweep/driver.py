@@ -12,6 +12,8 @@ sets the environment Ray reads at import first. What a sweep leaves:
     STORAGE/NAME/driver.lock    the running driver (laray.sweep.lock)
     STORAGE/NAME/ray_dashboard.json  where the driver's Ray dashboard is, when it has one (`laray dashboard`)
     STORAGE/NAME/events.out.tfevents.laray-hparams  TensorBoard's HPARAMS columns (laray.sweep.hparams)
+    STORAGE/NAME/tune-state.zip  a whole copy of Tune's state files, for a resume after a kill tore them
+                                (laray.sweep.tune_state); each confirmation experiment has its own
     STORAGE/NAME/autoencoders/  stage 1, trained once per sweep by a Ray task (laray.sweep.stage1)
     STORAGE/NAME/TRIAL/         per trial: progress.csv, result.json, TensorBoard events, checkpoints,
                                 metrics.json, assignments.csv, codes.npy, worker.json
@@ -241,8 +243,11 @@ def run_sweep(
 
         from laray.sweep.budget import budget_parts, budget_s, ended_search, resume_budget
         from laray.sweep.study import name_stored_objective, optuna_search
+        from laray.sweep.tune_state import repair_tune_state
 
         if resume:
+            if experiment_local is not None:
+                repair_tune_state(experiment)  # a driver killed while Tune copied its state leaves it torn
             _fail_orphaned_optuna_trials(experiment, name)
             name_stored_objective(f"sqlite:///{experiment / OPTUNA_DB}", name, space.objective)
             resume_budget(space.time_budget_s, experiment)  # the budget's parts come back from Tune's own files

@@ -30,12 +30,14 @@ def run_config(
 
     stop, clock: the time budget's stopper and clock (the search only); budget_of: the folder whose budget the
     console shows; seed: the search trials' seed, for TensorBoard's HPARAMS (a confirmation run has its own);
-    callbacks: more of them (MLflow's, laray.sweep.tracking).
+    callbacks: more of them (MLflow's, laray.sweep.tracking). With a folder for storage, KeepTuneState as
+    well (laray.sweep.tune_state).
     """
     from ray import tune
 
     from laray.sweep.console import SweepProgress
     from laray.sweep.hparams import TrialHparams
+    from laray.sweep.tune_state import KeepTuneState
 
     progress = (
         [SweepProgress(label, space.la.epochs, space.objective, space.max_concurrent, budget_of)] if verbose else []
@@ -43,6 +45,8 @@ def run_config(
     # TrialHparams in place of Tune's own TensorBoard logger: the same scalars, HPARAMS filled (laray.sweep.hparams)
     extra = list(callbacks or [])
     callbacks = progress + ([clock] if clock is not None else []) + [TrialHparams.of(space, seed)] + extra
+    if "://" not in storage_path:  # a folder: a whole copy of Tune's state beside it, for a resume after a kill
+        callbacks.append(KeepTuneState(f"{storage_path.rstrip('/')}/{name}"))
     # sync_artifacts: with cloud storage, the files a trial writes (assignments.csv...) are uploaded too.
     return tune.RunConfig(
         name=name,

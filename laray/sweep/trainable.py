@@ -18,7 +18,6 @@ its own folder; benchmarks/sweep_overhead.py measures what that saves.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -40,7 +39,7 @@ from laray.settings.config import AutoEncoderConfig, LAConfig, replace
 from laray.settings.space import SIZE_LIMITS, SearchSpace
 from laray.settings.stage1_search import ae_config_of, la_part
 from laray.training.epoch_progress import stage1_epoch_line
-from laray.training.run import Stage1
+from laray.training.run import Stage1, write_json
 from laray.training.stages import STAGE_LA, NonFiniteLossError
 from laray.training.store import store_key
 
@@ -77,19 +76,38 @@ def _trial_dir() -> Path:
     return Path(tune.get_context().get_trial_dir())
 
 
-def _stored(name: str) -> Path | None:
-    """The file `name` in the trial's folder under the sweep's storage, where that is on a local file system.
-
-    With reused workers (reuse_actors) a trial writes into a working folder of its worker, which Tune syncs to
-    the storage; a restarted trial gets a fresh working folder, so what its first attempt wrote is found there.
-    """
+def _stored_folder() -> Path | None:
+    """The trial's folder under the sweep's storage, where that is a folder (local or mounted); None for cloud
+    storage."""
     import pyarrow.fs
     from ray import tune
 
     storage = tune.get_context().get_storage()
     if storage is None or not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         return None
-    return Path(storage.trial_fs_path) / name
+    return Path(storage.trial_fs_path)
+
+
+def _output_dir() -> Path:
+    """Where a trial writes its outputs (metrics.json, assignments.csv, codes.npy, worker.json, la.ckpt).
+
+    With a folder for storage: straight into the trial's folder there, each file atomically. Tune would copy
+    them there from the trial's working folder in place, file by file, and two such copies at once (the driver's
+    of its staging folder, a killed driver's trial still running beside the resumed one) left a torn file. With
+    cloud storage: the working folder, which Tune uploads (SyncConfig(sync_artifacts=True)).
+    """
+    folder = _stored_folder()
+    if folder is None:
+        return _trial_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _stored(name: str) -> Path | None:
+    """The file `name` in the trial's folder under the sweep's storage, where that is a folder: what an earlier
+    attempt of the trial wrote (a restarted trial gets a fresh working folder)."""
+    folder = _stored_folder()
+    return None if folder is None else folder / name
 
 
 def _fit_to_data(config: dict, n_images: int) -> dict:
@@ -164,7 +182,8 @@ def _own_stage1(
 
 def _write_worker_record(path: Path, record: dict) -> None:
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    path.write_text(json.dumps(record, indent=2))
+    # Atomically: a trial of a killed driver may still be writing it while the resumed trial does
+    write_json(path, record)
 
 
 def train_trial(
@@ -205,7 +224,7 @@ def train_trial(
     _trials_here += 1
     ignore_exit_in_callbacks()
     torch.set_num_threads(threads)  # every trial: the worker may have run another trial before
-    out = _trial_dir()
+    out = _output_dir()
     dataset, reused = _open_data(data, cache_dir)
     worker = {
         "node_id": ray.get_runtime_context().get_node_id(),

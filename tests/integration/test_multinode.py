@@ -74,8 +74,16 @@ def _swept_trials(experiment: Path) -> list[Path]:
 
 
 def _finished(folder: Path) -> bool:
-    progress = folder / "progress.csv"
-    return progress.exists() and len(progress.read_text().strip().splitlines()) == 1 + SPACE["fixed"]["la"]["epochs"]
+    """Whether the trial has written its last LA epoch's outputs. Read off the metrics.json the trial itself
+    writes into its folder every epoch, not Tune's progress.csv: the driver writes that into a staging folder
+    and copies it here only every so often, by which time the other trials may have finished as well."""
+    from laray.training.stages import STAGE_LA
+
+    try:
+        history = json.loads((folder / "metrics.json").read_text())["history"]
+    except (OSError, ValueError):  # not written yet (it is replaced atomically, so never torn)
+        return False
+    return sum(r["stage"] == STAGE_LA for r in history) == SPACE["fixed"]["la"]["epochs"]
 
 
 def _sweep_command(address: str, tmp: Path, data: Path, *extra: str) -> list[str]:

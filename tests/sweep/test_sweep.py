@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -597,6 +598,41 @@ def test_killed_sweep_leaves_no_orphan_optuna_trial(killed_sweep):
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states  # the sweep is over: nothing in its study may still be running
     assert set(states) <= {"COMPLETE", "FAIL"} and states.count("COMPLETE") == result.n_trials == 3
+
+
+def test_a_kill_that_tore_tunes_state_is_resumed_from_the_copy_kept(ray_session, sub, tmp_path):
+    """A driver killed while Tune copied its state into STORAGE/NAME leaves those files torn, and Tune's own
+    restore fails on them; the resume sets them aside and takes the copy laray kept after Tune's last save."""
+    from laray.sweep.tune_state import KEPT_FILE, is_tune_state, repair_tune_state
+
+    name, storage = "torn", tmp_path / "results"
+    experiment = storage / name
+    proc, log = _start_driver(ray_session, tmp_path, storage, name, RESUMED_RAW, sub.spec)
+    try:
+        _wait_until(
+            lambda: _recorded_finished(experiment) and (experiment / KEPT_FILE).exists(),
+            proc,
+            log,
+            "a finished trial recorded and Tune's state kept",
+        )
+        proc.kill()
+    finally:
+        _stop(proc)
+    torn = sorted(p for p in experiment.iterdir() if is_tune_state(p.name) and p.name != "tuner.pkl")
+    assert any(p.name.startswith("experiment_state-") for p in torn) and any(p.suffix == ".pkl" for p in torn)
+    for path in torn:  # what a kill in the middle of Tune's copy leaves: the first part of each file
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    result = run_sweep(
+        sub, parse_space(RESUMED_RAW), run=SweepRun(str(storage), name, seed=SEED, resume=True, verbose=0)
+    )
+    assert result.n_trials == 3 and result.n_errored == 0
+    after = analysis_of(experiment)
+    assert len(after.trials) == 3 and all(t.status == "TERMINATED" for t in after.trials)
+    assert sorted(p.name for p in experiment.glob("*.torn")) == [p.name + ".torn" for p in torn]
+    with zipfile.ZipFile(experiment / KEPT_FILE) as archive:  # the copy kept is Tune's last save
+        assert all(archive.read(n) == (experiment / n).read_bytes() for n in archive.namelist())
+    assert repair_tune_state(experiment) == []  # a whole sweep: nothing set aside or taken
 
 
 @pytest.mark.slow  # in -m slow since the default suite passed 15 min (docs/testing.md)

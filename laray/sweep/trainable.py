@@ -243,6 +243,12 @@ def train_trial(
         if earlier is not None and earlier.exists():  # restarted after a non-finite loss: it would only diverge again
             raise NonFiniteLossError(earlier.read_text())
     la_ckpt = out / "checkpoints" / "la.ckpt"
+    # The folder handed to Tune with each report: beside la.ckpt when that is in the storage folder (on its file
+    # system, so that la.ckpt is linked, not copied); else the system's temporary folder, as Tune uploads `out`
+    scratch = la_ckpt.parent if out != _trial_dir() else None
+    if scratch is not None:  # one left by an attempt killed mid-report holds a link to an old la.ckpt's blocks
+        for stale in scratch.glob(".report-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a restart: continue from the last reported epoch
         with checkpoint.as_directory() as folder:  # atomic: a kill or a full disk mid-copy leaves no torn la.ckpt
@@ -261,8 +267,8 @@ def train_trial(
         metrics = {k: record[k] for k in REPORTED if k in record}
         _write_worker_record(out / "worker.json", worker)
         with (
-            naming_full_disk(tempfile.gettempdir(), "the trial's checkpoint for Tune"),
-            tempfile.TemporaryDirectory() as folder,
+            naming_full_disk(scratch or tempfile.gettempdir(), "the trial's checkpoint for Tune"),
+            tempfile.TemporaryDirectory(dir=scratch, prefix=".report-") as folder,
         ):
             try:  # a link, not a copy (hundreds of MB at 276,000 images): la.ckpt is replaced by a rename, never
                 os.link(la_ckpt, Path(folder) / "la.ckpt")  # rewritten in place, and Tune copies it before returning

@@ -867,6 +867,7 @@ def test_trial_whose_worker_dies_continues_from_its_checkpoint(ray_session, sub,
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.n_trials == 2
     assert result.n_errored == 0
+    assert not list(tmp_path.glob("crash/*/checkpoints/.report-*"))  # the dead attempts' report folders removed
 
     experiment = tmp_path / "crash"
     analysis = analysis_of(experiment)

@@ -104,7 +104,8 @@ class KeepTuneState(Callback):
         if staging is None:
             return
         files = sorted(p for p in staging.iterdir() if p.is_file() and is_tune_state(p.name))
-        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        stats = [p.stat() for p in files]
+        stamp = tuple((p.name, st.st_mtime_ns, st.st_size) for p, st in zip(files, stats))
         if not files or stamp == self._kept:
             return
         packed = io.BytesIO()

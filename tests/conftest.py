@@ -68,9 +68,26 @@ def ray_session(tmp_path_factory):
     if started:
         # address="local": always a fresh instance of our own, never a cluster that RAY_ADDRESS points at
         ray.init(address="local", num_cpus=2, include_dashboard=False)
+        _forward_rays_lines_to_the_file_descriptors()
     yield ray
     if started:
         ray.shutdown()
+
+
+def _forward_rays_lines_to_the_file_descriptors() -> None:
+    """Ray prints what its workers and actors write into this process's sys.stdout/sys.stderr when the lines
+    arrive, up to seconds later: into whichever test's `capsys` is active then. A warning from Ray Train's
+    PlacementGroupCleaner, started by one test, broke another's "stderr starts with laray's line" in CI. Written
+    to file descriptors 1 and 2 instead, the lines still reach `capfd` and pytest's report of a failure, never
+    the `sys` streams a test reads its own command's output from. Ray's own handler and format, other sink."""
+    from ray._private import worker as ray_worker
+
+    def to_descriptors(batch: dict) -> None:
+        ray_worker.print_worker_logs(batch, sys.__stderr__ if batch["is_err"] else sys.__stdout__)
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_descriptors)
 
 
 @pytest.fixture(scope="module")
